@@ -33,15 +33,16 @@ class ModelConfig:
     z_dim: int = 128
     w_dim: int = 128
     mapping_layers: int = 4
-    # Feature maps at resolution r: min(channel_base // r, channel_max).
-    channel_base: int = 4096
-    channel_max: int = 128
+    # Feature maps at resolution r: min(channel_base // r, channel_max). The defaults are sized for
+    # CPU runs on the embedded phantoms; configs/covidqu-256.yaml uses paper-scale widths.
+    channel_base: int = 1024
+    channel_max: int = 64
     # Minibatch standard deviation in D; 0 disables it (required under differential privacy,
     # since it mixes samples of one batch).
     mbstd_group_size: int = 4
     mbstd_channels: int = 1
     # Dimension of the class embedding that D projects its features onto.
-    cmap_dim: int = 128
+    cmap_dim: int = 64
     # Seed paper's high-pass filter weight (StarGAN v2 ``w_hpf``); 0 disables the filter branch.
     w_hpf: float = 0.0
 

@@ -1,0 +1,110 @@
+"""StyleGAN2 losses, one method per training phase.
+
+- ``generator_main``: non-saturating logistic loss, minus the seed paper's diversity-sensitive term.
+- ``generator_path_length``: path-length regularization (lazy; the caller scales by its interval).
+- ``discriminator_fake`` / ``discriminator_real``: logistic loss on fakes and reals; R1 on reals.
+
+The discriminator's real-image terms are written per sample (``reduction="none"``) because the
+differential-privacy path needs them one sample at a time; the non-private path takes the mean.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from medstylegan2.config import TrainConfig
+
+
+def r1_penalty_per_sample(real_logits: torch.Tensor, real_images: torch.Tensor) -> torch.Tensor:
+    """||d D(x) / d x||^2 for each sample (needs ``real_images.requires_grad``)."""
+    (grads,) = torch.autograd.grad(real_logits.sum(), real_images, create_graph=True)
+    return grads.square().flatten(1).sum(dim=1)
+
+
+def discriminator_real_loss_per_sample(D: nn.Module, real: torch.Tensor, labels: torch.Tensor,
+                                       r1_weight: float) -> torch.Tensor:
+    """softplus(-D(x)) + r1_weight * ||grad_x D(x)||^2, one value per sample.
+
+    ``r1_weight`` already includes gamma/2 and the lazy-regularization interval; 0 skips R1.
+    """
+    if r1_weight > 0:
+        real = real.detach().requires_grad_(True)
+    logits = D(real, labels).squeeze(1)
+    loss = F.softplus(-logits)
+    if r1_weight > 0:
+        loss = loss + r1_weight * r1_penalty_per_sample(logits, real)
+    return loss
+
+
+class StyleGAN2Loss:
+    """Phases of StyleGAN2 training for a class-conditional G and D (any arch with that interface)."""
+
+    def __init__(self, G: nn.Module, D: nn.Module, cfg: TrainConfig):
+        self.G, self.D, self.cfg = G, D, cfg
+        self.has_mapping = hasattr(G, "mapping") and hasattr(G, "synthesize")
+        self.pl_mean = torch.zeros([])
+
+    # -- generation ------------------------------------------------------------------------------
+    def generate(self, z: torch.Tensor, labels: torch.Tensor, *, update_w_avg: bool = True) -> torch.Tensor:
+        """G(z, c) with style mixing (a second latent of the SAME class takes over after a cutoff)."""
+        if not self.has_mapping:
+            return self.G(z, labels)
+        ws = self.G.mapping(z, labels, update_w_avg=update_w_avg)
+        if self.cfg.style_mixing_prob > 0 and ws.shape[1] > 1:
+            cutoff = int(torch.randint(1, ws.shape[1], ()).item())
+            mix = torch.rand(ws.shape[0], device=ws.device) < self.cfg.style_mixing_prob
+            cut = torch.where(mix, torch.full_like(labels, cutoff), torch.full_like(labels, ws.shape[1]))
+            layer_idx = torch.arange(ws.shape[1], device=ws.device).view(1, -1, 1)
+            ws2 = self.G.mapping(torch.randn_like(z), labels, update_w_avg=False)
+            ws = torch.where(layer_idx < cut.view(-1, 1, 1), ws, ws2)
+        return self.G.synthesize(ws)
+
+    # -- generator phases ------------------------------------------------------------------------
+    def generator_main(self, z: torch.Tensor, labels: torch.Tensor, ds_weight: float = 0.0
+                       ) -> tuple[torch.Tensor, dict[str, float]]:
+        fake = self.generate(z, labels)
+        adversarial = F.softplus(-self.D(fake, labels)).mean()
+        loss = adversarial
+        stats = {"loss_g": adversarial.item()}
+        if ds_weight > 0:
+            # Seed paper's "style difference" loss (StarGAN v2's diversity-sensitive loss): two
+            # latents of one class should give different images; maximized, so subtracted.
+            other = self.generate(torch.randn_like(z), labels, update_w_avg=False)
+            diversity = (fake - other).abs().mean()
+            loss = loss - ds_weight * diversity
+            stats["loss_ds"] = diversity.item()
+        return loss, stats
+
+    def generator_path_length(self, z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Penalty on the deviation of |J_w^T y| from its running mean (scaled by weight * interval)."""
+        if not self.has_mapping or self.cfg.pl_weight <= 0:
+            return torch.zeros([], device=z.device), {}
+        batch = max(1, z.shape[0] // self.cfg.pl_batch_shrink)
+        z, labels = z[:batch], labels[:batch]
+        ws = self.G.mapping(z, labels)
+        img = self.G.synthesize(ws)
+        noise = torch.randn_like(img) / math.sqrt(img.shape[2] * img.shape[3])
+        (grads,) = torch.autograd.grad((img * noise).sum(), ws, create_graph=True)
+        lengths = grads.square().sum(dim=2).mean(dim=1).sqrt()
+        self.pl_mean = self.pl_mean.to(lengths.device)
+        pl_mean = self.pl_mean.lerp(lengths.mean().detach(), self.cfg.pl_decay)
+        self.pl_mean = pl_mean.detach()
+        penalty = (lengths - pl_mean).square().mean()
+        return penalty * self.cfg.pl_weight * self.cfg.pl_interval, {"loss_pl": penalty.item()}
+
+    # -- discriminator phases --------------------------------------------------------------------
+    def discriminator_fake(self, fake: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.softplus(self.D(fake.detach(), labels)).mean()
+
+    def discriminator_real(self, real: torch.Tensor, labels: torch.Tensor, r1_weight: float) -> torch.Tensor:
+        return discriminator_real_loss_per_sample(self.D, real, labels, r1_weight).mean()
+
+    def r1_weight(self, lazy: bool) -> float:
+        """gamma/2 scaled by the lazy interval on regularization steps, else 0."""
+        if not lazy or self.cfg.r1_gamma <= 0:
+            return 0.0
+        return self.cfg.r1_gamma / 2 * self.cfg.r1_interval

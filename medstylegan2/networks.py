@@ -1,0 +1,427 @@
+"""Class-conditional StyleGAN2 generator and discriminator for single-channel images, in pure PyTorch.
+
+Layers follow the StyleGAN2 design (Karras et al., CVPR 2020): equalized learning rate, a mapping
+network with a class embedding, modulated/demodulated convolutions with per-layer noise, a skip
+generator and a residual discriminator with projection conditioning. No custom CUDA ops and no
+buffers in the discriminator, so that ``torch.func`` can take exact per-sample gradients of D
+(differential privacy) and the same code runs on CPU and CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LRELU_SLOPE = 0.2
+LRELU_GAIN = math.sqrt(2.0)
+
+
+def _activate(x: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "lrelu":
+        return F.leaky_relu(x, LRELU_SLOPE) * LRELU_GAIN
+    if activation == "linear":
+        return x
+    raise ValueError(f"unknown activation {activation!r}; use 'lrelu' or 'linear'")
+
+
+def normalize_2nd_moment(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
+    return x * (x.square().mean(dim=dim, keepdim=True) + eps).rsqrt()
+
+
+def upsample2x(x: torch.Tensor) -> torch.Tensor:
+    # Bilinear upsampling is a separable [1,3,3,1]/8 FIR filter with zero-insertion, i.e. the
+    # resampling filter of StyleGAN2, without needing a filter buffer or a custom op.
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+
+def downsample2x(x: torch.Tensor) -> torch.Tensor:
+    # A 2x2 box filter: anti-aliased, per-sample, buffer-free (Opacus/torch.func friendly).
+    return F.avg_pool2d(x, kernel_size=2)
+
+
+def channels_at(resolution: int, channel_base: int, channel_max: int) -> int:
+    return min(channel_base // resolution, channel_max)
+
+
+# ----------------------------------------------------------------------------------------------
+# Equalized-learning-rate primitives
+
+
+class FullyConnectedLayer(nn.Module):
+    """Dense layer whose weights are stored at unit variance and scaled at run time."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True, bias_init: float = 0.0,
+                 lr_multiplier: float = 1.0, activation: str = "linear"):
+        super().__init__()
+        self.activation = activation
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_multiplier)
+        self.bias = nn.Parameter(torch.full((out_features,), float(bias_init))) if bias else None
+        self.weight_gain = lr_multiplier / math.sqrt(in_features)
+        self.bias_gain = lr_multiplier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight * self.weight_gain
+        b = self.bias * self.bias_gain if self.bias is not None else None
+        return _activate(F.linear(x, w, b), self.activation)
+
+
+class Conv2dLayer(nn.Module):
+    """Equalized-LR convolution with optional 2x downsampling after the convolution."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, bias: bool = True,
+                 activation: str = "linear", down: bool = False, gain: float = 1.0):
+        super().__init__()
+        self.activation = activation
+        self.down = down
+        self.gain = gain
+        self.padding = kernel_size // 2
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.weight_gain = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.conv2d(x, self.weight * self.weight_gain, padding=self.padding)
+        if self.down:
+            x = downsample2x(x)
+        if self.bias is not None:
+            x = x + self.bias.view(1, -1, 1, 1)
+        return _activate(x, self.activation) * self.gain
+
+
+def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, *,
+                     demodulate: bool = True, padding: int = 1) -> torch.Tensor:
+    """Per-sample modulated convolution, computed as scale -> shared conv -> rescale.
+
+    Equivalent to convolving every sample with its own modulated (and demodulated) kernel, but
+    uses one ordinary convolution for the whole batch.
+    """
+    batch = x.shape[0]
+    x = x * styles.view(batch, -1, 1, 1)
+    out = F.conv2d(x, weight, padding=padding)
+    if demodulate:
+        # Expected output std per (sample, out channel) if inputs have unit variance.
+        w = weight.unsqueeze(0) * styles.view(batch, 1, -1, 1, 1)
+        dcoefs = (w.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()
+        out = out * dcoefs.view(batch, -1, 1, 1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Generator
+
+
+class MappingNetwork(nn.Module):
+    """z, class -> w. Keeps a running mean of w per class for class-aware truncation."""
+
+    def __init__(self, *, z_dim: int, num_classes: int, w_dim: int, num_ws: int, num_layers: int = 4,
+                 lr_multiplier: float = 0.01, w_avg_beta: float = 0.998):
+        super().__init__()
+        self.z_dim, self.num_classes, self.w_dim, self.num_ws = z_dim, num_classes, w_dim, num_ws
+        self.w_avg_beta = w_avg_beta
+        self.embed = FullyConnectedLayer(num_classes, w_dim)
+        dims = [z_dim + w_dim] + [w_dim] * num_layers
+        self.layers = nn.ModuleList(
+            FullyConnectedLayer(dims[i], dims[i + 1], activation="lrelu", lr_multiplier=lr_multiplier)
+            for i in range(num_layers))
+        self.register_buffer("w_avg", torch.zeros(num_classes, w_dim))
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor, *, truncation_psi: float = 1.0,
+                truncation_cutoff: int | None = None, update_w_avg: bool = False) -> torch.Tensor:
+        onehot = F.one_hot(labels.long(), self.num_classes).to(z.dtype)
+        x = torch.cat([normalize_2nd_moment(z), normalize_2nd_moment(self.embed(onehot))], dim=1)
+        for layer in self.layers:
+            x = layer(x)
+        if update_w_avg:
+            self._track_w_avg(x.detach(), onehot)
+        ws = x.unsqueeze(1).repeat(1, self.num_ws, 1)
+        if truncation_psi != 1:
+            center = self.w_avg[labels.long()].unsqueeze(1)
+            cutoff = self.num_ws if truncation_cutoff is None else truncation_cutoff
+            ws[:, :cutoff] = center + truncation_psi * (ws[:, :cutoff] - center)
+        return ws
+
+    @torch.no_grad()
+    def _track_w_avg(self, w: torch.Tensor, onehot: torch.Tensor) -> None:
+        counts = onehot.sum(dim=0)
+        present = counts > 0
+        means = (onehot.t() @ w) / counts.clamp(min=1).unsqueeze(1)
+        updated = means.lerp(self.w_avg, self.w_avg_beta)
+        self.w_avg.copy_(torch.where(present.unsqueeze(1), updated, self.w_avg))
+
+
+class SynthesisLayer(nn.Module):
+    """Modulated 3x3 conv (optionally after 2x upsampling) + per-pixel noise + bias + lrelu."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, w_dim: int, resolution: int,
+                 up: bool = False, use_noise: bool = True, kernel_size: int = 3):
+        super().__init__()
+        self.up, self.use_noise, self.resolution = up, use_noise, resolution
+        self.padding = kernel_size // 2
+        self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1.0)
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        if use_noise:
+            self.register_buffer("noise_const", torch.randn(resolution, resolution))
+            self.noise_strength = nn.Parameter(torch.zeros([]))
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
+        if self.up:
+            x = upsample2x(x)
+        styles = self.affine(w)
+        x = modulated_conv2d(x, self.weight, styles, demodulate=True, padding=self.padding)
+        if self.use_noise and noise_mode != "none":
+            if noise_mode == "random":
+                noise = torch.randn(x.shape[0], 1, self.resolution, self.resolution, device=x.device,
+                                    dtype=x.dtype)
+            elif noise_mode == "const":
+                noise = self.noise_const.view(1, 1, self.resolution, self.resolution)
+            else:
+                raise ValueError(f"noise_mode must be 'random', 'const' or 'none', got {noise_mode!r}")
+            x = x + noise * self.noise_strength
+        return _activate(x + self.bias.view(1, -1, 1, 1), "lrelu")
+
+
+class ToImageLayer(nn.Module):
+    """Modulated 1x1 conv (no demodulation) from features to the image channels."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, w_dim: int):
+        super().__init__()
+        self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1.0)
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.weight_gain = 1.0 / math.sqrt(in_channels)
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        styles = self.affine(w) * self.weight_gain
+        x = modulated_conv2d(x, self.weight, styles, demodulate=False, padding=0)
+        return x + self.bias.view(1, -1, 1, 1)
+
+
+class SynthesisBlock(nn.Module):
+    """One resolution of the skip generator: (const | up-conv), conv, to-image, add upsampled image."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, w_dim: int, resolution: int,
+                 img_channels: int):
+        super().__init__()
+        self.in_channels, self.resolution = in_channels, resolution
+        if in_channels == 0:
+            self.const = nn.Parameter(torch.randn(out_channels, resolution, resolution))
+            self.conv0 = None
+        else:
+            self.conv0 = SynthesisLayer(in_channels, out_channels, w_dim=w_dim, resolution=resolution, up=True)
+        self.conv1 = SynthesisLayer(out_channels, out_channels, w_dim=w_dim, resolution=resolution)
+        self.torgb = ToImageLayer(out_channels, img_channels, w_dim=w_dim)
+        self.num_conv = 1 if in_channels == 0 else 2
+        self.num_torgb = 1
+
+    def forward(self, x: torch.Tensor | None, img: torch.Tensor | None, ws: torch.Tensor,
+                noise_mode: str = "random") -> tuple[torch.Tensor, torch.Tensor]:
+        w_iter = iter(ws.unbind(dim=1))
+        if self.conv0 is None:
+            x = self.const.unsqueeze(0).repeat(ws.shape[0], 1, 1, 1)
+        else:
+            x = self.conv0(x, next(w_iter), noise_mode)
+        x = self.conv1(x, next(w_iter), noise_mode)
+        y = self.torgb(x, next(w_iter))
+        img = y if img is None else upsample2x(img) + y
+        return x, img
+
+
+class SynthesisNetwork(nn.Module):
+    def __init__(self, *, w_dim: int, img_resolution: int, img_channels: int, channel_base: int,
+                 channel_max: int):
+        super().__init__()
+        self.img_resolution = img_resolution
+        self.resolutions = [2 ** i for i in range(2, int(np.log2(img_resolution)) + 1)]
+        self.blocks = nn.ModuleList()
+        self.num_ws = 0
+        prev = 0
+        for res in self.resolutions:
+            ch = channels_at(res, channel_base, channel_max)
+            block = SynthesisBlock(prev, ch, w_dim=w_dim, resolution=res, img_channels=img_channels)
+            self.blocks.append(block)
+            self.num_ws += block.num_conv
+            prev = ch
+        self.num_ws += self.blocks[-1].num_torgb
+
+    def forward(self, ws: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
+        x = img = None
+        w_idx = 0
+        for block in self.blocks:
+            # A block's to-image layer shares its w with the next block's first conv.
+            block_ws = ws[:, w_idx:w_idx + block.num_conv + block.num_torgb]
+            x, img = block(x, img, block_ws, noise_mode)
+            w_idx += block.num_conv
+        return img
+
+
+def high_pass(img: torch.Tensor) -> torch.Tensor:
+    """3x3 Laplacian high-pass, per channel (a constant, not a buffer)."""
+    kernel = torch.tensor([[-1.0, -1.0, -1.0], [-1.0, 8.0, -1.0], [-1.0, -1.0, -1.0]],
+                          device=img.device, dtype=img.dtype) / 8.0
+    kernel = kernel.view(1, 1, 3, 3).repeat(img.shape[1], 1, 1, 1)
+    return F.conv2d(F.pad(img, (1, 1, 1, 1), mode="reflect"), kernel, groups=img.shape[1])
+
+
+class Generator(nn.Module):
+    """Class-conditional StyleGAN2 generator: ``G(z, labels) -> images in [-1, 1] (roughly)``."""
+
+    def __init__(self, *, z_dim: int = 128, num_classes: int = 3, w_dim: int = 128, img_resolution: int = 64,
+                 img_channels: int = 1, mapping_layers: int = 4, channel_base: int = 4096,
+                 channel_max: int = 128, w_hpf: float = 0.0):
+        super().__init__()
+        self.z_dim, self.num_classes, self.w_dim = z_dim, num_classes, w_dim
+        self.img_resolution, self.img_channels = img_resolution, img_channels
+        # Seed paper's "HPF" knob: weight of a high-frequency branch added to the output image.
+        # 0 (the seed's value) leaves the plain StyleGAN2 output untouched.
+        self.w_hpf = w_hpf
+        self.synthesis = SynthesisNetwork(w_dim=w_dim, img_resolution=img_resolution, img_channels=img_channels,
+                                          channel_base=channel_base, channel_max=channel_max)
+        self.num_ws = self.synthesis.num_ws
+        self.mapping = MappingNetwork(z_dim=z_dim, num_classes=num_classes, w_dim=w_dim, num_ws=self.num_ws,
+                                      num_layers=mapping_layers)
+
+    def synthesize(self, ws: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
+        img = self.synthesis(ws, noise_mode=noise_mode)
+        if self.w_hpf > 0:
+            img = img + self.w_hpf * high_pass(img)
+        return img
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor, *, truncation_psi: float = 1.0,
+                noise_mode: str = "random", update_w_avg: bool = False) -> torch.Tensor:
+        ws = self.mapping(z, labels, truncation_psi=truncation_psi, update_w_avg=update_w_avg)
+        return self.synthesize(ws, noise_mode=noise_mode)
+
+
+# ----------------------------------------------------------------------------------------------
+# Discriminator
+
+
+class DiscriminatorBlock(nn.Module):
+    """Residual block: two 3x3 convs (the second downsamples) plus a 1x1 downsampling skip."""
+
+    def __init__(self, in_channels: int, tmp_channels: int, out_channels: int, *, img_channels: int):
+        super().__init__()
+        self.fromrgb = (Conv2dLayer(img_channels, tmp_channels, 1, activation="lrelu")
+                        if in_channels == 0 else None)
+        self.conv0 = Conv2dLayer(tmp_channels, tmp_channels, 3, activation="lrelu")
+        self.conv1 = Conv2dLayer(tmp_channels, out_channels, 3, activation="lrelu", down=True,
+                                 gain=math.sqrt(0.5))
+        self.skip = Conv2dLayer(tmp_channels, out_channels, 1, bias=False, down=True, gain=math.sqrt(0.5))
+
+    def forward(self, x: torch.Tensor | None, img: torch.Tensor) -> torch.Tensor:
+        if self.fromrgb is not None:
+            x = self.fromrgb(img)
+        y = self.skip(x)
+        x = self.conv1(self.conv0(x))
+        return y + x
+
+
+class MinibatchStdLayer(nn.Module):
+    """Appends the std of features over groups of samples. Mixes samples: incompatible with DP-SGD."""
+
+    def __init__(self, group_size: int, num_channels: int = 1):
+        super().__init__()
+        self.group_size, self.num_channels = group_size, num_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        g = min(self.group_size, n)
+        while n % g:
+            g -= 1
+        f = self.num_channels
+        y = x.reshape(g, -1, f, c // f, h, w)
+        y = (y - y.mean(dim=0)).square().mean(dim=0)
+        y = (y + 1e-8).sqrt().mean(dim=[2, 3, 4])
+        y = y.reshape(-1, f, 1, 1).repeat(g, 1, h, w)
+        return torch.cat([x, y], dim=1)
+
+
+class DiscriminatorEpilogue(nn.Module):
+    """4x4 features -> projection-conditioned logit: <features, embed(class)> / sqrt(cmap_dim)."""
+
+    def __init__(self, in_channels: int, *, cmap_dim: int, mbstd_group_size: int, mbstd_channels: int):
+        super().__init__()
+        self.cmap_dim = cmap_dim
+        self.mbstd = MinibatchStdLayer(mbstd_group_size, mbstd_channels) if mbstd_group_size > 0 else None
+        extra = mbstd_channels if self.mbstd is not None else 0
+        self.conv = Conv2dLayer(in_channels + extra, in_channels, 3, activation="lrelu")
+        self.fc = FullyConnectedLayer(in_channels * 16, in_channels, activation="lrelu")
+        self.out = FullyConnectedLayer(in_channels, cmap_dim)
+
+    def forward(self, x: torch.Tensor, cmap: torch.Tensor) -> torch.Tensor:
+        if self.mbstd is not None:
+            x = self.mbstd(x)
+        x = self.conv(x)
+        x = self.fc(x.flatten(1))
+        x = self.out(x)
+        return (x * cmap).sum(dim=1, keepdim=True) / math.sqrt(self.cmap_dim)
+
+
+class ClassEmbedding(nn.Module):
+    """Class label -> projection vector for the discriminator (a small MLP over the one-hot)."""
+
+    def __init__(self, num_classes: int, cmap_dim: int, num_layers: int = 2):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embed = FullyConnectedLayer(num_classes, cmap_dim)
+        self.layers = nn.ModuleList(FullyConnectedLayer(cmap_dim, cmap_dim, activation="lrelu")
+                                    for _ in range(num_layers))
+
+    def forward(self, labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        x = normalize_2nd_moment(self.embed(F.one_hot(labels.long(), self.num_classes).to(dtype)))
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class Discriminator(nn.Module):
+    """Residual StyleGAN2 discriminator with projection conditioning: ``D(images, labels) -> logits [N,1]``."""
+
+    def __init__(self, *, num_classes: int = 3, img_resolution: int = 64, img_channels: int = 1,
+                 channel_base: int = 4096, channel_max: int = 128, cmap_dim: int = 128,
+                 mbstd_group_size: int = 4, mbstd_channels: int = 1):
+        super().__init__()
+        self.num_classes, self.img_resolution, self.img_channels = num_classes, img_resolution, img_channels
+        self.mbstd_group_size = mbstd_group_size
+        resolutions = [2 ** i for i in range(int(np.log2(img_resolution)), 2, -1)]
+        self.blocks = nn.ModuleList()
+        for i, res in enumerate(resolutions):
+            in_ch = 0 if i == 0 else channels_at(res, channel_base, channel_max)
+            tmp_ch = channels_at(res, channel_base, channel_max)
+            out_ch = channels_at(res // 2, channel_base, channel_max)
+            self.blocks.append(DiscriminatorBlock(in_ch, tmp_ch, out_ch, img_channels=img_channels))
+        self.class_embedding = ClassEmbedding(num_classes, cmap_dim)
+        self.epilogue = DiscriminatorEpilogue(channels_at(4, channel_base, channel_max), cmap_dim=cmap_dim,
+                                              mbstd_group_size=mbstd_group_size, mbstd_channels=mbstd_channels)
+
+    def forward(self, img: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x = None
+        for block in self.blocks:
+            x = block(x, img)
+        return self.epilogue(x, self.class_embedding(labels, img.dtype))
+
+
+def build_networks(model_cfg) -> tuple[nn.Module, nn.Module]:
+    """(G, D) for a ``ModelConfig``; ``arch: dcgan`` gives the DCGAN baseline with the same interface."""
+    if model_cfg.arch == "dcgan":
+        from medstylegan2.dcgan import DCGANDiscriminator, DCGANGenerator
+
+        G = DCGANGenerator(z_dim=model_cfg.z_dim, num_classes=model_cfg.num_classes,
+                           img_resolution=model_cfg.resolution, img_channels=model_cfg.channels)
+        D = DCGANDiscriminator(num_classes=model_cfg.num_classes, img_resolution=model_cfg.resolution,
+                               img_channels=model_cfg.channels, cmap_dim=model_cfg.cmap_dim)
+        return G, D
+    G = Generator(z_dim=model_cfg.z_dim, num_classes=model_cfg.num_classes, w_dim=model_cfg.w_dim,
+                  img_resolution=model_cfg.resolution, img_channels=model_cfg.channels,
+                  mapping_layers=model_cfg.mapping_layers, channel_base=model_cfg.channel_base,
+                  channel_max=model_cfg.channel_max, w_hpf=model_cfg.w_hpf)
+    D = Discriminator(num_classes=model_cfg.num_classes, img_resolution=model_cfg.resolution,
+                      img_channels=model_cfg.channels, channel_base=model_cfg.channel_base,
+                      channel_max=model_cfg.channel_max, cmap_dim=model_cfg.cmap_dim,
+                      mbstd_group_size=model_cfg.mbstd_group_size, mbstd_channels=model_cfg.mbstd_channels)
+    return G, D

@@ -1,0 +1,370 @@
+"""The site trainer: one hospital's G, G_ema, D and optimizers, trained for K steps at a time.
+
+``SiteTrainer`` knows nothing about Flower. ``train-local`` calls it in a loop; the Flower client
+loads the global weights into it, calls ``train_steps(K)`` and sends the weights back. A
+checkpoint holds everything needed to continue exactly: networks, optimizers, counters, the
+path-length mean, the batch sampler and every RNG state.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from medstylegan2.config import RunConfig, from_dict
+from medstylegan2.errors import CheckpointError
+from medstylegan2.losses import StyleGAN2Loss
+from medstylegan2.networks import build_networks
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "medstylegan2-checkpoint-v1"
+NETWORK_NAMES = ("G", "G_ema", "D")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CheckpointError(f"device {name!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def images_to_float(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 [N,1,H,W] -> float32 in [-1, 1] on ``device``."""
+    t = torch.as_tensor(images, device=device)
+    return t.to(torch.float32) / 127.5 - 1.0
+
+
+def float_to_images(x: torch.Tensor) -> np.ndarray:
+    """float in [-1, 1] -> uint8 [N,C,H,W] (clipped)."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+
+
+class ShuffleSampler:
+    """Batches of a fixed size drawn without replacement from a reshuffled epoch order."""
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int):
+        self.num_examples, self.batch_size = num_examples, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order = torch.empty(0, dtype=torch.long)
+        self.position = 0
+
+    def next_indices(self) -> torch.Tensor:
+        chunks, needed = [], self.batch_size
+        while needed > 0:
+            if self.position >= len(self.order):
+                self.order = torch.randperm(self.num_examples, generator=self.generator)
+                self.position = 0
+            take = self.order[self.position:self.position + needed]
+            self.position += len(take)
+            needed -= len(take)
+            chunks.append(take)
+        return torch.cat(chunks)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "order": self.order.clone(), "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.order, self.position = state["order"].clone(), int(state["position"])
+
+
+@dataclass
+class StepStats:
+    """Running sums of per-step statistics, averaged on read."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+
+class SiteTrainer:
+    """Trains one site's class-conditional GAN on its own images (uint8 [N,1,H,W] + labels)."""
+
+    def __init__(self, cfg: RunConfig, images: np.ndarray, labels: np.ndarray, *,
+                 device: torch.device | str | None = None, seed: Optional[int] = None,
+                 privacy: Optional[Any] = None):
+        self.cfg = cfg
+        self.device = torch.device(device) if device is not None else resolve_device(cfg.device)
+        self.seed = cfg.seed if seed is None else seed
+        _seed_everything(self.seed)
+        self.num_examples = int(len(labels))
+        self.real_images = images_to_float(images, self.device) if self.num_examples else None
+        self.real_labels = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=self.device)
+
+        self.G, self.D = build_networks(cfg.model)
+        self.G.to(self.device).train()
+        self.D.to(self.device).train()
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.loss = StyleGAN2Loss(self.G, self.D, cfg.train)
+        self.g_opt = self._make_optimizer(self.G, cfg.train.g_lr, cfg.train.pl_interval if self.loss.has_mapping
+                                          and cfg.train.pl_weight > 0 else None)
+        self.d_opt = self._make_optimizer(self.D, cfg.train.d_lr, cfg.train.r1_interval if cfg.train.r1_gamma > 0
+                                          else None)
+        self.sampler = ShuffleSampler(max(self.num_examples, 1), cfg.train.batch_size, seed=self.seed + 1)
+        self.step = 0          # G+D steps taken by this trainer (all rounds)
+        self.cur_nimg = 0      # real images shown to D
+        # Set by federation for a FedProx-style proximal term: {"G": {...}, "D": {...}} of tensors.
+        self.proximal_reference: Optional[dict[str, dict[str, torch.Tensor]]] = None
+        # The differential-privacy engine (medstylegan2.privacy) takes over D's real-data step.
+        self.privacy = privacy
+        if privacy is not None:
+            privacy.attach(self)
+
+    # -- construction helpers --------------------------------------------------------------------
+    def _make_optimizer(self, module: nn.Module, lr: float, reg_interval: Optional[int]) -> torch.optim.Adam:
+        beta1, beta2 = self.cfg.train.beta1, self.cfg.train.beta2
+        if reg_interval:
+            # Lazy regularization: the optimizer sees reg_interval+1 updates per interval, so scale
+            # lr and betas to keep the effective schedule (StyleGAN2, Appendix B).
+            ratio = reg_interval / (reg_interval + 1)
+            lr, beta1, beta2 = lr * ratio, beta1 ** ratio, beta2 ** ratio
+        return torch.optim.Adam(module.parameters(), lr=lr, betas=(beta1, beta2), eps=1e-8)
+
+    def sample_fake_labels(self, n: int) -> torch.Tensor:
+        num_classes = self.cfg.model.num_classes
+        if self.privacy is not None or self.num_examples == 0:
+            # Under DP the site's label distribution is private: condition fakes on uniform classes.
+            return torch.randint(0, num_classes, (n,), device=self.device)
+        idx = torch.randint(0, self.num_examples, (n,), device=self.device)
+        return self.real_labels[idx]
+
+    def real_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.sampler.next_indices().to(self.device)
+        return self.real_images[idx], self.real_labels[idx]
+
+    def ds_weight(self) -> float:
+        t = self.cfg.train
+        if t.lambda_ds <= 0:
+            return 0.0
+        return t.lambda_ds * max(0.0, 1.0 - self.step / max(t.ds_decay_steps, 1))
+
+    # -- one step --------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        if self.num_examples == 0:
+            raise ValueError("this site has no training images")
+        t = self.cfg.train
+        batch = t.batch_size
+        stats: dict[str, float] = {}
+
+        # G main: non-saturating loss (+ diversity-sensitive term).
+        self.D.requires_grad_(False)
+        self.G.requires_grad_(True)
+        self.g_opt.zero_grad(set_to_none=True)
+        z = torch.randn(batch, self.cfg.model.z_dim, device=self.device)
+        labels = self.sample_fake_labels(batch)
+        loss_g, s = self.loss.generator_main(z, labels, ds_weight=self.ds_weight())
+        loss_g.backward()
+        stats.update(s)
+        # G reg: lazy path-length regularization.
+        if self.loss.has_mapping and t.pl_weight > 0 and self.step % t.pl_interval == 0:
+            z = torch.randn(batch, self.cfg.model.z_dim, device=self.device)
+            loss_pl, s = self.loss.generator_path_length(z, self.sample_fake_labels(batch))
+            loss_pl.backward()
+            stats.update(s)
+        self._add_proximal_gradient("G", self.G)
+        _sanitize_gradients(self.G)
+        self.g_opt.step()
+
+        # D: logistic loss on fakes and reals, lazy R1 on reals.
+        self.G.requires_grad_(False)
+        self.D.requires_grad_(True)
+        with torch.no_grad():
+            z = torch.randn(batch, self.cfg.model.z_dim, device=self.device)
+            fake_labels = self.sample_fake_labels(batch)
+            fake = self.loss.generate(z, fake_labels, update_w_avg=False)
+        r1_weight = self.loss.r1_weight(lazy=self.step % t.r1_interval == 0)
+        if self.privacy is not None:
+            s = self.privacy.discriminator_step(self, fake, fake_labels, r1_weight)
+            stats.update(s)
+        else:
+            real, real_labels = self.real_batch()
+            self.d_opt.zero_grad(set_to_none=True)
+            loss_fake = self.loss.discriminator_fake(fake, fake_labels)
+            loss_real = self.loss.discriminator_real(real, real_labels, r1_weight)
+            (loss_fake + loss_real).backward()
+            self._add_proximal_gradient("D", self.D)
+            _sanitize_gradients(self.D)
+            self.d_opt.step()
+            self.cur_nimg += real.shape[0]
+            stats.update({"loss_d_fake": loss_fake.item(), "loss_d_real": loss_real.item()})
+        self.G.requires_grad_(True)
+
+        self.update_ema()
+        self.step += 1
+        return stats
+
+    def _add_proximal_gradient(self, name: str, module: nn.Module) -> None:
+        """FedProx: grad += mu * (w - w_global). Data-independent, so it needs no privacy noise."""
+        mu = self.cfg.federation.proximal_mu
+        if mu <= 0 or self.proximal_reference is None:
+            return
+        reference = self.proximal_reference[name]
+        for pname, p in module.named_parameters():
+            if p.grad is not None and pname in reference:
+                p.grad.add_(p.detach() - reference[pname].to(p.device), alpha=mu)
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        t = self.cfg.train
+        ema_nimg = t.ema_kimg * 1000
+        seen = (self.step + 1) * t.batch_size
+        if t.ema_rampup is not None:
+            ema_nimg = min(ema_nimg, seen * t.ema_rampup)
+        beta = 0.5 ** (t.batch_size / max(ema_nimg, 1e-8))
+        for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters()):
+            p_ema.copy_(p.detach().lerp(p_ema, beta))
+        for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers()):
+            b_ema.copy_(b)
+
+    def train_steps(self, num_steps: int, *, progress: Optional[Callable[[int, dict[str, float]], None]] = None
+                    ) -> dict[str, float]:
+        """Run ``num_steps`` G+D steps; returns mean losses plus images/s and images seen."""
+        running = StepStats()
+        start, start_nimg = time.perf_counter(), self.cur_nimg
+        for _ in range(num_steps):
+            stats = self.train_step()
+            running.add(stats)
+            if progress is not None:
+                progress(self.step, stats)
+        elapsed = time.perf_counter() - start
+        result = running.means()
+        # Each step shows one batch of fakes to G and one of fakes + reals to D.
+        result["images_per_second"] = num_steps * self.cfg.train.batch_size / max(elapsed, 1e-9)
+        result["real_images_seen"] = float(self.cur_nimg - start_nimg)
+        result["seconds"] = elapsed
+        for key, value in result.items():
+            if not np.isfinite(value):
+                log.warning("non-finite training statistic %s=%s at step %d", key, value, self.step)
+        return result
+
+    # -- weights (what federation exchanges) -----------------------------------------------------
+    def network(self, name: str) -> nn.Module:
+        return {"G": self.G, "G_ema": self.G_ema, "D": self.D}[name]
+
+    def get_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {name: {k: v.detach().cpu().clone() for k, v in self.network(name).state_dict().items()}
+                for name in NETWORK_NAMES}
+
+    def set_weights(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        for name in NETWORK_NAMES:
+            if name in weights:
+                load_state_dict_checked(self.network(name), weights[name], what=name)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.cfg.to_dict(),
+            **self.get_weights(),
+            "g_opt": self.g_opt.state_dict(),
+            "d_opt": self.d_opt.state_dict(),
+            "step": self.step,
+            "cur_nimg": self.cur_nimg,
+            "pl_mean": self.loss.pl_mean.detach().cpu(),
+            "sampler": self.sampler.state_dict(),
+            "rng": _rng_state(),
+        }
+        if self.privacy is not None:
+            state["privacy"] = self.privacy.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.set_weights(state)
+        self.g_opt.load_state_dict(state["g_opt"])
+        self.d_opt.load_state_dict(state["d_opt"])
+        self.step, self.cur_nimg = int(state["step"]), int(state["cur_nimg"])
+        self.loss.pl_mean = state["pl_mean"].to(self.device)
+        self.sampler.load_state_dict(state["sampler"])
+        if self.privacy is not None and "privacy" in state:
+            self.privacy.load_state_dict(state["privacy"])
+        _set_rng_state(state["rng"])
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint
+        return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint I/O shared by the trainer, the sampler and the server
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for truncated/corrupt files
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a Med-StyleGAN2 checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    return state
+
+
+def config_from_checkpoint(state: dict[str, Any]) -> RunConfig:
+    return from_dict(state["config"], where="checkpoint config").validate()
+
+
+def load_state_dict_checked(module: nn.Module, state: dict[str, torch.Tensor], *, what: str) -> None:
+    """load_state_dict with an error that names the network, the key and both shapes."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise CheckpointError(f"{what}: weights do not fit the model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}); was it trained with another model config?")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise CheckpointError(f"{what}.{key}: shape {tuple(value.shape)} does not match the model's "
+                                  f"{tuple(own[key].shape)}; was it trained with another model config?")
+    module.load_state_dict(state)
+
+
+def _sanitize_gradients(module: nn.Module) -> None:
+    # As in StyleGAN2-ADA: one non-finite gradient must not destroy the weights of a long run.
+    for p in module.parameters():
+        if p.grad is not None:
+            torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
