@@ -1,0 +1,123 @@
+"""``medstylegan2 train-local``: train one site on its own data, with progress, grids and checkpoints.
+
+The loop reads top to bottom: build (or resume), then repeat {train a tick of steps, log, grid,
+checkpoint} until the requested total number of steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import yaml
+from tqdm import tqdm
+
+from medstylegan2.config import RunConfig, load_config
+from medstylegan2.errors import UserError
+from medstylegan2.grid import save_class_grid
+from medstylegan2.trainer import SiteTrainer, config_from_checkpoint, read_checkpoint, resolve_device
+
+log = logging.getLogger(__name__)
+
+COMMAND_HELP = ("Train one site's class-conditional GAN on a data folder, a COVID-QU-Ex root, or 'phantoms' "
+                "(the embedded default).")
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="phantoms",
+                   help="'phantoms' (built-in generator, default), a folder of <class>/*.png, or a COVID-QU-Ex root")
+    p.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: config, 64)")
+    p.add_argument("--steps", type=int, required=True, help="total G+D steps to reach (counting resumed ones)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: config, 16)")
+    p.add_argument("--out", required=True, help="run folder: checkpoint.pt, grids, log.jsonl, config.yaml")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly")
+    p.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lambda_ds=2 (repeatable)")
+    p.add_argument("--arch", choices=["stylegan2", "dcgan"], default=None, help="model.arch override")
+    p.add_argument("--device", default=None, help="cpu, cuda, or auto")
+    p.add_argument("--grid-every", type=int, default=None, help="steps between sample grids (train.grid_every)")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="steps between checkpoints (train.checkpoint_every)")
+    p.add_argument("--seed", type=int, default=None, help="run seed (default: config, 0)")
+
+
+def _build_config(args: argparse.Namespace) -> RunConfig:
+    overrides = list(args.overrides)
+    flag_overrides = {"model.resolution": args.resolution, "train.batch_size": args.batch, "model.arch": args.arch,
+                      "device": args.device, "train.grid_every": args.grid_every,
+                      "train.checkpoint_every": args.checkpoint_every, "seed": args.seed}
+    overrides += [f"{k}={v}" for k, v in flag_overrides.items() if v is not None]
+    return load_config(args.config, overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from medstylegan2.data import resolve_data_argument
+
+    out = Path(args.out)
+    ckpt_path = out / CHECKPOINT_NAME
+    if args.steps <= 0:
+        raise UserError("--steps must be > 0")
+    if args.resume:
+        if not ckpt_path.is_file():
+            raise UserError(f"--resume: no checkpoint at {ckpt_path}; start without --resume")
+        state = read_checkpoint(ckpt_path)
+        cfg = config_from_checkpoint(state)
+    else:
+        if ckpt_path.exists():
+            raise UserError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out")
+        cfg = _build_config(args)
+        state = None
+
+    train_set, heldout = resolve_data_argument(args.data, cfg.model.resolution, cache_dir=cfg.data.cache_dir,
+                                               seed=cfg.data.seed, heldout_fraction=cfg.data.heldout_fraction,
+                                               phantoms_per_class=cfg.data.phantoms_per_class)
+    counts = train_set.class_counts()
+    print(f"data: {args.data}: {len(train_set)} training images {dict(zip(train_set.class_names, counts))}, "
+          f"{len(heldout)} held out")
+    device = resolve_device(cfg.device)
+    trainer = SiteTrainer(cfg, train_set.images, train_set.labels, device=device)
+    if state is not None:
+        trainer.load_state_dict(state)
+        print(f"resumed from {ckpt_path} at step {trainer.step}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    train_loop(trainer, total_steps=args.steps, out=out)
+    return 0
+
+
+def train_loop(trainer: SiteTrainer, *, total_steps: int, out: Path) -> None:
+    t = trainer.cfg.train
+    if trainer.step >= total_steps:
+        print(f"already at step {trainer.step} >= {total_steps}; nothing to do")
+        return
+    log_file = (out / "log.jsonl").open("a")
+    bar = tqdm(total=total_steps, initial=trainer.step, unit="step", dynamic_ncols=True)
+    start = time.perf_counter()
+    try:
+        while trainer.step < total_steps:
+            tick = min(t.log_every, total_steps - trainer.step)
+            stats = trainer.train_steps(tick)
+            kimg = trainer.cur_nimg / 1000
+            bar.update(tick)
+            bar.set_postfix_str(f"kimg {kimg:.1f} G {stats.get('loss_g', float('nan')):.3f} "
+                                f"D {stats.get('loss_d_real', 0) + stats.get('loss_d_fake', 0):.3f} "
+                                f"{stats['images_per_second']:.1f} img/s")
+            record = {"step": trainer.step, "kimg": kimg, "elapsed_s": time.perf_counter() - start, **stats}
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            done = trainer.step >= total_steps
+            if done or trainer.step % t.grid_every < tick:
+                save_class_grid(trainer.G_ema, out / f"grid_{trainer.step:06d}.png", device=trainer.device,
+                                truncation_psi=t.truncation_psi)
+            if done or trainer.step % t.checkpoint_every < tick:
+                trainer.save_checkpoint(out / CHECKPOINT_NAME)
+    finally:
+        bar.close()
+        log_file.close()
+    print(f"done: step {trainer.step}, checkpoint {out / CHECKPOINT_NAME}, "
+          f"last grid {out / f'grid_{trainer.step:06d}.png'}")

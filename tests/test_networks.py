@@ -1,0 +1,141 @@
+"""The StyleGAN2 and DCGAN networks: shapes, dtypes, conditioning, regularizers, DP-friendliness."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medstylegan2.config import ModelConfig, TrainConfig
+from medstylegan2.losses import StyleGAN2Loss, discriminator_real_loss_per_sample
+from medstylegan2.networks import Discriminator, Generator, build_networks
+
+
+def small_model(arch: str, resolution: int, **kw) -> ModelConfig:
+    return ModelConfig(arch=arch, resolution=resolution, channel_base=512, channel_max=32, z_dim=32, w_dim=32,
+                       cmap_dim=32, **kw)
+
+
+@pytest.mark.parametrize("arch", ["stylegan2", "dcgan"])
+@pytest.mark.parametrize("resolution", [32, 64, 128, 256])
+def test_generator_and_discriminator_shapes_and_dtypes_at_every_resolution(arch, resolution):
+    torch.manual_seed(0)
+    G, D = build_networks(small_model(arch, resolution))
+    z = torch.randn(2, G.z_dim)
+    labels = torch.tensor([0, 2])
+    img = G(z, labels)
+    assert img.shape == (2, 1, resolution, resolution)
+    assert img.dtype == torch.float32
+    logits = D(img, labels)
+    assert logits.shape == (2, 1) and logits.dtype == torch.float32
+    assert torch.isfinite(img).all() and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("arch", ["stylegan2", "dcgan"])
+def test_forward_backward_reaches_every_parameter_on_cpu(arch):
+    torch.manual_seed(0)
+    G, D = build_networks(small_model(arch, 32))
+    labels = torch.tensor([0, 1, 2, 1])
+    img = G(torch.randn(4, G.z_dim), labels)
+    D(img, labels).sum().backward()
+    for name, p in list(G.named_parameters()) + list(D.named_parameters()):
+        assert p.grad is not None, f"no gradient reached {name}"
+        assert torch.isfinite(p.grad).all(), name
+
+
+def test_class_label_changes_the_generated_image_for_the_same_latent():
+    torch.manual_seed(0)
+    G = Generator(z_dim=32, w_dim=32, img_resolution=32, channel_base=512, channel_max=32)
+    z = torch.randn(1, 32).repeat(3, 1)
+    img = G(z, torch.tensor([0, 1, 2]), noise_mode="const")
+    assert (img[0] - img[1]).abs().mean() > 1e-3
+    assert (img[1] - img[2]).abs().mean() > 1e-3
+
+
+def test_class_label_changes_the_discriminator_logit_for_the_same_image():
+    torch.manual_seed(0)
+    D = Discriminator(img_resolution=32, channel_base=512, channel_max=32, cmap_dim=32)
+    img = torch.randn(1, 1, 32, 32).repeat(3, 1, 1, 1)
+    logits = D(img, torch.tensor([0, 1, 2])).squeeze(1)
+    assert len(set(round(v, 6) for v in logits.tolist())) == 3
+
+
+def test_truncation_pulls_samples_toward_the_class_mean():
+    torch.manual_seed(0)
+    G = Generator(z_dim=32, w_dim=32, img_resolution=32, channel_base=512, channel_max=32)
+    labels = torch.zeros(64, dtype=torch.long)
+    for _ in range(20):  # populate the per-class running mean of w
+        G.mapping(torch.randn(64, 32), labels, update_w_avg=True)
+    z = torch.randn(64, 32)
+    spread = lambda psi: G.mapping(z, labels, truncation_psi=psi)[:, 0].std(dim=0).mean()  # noqa: E731
+    assert spread(0.5) < 0.6 * spread(1.0)
+
+
+def test_noise_mode_const_is_deterministic_and_random_is_not():
+    torch.manual_seed(0)
+    G = Generator(z_dim=32, w_dim=32, img_resolution=32, channel_base=512, channel_max=32)
+    for layer in G.modules():
+        if hasattr(layer, "noise_strength"):
+            layer.noise_strength.data.fill_(0.5)
+    z, c = torch.randn(2, 32), torch.tensor([0, 1])
+    assert torch.equal(G(z, c, noise_mode="const"), G(z, c, noise_mode="const"))
+    assert not torch.equal(G(z, c, noise_mode="random"), G(z, c, noise_mode="random"))
+
+
+def test_minibatch_stddev_is_a_switch_and_off_means_samples_are_independent():
+    torch.manual_seed(0)
+    D_off = Discriminator(img_resolution=16, channel_base=256, channel_max=32, cmap_dim=16, mbstd_group_size=0)
+    D_on = Discriminator(img_resolution=16, channel_base=256, channel_max=32, cmap_dim=16, mbstd_group_size=4)
+    x, c = torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 2, 0])
+    alone = torch.cat([D_off(x[i:i + 1], c[i:i + 1]) for i in range(4)])
+    assert torch.allclose(D_off(x, c), alone, atol=1e-5)
+    assert D_on.epilogue.mbstd is not None and D_off.epilogue.mbstd is None
+    # With minibatch-stddev, changing one sample changes another sample's logit.
+    y = x.clone()
+    y[3] += 1.0
+    assert not torch.allclose(D_on(x, c)[0], D_on(y, c)[0])
+
+
+def test_discriminator_has_no_buffers_so_per_sample_gradients_are_well_defined():
+    D = Discriminator(img_resolution=32, channel_base=512, channel_max=32, mbstd_group_size=0)
+    assert list(D.buffers()) == []
+
+
+def test_r1_and_path_length_terms_are_finite_and_nonzero():
+    torch.manual_seed(0)
+    G = Generator(z_dim=32, w_dim=32, img_resolution=32, channel_base=512, channel_max=32)
+    D = Discriminator(img_resolution=32, channel_base=512, channel_max=32, cmap_dim=32)
+    loss = StyleGAN2Loss(G, D, TrainConfig(pl_weight=2.0, pl_interval=4, r1_gamma=1.0))
+    labels = torch.tensor([0, 1, 2, 0])
+    real = torch.rand(4, 1, 32, 32) * 2 - 1
+    with_r1 = discriminator_real_loss_per_sample(D, real, labels, r1_weight=1.0)
+    without_r1 = discriminator_real_loss_per_sample(D, real, labels, r1_weight=0.0)
+    r1 = with_r1 - without_r1
+    assert torch.isfinite(r1).all() and (r1 > 0).all()
+    pl_loss, stats = loss.generator_path_length(torch.randn(4, 32), labels)
+    assert torch.isfinite(pl_loss) and stats["loss_pl"] > 0
+    pl_loss.backward()
+    assert G.mapping.layers[0].weight.grad.abs().sum() > 0
+
+
+def test_high_pass_branch_is_off_at_the_seed_value_and_changes_output_when_on():
+    torch.manual_seed(0)
+    G = Generator(z_dim=32, w_dim=32, img_resolution=32, channel_base=512, channel_max=32, w_hpf=0.0)
+    ws = G.mapping(torch.randn(2, 32), torch.tensor([0, 1]))
+    plain = G.synthesize(ws, noise_mode="const")
+    assert torch.equal(plain, G.synthesis(ws, noise_mode="const"))
+    G.w_hpf = 1.0
+    assert not torch.allclose(G.synthesize(ws, noise_mode="const"), plain)
+
+
+def test_diversity_sensitive_loss_lowers_the_generator_loss_by_the_weighted_image_distance():
+    torch.manual_seed(0)
+    G = Generator(z_dim=32, w_dim=32, img_resolution=32, channel_base=512, channel_max=32)
+    D = Discriminator(img_resolution=32, channel_base=512, channel_max=32, cmap_dim=32)
+    loss = StyleGAN2Loss(G, D, TrainConfig(style_mixing_prob=0.0))
+    z, labels = torch.randn(4, 32), torch.tensor([0, 1, 2, 0])
+    torch.manual_seed(1)
+    plain, _ = loss.generator_main(z, labels, ds_weight=0.0)
+    torch.manual_seed(1)
+    with_ds, stats = loss.generator_main(z, labels, ds_weight=2.0)
+    assert stats["loss_ds"] > 0
+    assert with_ds.item() == pytest.approx(plain.item() - 2.0 * stats["loss_ds"], rel=1e-5)
