@@ -106,13 +106,21 @@ class FederationConfig:
     quantity_alpha: float = 1.0
     aggregation: Literal["fedavg", "fedavgm", "fedadam"] = "fedavg"
     server_lr: float = 1.0
+    # FedAvgM momentum; FedAdam's beta1.
     server_momentum: float = 0.9
+    # FedAdam only: second-moment decay and the adaptivity floor tau.
+    server_beta2: float = 0.99
+    server_tau: float = 0.001
     # FedProx-style proximal term on local G and D weights; 0 disables.
     proximal_mu: float = 0.0
     transfer_dtype: Literal["float32", "float16"] = "float32"
     evaluate_every: int = 1
     client_num_cpus: float = 1.0
     client_num_gpus: float = 0.0
+    # Seconds the server waits for federation.sites sites to connect before it starts with the
+    # ones present (at least min_sites), and for the replies of one round.
+    connect_timeout_s: float = 600.0
+    round_timeout_s: float = 3600.0
 
 
 @dataclass
@@ -125,6 +133,10 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0
     accountant: Literal["rdp", "prv"] = "rdp"
     budget_epsilon: Optional[float] = None
+    # Seed of the DP noise and Poisson sampling. None (default): fresh OS entropy per site, kept
+    # only in the site's own state. An integer makes runs reproducible (tests, debugging) but
+    # voids the guarantee against anyone who knows it: they can subtract the noise.
+    noise_seed: Optional[int] = None
 
 
 @dataclass
@@ -296,6 +308,14 @@ def _check_semantics(cfg: RunConfig) -> None:
          "must be > 0")
     need(f.proximal_mu >= 0, "federation.proximal_mu", "must be >= 0")
     need(f.evaluate_every >= 0, "federation.evaluate_every", "must be >= 0 (0: only at the end)")
+    need(f.server_lr > 0, "federation.server_lr", "must be > 0")
+    need(0 <= f.server_momentum < 1, "federation.server_momentum", "must be in [0, 1)")
+    need(0 <= f.server_beta2 < 1, "federation.server_beta2", "must be in [0, 1)")
+    need(f.server_tau > 0, "federation.server_tau", "must be > 0")
+    need(f.client_num_cpus > 0, "federation.client_num_cpus", "must be > 0")
+    need(f.client_num_gpus >= 0, "federation.client_num_gpus", "must be >= 0")
+    need(f.connect_timeout_s > 0 and f.round_timeout_s > 0, "federation.connect_timeout_s/round_timeout_s",
+         "must be > 0")
     if p.enabled:
         need((p.noise_multiplier is None) != (p.target_epsilon is None), "privacy.noise_multiplier",
              "or privacy.target_epsilon: give exactly one when privacy.enabled is true")
@@ -312,3 +332,5 @@ def _check_semantics(cfg: RunConfig) -> None:
         need(p.target_epsilon > 0, "privacy.target_epsilon", "must be > 0")
     if p.budget_epsilon is not None:
         need(p.budget_epsilon > 0, "privacy.budget_epsilon", "must be > 0")
+    if p.noise_seed is not None:
+        need(p.noise_seed >= 0, "privacy.noise_seed", "must be >= 0 (or null for OS entropy)")
