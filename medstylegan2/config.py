@@ -121,6 +121,8 @@ class FederationConfig:
     # ones present (at least min_sites), and for the replies of one round.
     connect_timeout_s: float = 600.0
     round_timeout_s: float = 3600.0
+    # Round checkpoints kept in the run folder (the newest N); 0 keeps every round.
+    keep_checkpoints: int = 0
 
 
 @dataclass
@@ -316,6 +318,7 @@ def _check_semantics(cfg: RunConfig) -> None:
     need(f.client_num_gpus >= 0, "federation.client_num_gpus", "must be >= 0")
     need(f.connect_timeout_s > 0 and f.round_timeout_s > 0, "federation.connect_timeout_s/round_timeout_s",
          "must be > 0")
+    need(f.keep_checkpoints >= 0, "federation.keep_checkpoints", "must be >= 0 (0 keeps every round)")
     if p.enabled:
         need((p.noise_multiplier is None) != (p.target_epsilon is None), "privacy.noise_multiplier",
              "or privacy.target_epsilon: give exactly one when privacy.enabled is true")

@@ -21,6 +21,8 @@ dictionaries used here. This module holds:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -375,6 +377,94 @@ def write_partition_csv(rows: Sequence[Mapping[str, int]], path: str | Path,
 
 
 # ----------------------------------------------------------------------------------------------
+# A site's data
+
+
+@dataclass
+class SiteData:
+    name: str                 # stable site identity: seeds and state folders depend on it
+    images: np.ndarray        # uint8 [N, 1, H, W]; never leaves the site
+    labels: np.ndarray        # int64 [N]
+
+
+def _data_key(cfg: RunConfig) -> str:
+    return json.dumps({"data": dataclasses.asdict(cfg.data), "resolution": cfg.model.resolution}, sort_keys=True)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_split(key: str):
+    from medstylegan2.config import DataConfig
+    from medstylegan2.data import load_dataset
+
+    spec = json.loads(key)
+    return load_dataset(DataConfig(**spec["data"]), spec["resolution"])
+
+
+def load_split(cfg: RunConfig):
+    """(train, heldout) ImageSets of ``cfg.data`` at the model resolution (cached per process)."""
+    return _cached_split(_data_key(cfg))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_partitions(key: str, num_sites: int) -> tuple[np.ndarray, ...]:
+    spec = json.loads(key)
+    train, _ = _cached_split(spec["data_key"])
+    return tuple(partition_indices(train.labels, num_sites, spec["partitioner"], dirichlet_alpha=spec["dirichlet_alpha"],
+                                   quantity_alpha=spec["quantity_alpha"], seed=spec["seed"]))
+
+
+def simulation_partitions(cfg: RunConfig, num_sites: int) -> tuple[Any, tuple[np.ndarray, ...]]:
+    """The training split and the indices of every simulated site (same on server and sites)."""
+    f = cfg.federation
+    key = json.dumps({"data_key": _data_key(cfg), "partitioner": f.partitioner, "dirichlet_alpha": f.dirichlet_alpha,
+                      "quantity_alpha": f.quantity_alpha, "seed": cfg.seed}, sort_keys=True)
+    train, _ = load_split(cfg)
+    return train, _cached_partitions(key, num_sites)
+
+
+def site_name(node_config: Mapping[str, Any]) -> str:
+    """A site's name: node config ``site-name``, else its data folder's name, else ``site-<partition-id>``."""
+    if node_config.get("site-name"):
+        return site_key(str(node_config["site-name"]))
+    if node_config.get("data-dir"):
+        return site_key(Path(str(node_config["data-dir"])).name)
+    if "partition-id" in node_config:
+        return f"site-{int(node_config['partition-id'])}"
+    raise ValueError("this SuperNode has neither 'data-dir' nor 'partition-id' in its node config; start it with "
+                     "--node-config \"data-dir=/path/to/images site-name=hospital-a\"")
+
+
+def load_site_data(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteData:
+    """This site's training images: its own folder (deployment) or its partition (simulation).
+
+    Deployment: ``data-dir`` is a ``<class>/*.png`` folder or a COVID-QU-Ex root, read at the model
+    resolution; the site trains on its training split (``data.heldout_fraction`` stays home).
+    Simulation: ``partition-id`` of ``num-partitions`` over the training split of ``cfg.data``.
+    """
+    name = site_name(node_config)
+    if node_config.get("data-dir"):
+        train = _cached_folder(str(node_config["data-dir"]), _data_key(cfg))
+        return SiteData(name=name, images=train.images, labels=train.labels)
+    pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    if num != cfg.federation.sites:
+        log.warning("simulation has %d virtual sites but federation.sites is %d; partitioning over %d",
+                    num, cfg.federation.sites, num)
+    train, parts = simulation_partitions(cfg, num)
+    idx = parts[pid]
+    return SiteData(name=name, images=train.images[idx], labels=train.labels[idx])
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_folder(data_dir: str, key: str):
+    from medstylegan2.config import DataConfig
+    from medstylegan2.data import resolve_data_argument
+
+    spec = json.loads(key)
+    train, _ = resolve_data_argument(data_dir, spec["resolution"], base=DataConfig(**spec["data"]))
+    return train
+
+
+# ----------------------------------------------------------------------------------------------
 # Seeds
 
 
@@ -600,8 +690,8 @@ def _privacy_metrics(engine: Any, round_num: int) -> dict[str, float]:
     if not hasattr(engine, "round_record"):
         return {}
     record = engine.round_record(round_num)
-    return {str(k): float(v) for k, v in dict(record).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+    return {f"dp-{k}": float(v) for k, v in dict(record).items()
+            if k != "round" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def json_line(record: Mapping[str, Any]) -> str:

@@ -1,0 +1,1 @@
+"""Flower ClientApp of a hospital site (``client.client_app:app``)."""

@@ -1,0 +1,1 @@
+"""Flower ServerApp and the federated GAN strategy (``server.server_app:app``)."""

@@ -1,0 +1,1 @@
+"""Federated simulation: N virtual hospitals over partitioned data on Flower's simulation engine."""

@@ -1,0 +1,136 @@
+"""The ``simulate`` command: a federated run with virtual hospitals on Flower's simulation engine.
+
+The same ServerApp and ClientApp run under ``flwr run .`` and on real SuperNodes; here
+``flwr.simulation.run_simulation`` hosts them in one process (server) plus Ray workers (sites).
+``run_simulation`` does not read ``[tool.flwr.app.config]``, so the settings are baked into the
+ServerApp (``create_server_app``); the sites get the validated config from the server's messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from medstylegan2.config import RunConfig, load_config
+from medstylegan2.errors import UserError
+
+COMMAND_HELP = ("Run a federated simulation: N virtual hospital sites (Flower simulation engine) over "
+                "partitioned data, with round checkpoints, metrics.jsonl and sample grids.")
+
+log = logging.getLogger("medstylegan2.simulation")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="configs/default.yaml", help="YAML config (default configs/default.yaml)")
+    p.add_argument("--out", default=None, help="run folder (default: <out_dir>/<name> of the config)")
+    p.add_argument("--rounds", type=int, default=None, help="federation.rounds")
+    p.add_argument("--sites", type=int, default=None, help="federation.sites (virtual hospitals)")
+    p.add_argument("--local-steps", type=int, default=None, help="federation.local_steps")
+    p.add_argument("--partitioner", choices=["iid", "dirichlet", "quantity"], default=None,
+                   help="federation.partitioner")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set federation.aggregation=fedavgm (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the last round_XXX.pt in the run folder")
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    overrides = list(args.overrides)
+    flags = {"federation.rounds": args.rounds, "federation.sites": args.sites,
+             "federation.local_steps": args.local_steps, "federation.partitioner": args.partitioner}
+    overrides += [f"{k}={v}" for k, v in flags.items() if v is not None]
+    return overrides
+
+
+def _absolute_data_paths(cfg: RunConfig) -> list[str]:
+    """Overrides that pin data paths to absolute ones: Ray workers may not share our cwd."""
+    extra = []
+    if cfg.data.cache_dir and not Path(cfg.data.cache_dir).is_absolute():
+        extra.append(f"data.cache_dir={Path(cfg.data.cache_dir).resolve()}")
+    if cfg.data.root and not Path(cfg.data.root).is_absolute():
+        extra.append(f"data.root={Path(cfg.data.root).resolve()}")
+    return extra
+
+
+def backend_config(cfg: RunConfig) -> dict[str, Any]:
+    """Ray resources per virtual site from the config; GPUs only when CUDA is present."""
+    import torch
+
+    f = cfg.federation
+    gpus = f.client_num_gpus if torch.cuda.is_available() else 0.0
+    if f.client_num_gpus > 0 and gpus == 0:
+        log.warning("federation.client_num_gpus=%g but CUDA is not available: sites train on the CPU",
+                    f.client_num_gpus)
+    return {"client_resources": {"num_cpus": f.client_num_cpus, "num_gpus": gpus}}
+
+
+def simulate(config_path: str | Path, overrides: list[str], *, run_dir: Optional[str | Path] = None,
+             resume: bool = False, verbose: bool = False) -> Path:
+    """Run the simulation; returns the run folder. Raises on failure."""
+    from flwr.simulation import run_simulation
+
+    from client.client_app import app as client_app
+    from medstylegan2 import federation as fed
+    from server.server_app import create_server_app
+
+    config_path = Path(config_path).resolve()
+    cfg = load_config(config_path, overrides)
+    overrides = overrides + _absolute_data_paths(cfg)
+    cfg = load_config(config_path, overrides)
+    run_dir = Path(run_dir if run_dir is not None else cfg.run_dir).resolve()
+    sites = cfg.federation.sites
+
+    train, parts = fed.simulation_partitions(cfg, sites)
+    rows = fed.partition_table(train.labels, parts, train.class_names)
+    print(f"partition ({cfg.federation.partitioner}, {sites} sites, {len(train.labels)} training images):")
+    print(fed.format_partition_table(rows, train.class_names))
+    fed.write_partition_csv(rows, run_dir / "partition.csv", train.class_names)
+    if any(r["total"] == 0 for r in rows):
+        log.warning("some sites have no training images: they will return their weights unchanged")
+
+    server_app = create_server_app({"config-path": str(config_path), "overrides": shlex.join(overrides),
+                                    "run-dir": str(run_dir), "resume": resume, "site-state-dir": "auto",
+                                    "server-data": "config"})
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=sites,
+                   backend_config=backend_config(cfg), verbose_logging=verbose)
+    return run_dir
+
+
+def quiet_flower_duplicates() -> None:
+    """Flower prints through its own handler; without this its lines also reach ours, twice."""
+    logging.getLogger("flwr").propagate = False
+
+
+def run(args: argparse.Namespace) -> int:
+    quiet_flower_duplicates()
+    start = time.perf_counter()
+    run_dir = simulate(args.config, _overrides(args), run_dir=args.out, resume=args.resume,
+                       verbose=getattr(args, "verbose", False))
+    rounds = sorted(run_dir.glob("round_*.pt"))
+    if not rounds:
+        raise UserError(f"the simulation wrote no round checkpoint into {run_dir}; see the log above")
+    print(f"done in {time.perf_counter() - start:.0f} s: {run_dir} (last checkpoint {rounds[-1].name}, "
+          f"metrics {run_dir / 'metrics.jsonl'}, grids {run_dir / 'grids'})")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulation", description=COMMAND_HELP)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    quiet_flower_duplicates()
+    try:
+        return run(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
