@@ -205,7 +205,7 @@ def _grow_vessel_trees(*, side: int, hilum: tuple[float, float], rng: np.random.
 
 def draw_anatomy(rng: np.random.Generator) -> Anatomy:
     """One random patient: body habitus, organ sizes, positioning."""
-    width = rng.uniform(0.80, 0.92)
+    width = rng.uniform(0.78, 0.9)
     lungs = (_draw_lung(side=-1, width=width, rng=rng), _draw_lung(side=1, width=width, rng=rng))
     hila = tuple((lung.side * (lung.medial_x + rng.uniform(0.07, 0.10)), rng.uniform(-0.14, -0.04))
                  for lung in lungs)
@@ -215,7 +215,7 @@ def draw_anatomy(rng: np.random.Generator) -> Anatomy:
         rotation=rng.normal(0, 0.035),
         shift_x=rng.uniform(-0.04, 0.04),
         shift_y=rng.uniform(-0.04, 0.06),
-        zoom=rng.uniform(0.98, 1.1),
+        zoom=rng.uniform(0.97, 1.07),
         thorax_half_width=width,
         shoulder_y=rng.uniform(-0.92, -0.82),
         shoulder_width=rng.uniform(0.18, 0.32),
@@ -395,7 +395,8 @@ def _segments_profile(x: np.ndarray, y: np.ndarray, segments: np.ndarray | list[
 class _Maps:
     tissue: np.ndarray  # soft tissue + bone attenuation, with no air removed
     air: np.ndarray  # attenuation that the aerated lungs remove (>= 0)
-    lungs: np.ndarray  # where the lungs are, in [0, 1]
+    lungs: np.ndarray  # where the lungs are, in [0, 1], including behind the heart
+    fields: np.ndarray  # the lung fields seen on film: lungs not hidden by heart or aorta
 
 
 def _body(x: np.ndarray, y: np.ndarray, a: Anatomy, soft: float) -> np.ndarray:
@@ -552,7 +553,7 @@ def _anatomy_maps(x: np.ndarray, y: np.ndarray, a: Anatomy, *, soft: float) -> _
     # Bone needs a body around it; heart and mediastinum add a little thickness of their own.
     tissue = body * (1.0 + 0.15 * heart) + bone * _soft_inside(body - 0.2, softness=0.1)
     air = body * AIR_DEPTH * np.maximum(aerated, airway)
-    return _Maps(tissue=tissue, air=air, lungs=lungs)
+    return _Maps(tissue=tissue, air=air, lungs=lungs, fields=lungs * (1.0 - heart) * (1.0 - knob))
 
 
 def _lesion_opacity(x: np.ndarray, y: np.ndarray, lesions: Lesions, a: Anatomy, soft: float) -> np.ndarray:
@@ -617,7 +618,7 @@ class Phantom:
     """A rendered phantom and the ground truth behind it (for tests and figures)."""
 
     image: np.ndarray  # uint8 [H, W]
-    lungs: np.ndarray  # float32 [H, W] in [0, 1]: lung fields
+    lungs: np.ndarray  # float32 [H, W] in [0, 1]: lung fields as seen on film (not behind the heart)
     lesion: np.ndarray  # float32 [H, W] in [0, 1]: air lost to disease inside the lungs
     label: int
 
@@ -640,9 +641,11 @@ def render_phantom(label: int, resolution: int, rng: np.random.Generator) -> Pha
         raise ValueError(f"label must be one of 0..{len(CLASS_NAMES) - 1} ({', '.join(CLASS_NAMES)}), got {label}")
     if resolution < 8:
         raise ValueError(f"resolution must be >= 8 pixels, got {resolution}")
+    # Disease is drawn last: the same generator state then gives the same patient on the same
+    # film whatever the class, which makes counterfactual pairs (and tests) possible.
     anatomy = draw_anatomy(rng)
-    lesions = draw_lesions(label, anatomy, rng)
     exposure = draw_exposure(rng)
+    lesions = draw_lesions(label, anatomy, rng)
 
     # Edges ramp over about a pixel: the tanh ramp then approximates each pixel's area coverage,
     # which anti-aliases as well as supersampling at a quarter of the cost.
@@ -656,7 +659,7 @@ def render_phantom(label: int, resolution: int, rng: np.random.Generator) -> Pha
                for hx, hy in anatomy.hila)
     attenuation = maps.tissue - maps.air * (1.0 - opacity) + (vessels + hila) * maps.lungs
     image = _expose(attenuation, exposure, resolution=resolution, y=y, rng=rng)
-    return Phantom(image=image, lungs=maps.lungs, lesion=opacity, label=label)
+    return Phantom(image=image, lungs=maps.fields, lesion=opacity, label=label)
 
 
 def _expose(attenuation: np.ndarray, e: Exposure, *, resolution: int, y: np.ndarray,
