@@ -17,6 +17,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("make-phantoms", "medstylegan2.phantoms"),
     ("train-local", "medstylegan2.train_local"),
     ("sample", "medstylegan2.sampling"),
+    ("evaluate", "medstylegan2.metrics.evaluate"),
     ("simulate", "simulation.cli"),
 ]
 

@@ -1,0 +1,32 @@
+"""Central evaluation of generated chest X-rays against real held-out images.
+
+One module per concern:
+
+- ``features``: where feature-network weights come from (never downloaded) and the registration of the
+  project's own domain feature extractor in torch-fidelity's registry;
+- ``fidelity``: Frechet distance, KID and precision/recall, computed by torch-fidelity;
+- ``lpips_metrics``: LPIPS diversity and LPIPS to the nearest real image (lpips / ST-LPIPS);
+- ``memorization``: nearest-training-image audit;
+- ``utility``: train-on-synthetic, test-on-real classification;
+- ``plots``: sample grids, memorization pairs, metrics over rounds;
+- ``evaluate``: the orchestrator (``evaluate_images``, ``evaluate_generator``) and the ``evaluate`` command.
+"""
+
+from __future__ import annotations
+
+METRIC_NAMES: tuple[str, ...] = (
+    "fd_domain", "kid_domain", "pr_domain",  # torch-fidelity in the domain classifier's feature space
+    "fid", "kid", "pr",                      # torch-fidelity with the TF-FID Inception-v3
+    "lpips",                                 # diversity + distance to the nearest real image
+    "memorization",                          # nearest training image in pixel / domain feature space
+    "utility",                               # train on synthetic, test on real
+)
+
+
+def __getattr__(name: str):
+    # Lazy re-exports keep ``import medstylegan2.metrics`` cheap (no torch-fidelity import).
+    if name in ("evaluate_images", "evaluate_generator", "plot_metrics"):
+        from medstylegan2.metrics import evaluate
+
+        return getattr(evaluate, name)
+    raise AttributeError(name)

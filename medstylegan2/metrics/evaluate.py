@@ -1,0 +1,477 @@
+"""The central evaluator: every requested metric per class and overall, one JSON record per evaluation.
+
+``evaluate_images`` compares a generated ``ImageSet`` with real held-out images (and, for the memorization
+audit and the domain classifier, the real training split); ``evaluate_generator`` samples ``n_per_class``
+images per class from a generator first - the federation server's hook. The ``evaluate`` command does the
+same from a checkpoint or a folder of images.
+
+Metric names (``MetricsConfig.metrics``): see ``medstylegan2.metrics.METRIC_NAMES``. A metric that cannot
+run (a weights file absent, no training set given) is recorded under ``errors`` with the message, and the
+others still run; numbers are never made up.
+
+Output (``out_dir`` defaults to ``run_dir``):
+
+- ``<out>/eval/round_XXX.json`` when ``round_num`` is given, else ``<out>/evaluation.json``;
+- ``<out>/eval/grid_round_XXX.png`` (or ``<out>/grid.png``): per-class generated rows beside real rows;
+- ``<out>/eval/memorization_pairs_round_XXX.png`` (or ``<out>/memorization_pairs.png``);
+- with ``run_dir``: one line ``{"round": r, "kind": "eval", ...}`` appended to ``<run_dir>/metrics.jsonl`` and
+  ``<run_dir>/metrics.png`` redrawn from all ``eval/round_*.json``.
+
+The domain classifier (FD-domain's feature network) is ``<run_dir>/domain_classifier.pt`` (or
+``<out>/domain_classifier.pt``): trained on the training split the first time and reused after, so that
+FD-domain values of different rounds are measured in the same feature space.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from medstylegan2.classifier import (XrayClassifier, evaluate_classifier, load_classifier, save_classifier,
+                                     train_classifier)
+from medstylegan2.config import CLASS_NAMES, ConfigError, MetricsConfig
+from medstylegan2.errors import DataError, UserError
+from medstylegan2.metrics import METRIC_NAMES
+
+log = logging.getLogger(__name__)
+
+CLASSIFIER_FILE = "domain_classifier.pt"
+DOMAIN_METRICS = ("fd_domain", "kid_domain", "pr_domain")
+INCEPTION_METRICS = ("fid", "kid", "pr")
+
+# LPIPS protocol (see lpips_metrics): trunk, pairs for diversity, pixel-nearest candidates for "nearest real".
+LPIPS_NET = "alex"
+LPIPS_MAX_PAIRS = 1000
+LPIPS_CANDIDATES = 5
+
+
+def validate_metric_names(names: list[str] | tuple[str, ...]) -> list[str]:
+    """Names in order without duplicates; ``ConfigError`` listing the allowed names for an unknown one."""
+    out = []
+    for name in names:
+        if name not in METRIC_NAMES:
+            raise ConfigError(f"unknown metric '{name}' in metrics.metrics; allowed: {', '.join(METRIC_NAMES)}")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise ConfigError(f"metrics.metrics is empty; choose from: {', '.join(METRIC_NAMES)}")
+    return out
+
+
+def _round_tag(round_num: int | None) -> str:
+    return "" if round_num is None else f"_round_{round_num:03d}"
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN/inf become null (strict JSON); numpy scalars become Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _count_per_class(labels: np.ndarray, class_names: tuple[str, ...]) -> dict[str, int]:
+    return {name: int((labels == k).sum()) for k, name in enumerate(class_names)}
+
+
+def _check_sets(fake, real, train) -> None:
+    if len(fake.images) == 0:
+        raise DataError("no generated images to evaluate")
+    if len(real.images) == 0:
+        raise DataError("the real held-out set is empty")
+    sizes = {"generated": fake.images.shape[2:], "real held-out": real.images.shape[2:]}
+    if train is not None:
+        sizes["training"] = train.images.shape[2:]
+    if len(set(sizes.values())) > 1:
+        raise DataError("image sets differ in resolution: " + ", ".join(f"{k} {v[0]}x{v[1]}" for k, v in sizes.items())
+                        + "; load them at one resolution")
+
+
+def domain_classifier(path: Path, train, cfg: MetricsConfig, *, device: str = "cpu",
+                      seed: int = 0) -> tuple[XrayClassifier, bool]:
+    """Load ``path``, or train on ``train`` and save it there; returns (model, trained_now)."""
+    if path.is_file():
+        log.info("domain classifier: reusing %s", path)
+        return load_classifier(path, device=device), False
+    if train is None or len(train.images) == 0:
+        raise DataError(f"the domain feature network {path} does not exist and no training set was given to "
+                        "train it (evaluate --train DIR, or keep the run's domain_classifier.pt)")
+    log.info("domain classifier: training on %d training images (%d steps)", len(train.images),
+             cfg.classifier_steps)
+    model = train_classifier(train.images, train.labels, steps=cfg.classifier_steps, seed=seed, device=device,
+                             num_classes=len(train.class_names))
+    save_classifier(model, path, meta={
+        "trained_on": "training split", "n_train": int(len(train.images)), "steps": cfg.classifier_steps,
+        "seed": seed, "class_counts": _count_per_class(train.labels, tuple(train.class_names))})
+    return model, True
+
+
+def evaluate_images(fake, real_heldout, *, train=None, cfg: MetricsConfig | None = None,
+                    out_dir: str | Path | None = None, round_num: int | None = None,
+                    run_dir: str | Path | None = None, device: str = "cpu", seed: int = 0,
+                    classifier_path: str | Path | None = None, use_fid_helper: bool = True,
+                    use_stlpips: bool = True) -> dict:
+    """Evaluate generated images against real held-out images; returns the record written to JSON.
+
+    ``fake``, ``real_heldout``, ``train``: ``ImageSet``s (uint8 [N, 1, H, W] ``images``, int ``labels``), one
+    resolution. ``cfg.metrics`` picks the metrics. ``classifier_path`` overrides where the domain classifier
+    lives. ``use_fid_helper`` / ``use_stlpips`` allow the packaged fallback weights (tests switch them off).
+    """
+    cfg = cfg or MetricsConfig()
+    names = validate_metric_names(cfg.metrics)
+    if out_dir is None and run_dir is None:
+        raise ValueError("give out_dir or run_dir")
+    out_dir = Path(out_dir if out_dir is not None else run_dir)
+    run_dir = Path(run_dir) if run_dir is not None else None
+    _check_sets(fake, real_heldout, train)
+    class_names = tuple(real_heldout.class_names)
+    started = time.perf_counter()
+    tag = _round_tag(round_num)
+    eval_dir = out_dir / "eval" if round_num is not None else out_dir
+    eval_dir.mkdir(parents=True, exist_ok=True)
+
+    record: dict[str, Any] = {
+        "kind": "eval",
+        "round": round_num,
+        "time": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "class_names": list(class_names),
+        "resolution": int(fake.images.shape[-1]),
+        "n_generated": _count_per_class(fake.labels, class_names),
+        "n_real_heldout": _count_per_class(real_heldout.labels, class_names),
+        "n_train": None if train is None else int(len(train.images)),
+        "metrics_requested": names,
+        "feature_networks": {},
+        "overall": {},
+        "per_class": {name: {} for name in class_names},
+        "errors": {},
+        "timings_s": {},
+    }
+    errors, timings = record["errors"], record["timings_s"]
+
+    def run(label: str, members: list[str], fn: Callable[[], None]) -> None:
+        t0 = time.perf_counter()
+        log.info("eval%s: %s ...", f" round {round_num}" if round_num is not None else "", label)
+        try:
+            fn()
+        except UserError as exc:
+            for m in members:
+                errors[m] = str(exc)
+            log.warning("%s not computed: %s", label, exc)
+        except Exception as exc:  # noqa: BLE001 - one broken metric must not lose the others
+            for m in members:
+                errors[m] = f"{type(exc).__name__}: {exc}"
+            log.exception("%s failed", label)
+        timings[label] = round(time.perf_counter() - t0, 3)
+        log.info("eval: %s done in %.1f s", label, timings[label])
+
+    # --- the domain classifier (feature network of FD-domain, memorization, utility baseline)
+    clf_state: dict[str, Any] = {"model": None, "path": None}
+    needs_domain = [m for m in names if m in DOMAIN_METRICS or m in ("memorization", "utility")]
+    if needs_domain:
+        clf_path = Path(classifier_path) if classifier_path else (run_dir or out_dir) / CLASSIFIER_FILE
+
+        def load_or_train() -> None:
+            model, trained_now = domain_classifier(clf_path, train, cfg, device=device, seed=seed)
+            if model.resolution != fake.images.shape[-1]:
+                log.warning("domain classifier %s was trained at %dpx; images are %dpx and get resized",
+                            clf_path, model.resolution, fake.images.shape[-1])
+            scores = evaluate_classifier(model, real_heldout.images, real_heldout.labels)
+            clf_state.update(model=model, path=clf_path)
+            record["domain_classifier"] = {"path": str(clf_path), "trained_now": trained_now,
+                                           "heldout_accuracy": scores["accuracy"],
+                                           "heldout_macro_f1": scores["macro_f1"]}
+            record["feature_networks"]["domain"] = f"domain X-ray classifier {clf_path}"
+
+        run("domain classifier", ["domain_classifier"], load_or_train)
+
+    # --- torch-fidelity: FD / KID / PR in the domain space and with Inception
+    def fidelity_group(members: tuple[str, str, str], space_fn, network_key: str, keys: tuple[str, ...]) -> None:
+        """members: metric names (fd, kid, pr) of this space; keys: result keys fd, kid, kid_std, precision, recall."""
+        from medstylegan2.metrics.fidelity import fidelity_per_class
+
+        space = space_fn()
+        record["feature_networks"][network_key] = space.label
+        res = fidelity_per_class(fake.images, fake.labels, real_heldout.images, real_heldout.labels, space,
+                                 class_names, fid=members[0] in names, kid=members[1] in names,
+                                 prc=members[2] in names, device=device, batch_size=cfg.batch_size, seed=seed)
+        k_fd, k_kid, k_kid_std, k_p, k_r = keys
+        for where, values in [("overall", res["overall"])] + list(res["per_class"].items()):
+            target = record["overall"] if where == "overall" else record["per_class"][where]
+            if "skipped" in values:
+                target[f"{network_key}_skipped"] = values["skipped"]
+                continue
+            if "fd" in values:
+                target[k_fd] = values["fd"]
+            if "kid" in values:
+                target[k_kid], target[k_kid_std] = values["kid"], values["kid_std"]
+            if "precision" in values:
+                target[k_p], target[k_r] = values["precision"], values["recall"]
+
+    domain_members = [m for m in DOMAIN_METRICS if m in names]
+    if domain_members:
+        def domain_space():
+            from medstylegan2.metrics.fidelity import FeatureSpace
+
+            if clf_state["path"] is None:
+                raise DataError(errors.get("domain_classifier", "no domain classifier"))
+            return FeatureSpace.domain(clf_state["path"])
+
+        run("FD/KID/PR-domain", domain_members,
+            lambda: fidelity_group(DOMAIN_METRICS, domain_space, "domain",
+                                   ("fd_domain", "kid_domain", "kid_domain_std", "precision_domain",
+                                    "recall_domain")))
+
+    inception_members = [m for m in INCEPTION_METRICS if m in names]
+    if inception_members:
+        def inception_space():
+            from medstylegan2.metrics.fidelity import FeatureSpace
+
+            return FeatureSpace.inception(cfg.weights_dir, use_fid_helper=use_fid_helper)
+
+        run("FID/KID/PR (Inception)", inception_members,
+            lambda: fidelity_group(INCEPTION_METRICS, inception_space, "inception",
+                                   ("fid", "kid", "kid_std", "precision", "recall")))
+
+    # --- LPIPS
+    if "lpips" in names:
+        def lpips_all() -> None:
+            from medstylegan2.metrics.lpips_metrics import load_lpips, lpips_per_class
+
+            model = load_lpips(LPIPS_NET, cfg.weights_dir, device=device, use_stlpips=use_stlpips)
+            record["feature_networks"]["lpips"] = model.label
+            res = lpips_per_class(model, fake.images, fake.labels, real_heldout.images, real_heldout.labels,
+                                  class_names, max_pairs=LPIPS_MAX_PAIRS, candidates=LPIPS_CANDIDATES, seed=seed,
+                                  batch_size=cfg.batch_size)
+            record["lpips"] = {"label": model.label, "max_pairs": LPIPS_MAX_PAIRS,
+                               "candidates": LPIPS_CANDIDATES, "per_class": res}
+            for name, v in res.items():
+                record["per_class"][name]["lpips_diversity"] = v["diversity"]["mean"]
+                record["per_class"][name]["lpips_to_nearest_real"] = v["to_nearest_real"]["mean"]
+            for key in ("lpips_diversity", "lpips_to_nearest_real"):
+                vals = [record["per_class"][n][key] for n in class_names if record["per_class"][n].get(key) is not None]
+                record["overall"][f"{key}"] = float(np.mean(vals)) if vals else None  # mean over classes
+
+        run("LPIPS", ["lpips"], lpips_all)
+
+    # --- memorization audit
+    if "memorization" in names:
+        def memorization() -> None:
+            from medstylegan2.metrics.memorization import memorization_audit
+            from medstylegan2.metrics.plots import save_memorization_pairs
+
+            if train is None:
+                raise DataError("the memorization audit needs the training images (evaluate --train DIR)")
+            res = memorization_audit(fake.images, fake.labels, train.images, train.labels, real_heldout.images,
+                                     class_names, domain_model=clf_state["model"])
+            if clf_state["model"] is None:
+                res["domain"] = {"error": errors.get("domain_classifier", "no domain classifier")}
+            png = save_memorization_pairs(fake.images, train.images, res["closest_pairs"],
+                                          eval_dir / f"memorization_pairs{tag}.png")
+            res["pairs_png"] = str(png)
+            record["memorization"] = res
+            record["overall"]["memorization_fraction_pixel"] = res["pixel"].get("fraction_below")
+            if "fraction_below" in res.get("domain", {}):
+                record["overall"]["memorization_fraction_domain"] = res["domain"]["fraction_below"]
+
+        run("memorization", ["memorization"], memorization)
+
+    # --- downstream utility
+    if "utility" in names:
+        def utility() -> None:
+            from medstylegan2.metrics.utility import downstream_utility
+
+            res = downstream_utility(
+                fake.images, fake.labels, real_heldout.images, real_heldout.labels,
+                train_images=None if train is None else train.images,
+                train_labels=None if train is None else train.labels, real_model=clf_state["model"],
+                steps=cfg.classifier_steps, seed=seed, device=device, num_classes=len(class_names))
+            record["utility"] = res
+            record["overall"]["utility_accuracy_synthetic"] = res["trained_on_synthetic"]["accuracy"]
+            record["overall"]["utility_macro_f1_synthetic"] = res["trained_on_synthetic"]["macro_f1"]
+            if res["trained_on_real"] is not None:
+                record["overall"]["utility_accuracy_real"] = res["trained_on_real"]["accuracy"]
+                record["overall"]["utility_macro_f1_real"] = res["trained_on_real"]["macro_f1"]
+            for k, name in enumerate(class_names):
+                record["per_class"][name]["utility_recall_synthetic"] = \
+                    res["trained_on_synthetic"]["per_class_recall"][k]
+
+        run("utility", ["utility"], utility)
+
+    # --- figures and records
+    from medstylegan2.metrics.plots import plot_metrics, save_sample_grid
+
+    grid = save_sample_grid(fake.images, fake.labels, real_heldout.images, real_heldout.labels, class_names,
+                            eval_dir / f"grid{tag}.png",
+                            title=None if round_num is None else f"round {round_num}")
+    record["grid_png"] = str(grid)
+    record["elapsed_s"] = round(time.perf_counter() - started, 3)
+    record = _jsonable(record)
+    json_path = eval_dir / (f"round_{round_num:03d}.json" if round_num is not None else "evaluation.json")
+    _write_json(json_path, record)
+    record["json"] = str(json_path)
+    if run_dir is not None:
+        line = {"round": round_num, "kind": "eval", "time": record["time"], "overall": record["overall"],
+                "per_class": record["per_class"], "errors": record["errors"], "file": str(json_path)}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(line) + "\n")
+        try:
+            plot_metrics(run_dir)
+        except Exception:  # noqa: BLE001 - a plotting problem must not fail the server's round
+            log.exception("could not draw %s", run_dir / "metrics.png")
+    log.info("eval: wrote %s (%.1f s)", json_path, record["elapsed_s"])
+    return record
+
+
+def _write_json(path: Path, record: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
+    tmp.replace(path)
+
+
+def evaluate_generator(G_ema, real_heldout, train, cfg: MetricsConfig, out_dir: str | Path | None = None,
+                       round_num: int | None = None, run_dir: str | Path | None = None, device: str = "cpu",
+                       *, seed: int = 0, truncation_psi: float = 1.0, **kwargs) -> dict:
+    """Sample ``cfg.n_per_class`` images per class from ``G_ema`` (fixed ``seed``: the same latents every
+    round) and ``evaluate_images`` them; the federation server's evaluation hook."""
+    from medstylegan2.sampling import generate_per_class
+
+    fake = generate_per_class(G_ema, cfg.n_per_class, seed=seed, truncation_psi=truncation_psi,
+                              batch_size=cfg.batch_size, device=device)
+    fake.class_names = tuple(real_heldout.class_names)
+    return evaluate_images(fake, real_heldout, train=train, cfg=cfg, out_dir=out_dir, round_num=round_num,
+                           run_dir=run_dir, device=str(device), seed=seed, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+COMMAND_HELP = ("Evaluate a checkpoint (sampled) or a folder of generated <class>/*.png images against real "
+                "held-out images: FD/KID/PR, LPIPS, memorization, downstream utility.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", nargs="?", help="generator checkpoint to sample from (or use --fake)")
+    p.add_argument("--fake", metavar="DIR", help="folder of generated images DIR/<class>/*.png instead of a checkpoint")
+    p.add_argument("--real", metavar="DIR", required=True, help="real held-out images DIR/<class>/*.png")
+    p.add_argument("--train", metavar="DIR", help="real training images DIR/<class>/*.png (domain classifier, "
+                                                  "memorization audit, utility baseline)")
+    p.add_argument("--out", metavar="DIR", required=True, help="output folder (evaluation.json, PNGs)")
+    p.add_argument("--n-per-class", type=int, help="images per class sampled from the checkpoint "
+                                                   "(default: metrics.n_per_class)")
+    p.add_argument("--metrics", nargs="+", metavar="NAME",
+                   help=f"metrics to run (default: metrics.metrics); any of: {', '.join(METRIC_NAMES)}")
+    p.add_argument("--weights-dir", metavar="DIR", help="folder with feature-network weights files "
+                                                       "(default: metrics.weights_dir, then $TORCH_HOME/hub/checkpoints)")
+    p.add_argument("--classifier", metavar="FILE", help="domain classifier file to use, or to create when absent "
+                                                        "(default: OUT/domain_classifier.pt)")
+    p.add_argument("--max-per-class", type=int, help="read at most this many images per class from each folder")
+    p.add_argument("--resolution", type=int, help="resolution to load folders at (default: the checkpoint's, "
+                                                  "else the first generated image's)")
+    p.add_argument("--round", type=int, dest="round_num", help="write OUT/eval/round_XXX.json instead of "
+                                                               "OUT/evaluation.json")
+    p.add_argument("--config", metavar="FILE", help="YAML config whose metrics section gives the defaults")
+    p.add_argument("--seed", type=int, default=0, help="sampling / pair-sampling seed (default 0)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+
+
+def _first_image_size(folder: Path) -> int:
+    from PIL import Image
+
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
+            with Image.open(path) as im:
+                return int(im.size[0])
+    raise DataError(f"no images found under {folder}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from medstylegan2.config import load_config
+    from medstylegan2.data import load_folder
+
+    logging.getLogger("medstylegan2").setLevel(min(logging.INFO, logging.getLogger().level or logging.INFO))
+    if (args.checkpoint is None) == (args.fake is None):
+        raise UserError("give either a CHECKPOINT or --fake DIR (exactly one)")
+    cfg = load_config(args.config).metrics if args.config else MetricsConfig()
+    if args.metrics:
+        cfg.metrics = [m for item in args.metrics for m in item.split(",") if m]
+    validate_metric_names(cfg.metrics)
+    if args.n_per_class is not None:
+        if args.n_per_class <= 0:
+            raise UserError("--n-per-class must be > 0")
+        cfg.n_per_class = args.n_per_class
+    if args.weights_dir:
+        cfg.weights_dir = args.weights_dir
+    device = args.device
+    if device == "auto":
+        from medstylegan2.trainer import resolve_device
+
+        device = str(resolve_device("auto"))
+
+    G = None
+    resolution = args.resolution
+    if args.checkpoint:
+        from medstylegan2.sampling import load_generator
+
+        G, run_cfg = load_generator(args.checkpoint, device)
+        resolution = resolution or run_cfg.model.resolution
+    else:
+        resolution = resolution or _first_image_size(Path(args.fake))
+    print(f"loading real held-out images from {args.real} at {resolution}px ...", flush=True)
+    real = load_folder(args.real, resolution, max_per_class=args.max_per_class)
+    train = None
+    if args.train:
+        print(f"loading real training images from {args.train} ...", flush=True)
+        train = load_folder(args.train, resolution, max_per_class=args.max_per_class)
+    out = Path(args.out)
+    classifier = Path(args.classifier) if args.classifier else out / CLASSIFIER_FILE
+    common = dict(out_dir=out, round_num=args.round_num, device=device, seed=args.seed, classifier_path=classifier)
+    if G is not None:
+        print(f"sampling {cfg.n_per_class} images per class from {args.checkpoint} ...", flush=True)
+        record = evaluate_generator(G, real, train, cfg, **common)
+    else:
+        print(f"loading generated images from {args.fake} ...", flush=True)
+        fake = load_folder(args.fake, resolution, max_per_class=args.max_per_class)
+        record = evaluate_images(fake, real, train=train, cfg=cfg, **common)
+    _print_summary(record)
+    return 0
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _print_summary(record: dict) -> None:
+    keys = []
+    for values in [record["overall"]] + list(record["per_class"].values()):
+        for k, v in values.items():
+            if k not in keys and (v is None or isinstance(v, (int, float))):
+                keys.append(k)
+    names = list(record["per_class"]) + ["overall"]
+    width = max(len(k) for k in keys) if keys else 10
+    print("\n" + " " * width + "".join(f"{n:>12}" for n in names))
+    for k in keys:
+        row = [record["per_class"][n].get(k) for n in names[:-1]] + [record["overall"].get(k)]
+        print(f"{k:<{width}}" + "".join(f"{_fmt(v):>12}" for v in row))
+    for name, label in record.get("feature_networks", {}).items():
+        print(f"feature network {name}: {label}")
+    for name, msg in record.get("errors", {}).items():
+        print(f"NOT COMPUTED {name}: {msg}")
+    print(f"\nwrote {record['json']}")
