@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from medstylegan2.config import RunConfig, from_dict
-from medstylegan2.errors import CheckpointError
+from medstylegan2.errors import CheckpointError, UserError
 from medstylegan2.losses import StyleGAN2Loss
 from medstylegan2.networks import build_networks
 
@@ -127,6 +127,10 @@ class SiteTrainer:
         self.privacy = privacy
         if privacy is not None:
             privacy.attach(self)
+        elif cfg.privacy.enabled and self.num_examples > 0:
+            # Never train on real images without DP when the config promises it.
+            raise UserError("privacy.enabled is true but no privacy engine was given: pass "
+                            "privacy=medstylegan2.privacy.make_privacy_engine(cfg, num_examples, planned_steps)")
 
     # -- construction helpers --------------------------------------------------------------------
     def _make_optimizer(self, module: nn.Module, lr: float, reg_interval: Optional[int]) -> torch.optim.Adam:

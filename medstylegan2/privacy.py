@@ -1,0 +1,481 @@
+"""Differential privacy for each site's discriminator: DP-SGD on the real-data part of D's loss.
+
+Three separable pieces, as Opacus itself keeps them:
+
+1. Per-sample gradients (here, with ``torch.func``): the real-data loss of D is
+   ``softplus(-D(x)) + r1_weight * ||grad_x D(x)||^2``. The R1 term is a double backward that
+   Opacus' grad-sample hooks do not support (every mode fails or, with ``ew``, is silently wrong),
+   so each sample's gradient is taken exactly with ``vmap(grad(loss_of_one_sample))`` over
+   ``functional_call(D, params, ...)``, with a nested ``grad`` w.r.t. the input for R1.
+2. Clipping and noise: Opacus' ``DPOptimizer`` wraps the trainer's Adam for D, reads the
+   per-sample gradients from ``p.grad_sample``, clips each sample's whole gradient to
+   ``max_grad_norm``, adds Gaussian noise of std ``noise_multiplier * max_grad_norm`` and divides
+   by the expected batch size ``q * n``.
+3. Accounting: an Opacus accountant (RDP or PRV) steps once per D update through the optimizer's
+   step hook; epsilon is ``accountant.get_epsilon(delta)``. Its ``history`` is part of
+   ``state_dict()``, so a site that resumes (checkpoint, Flower ``Context.state``) keeps composing
+   the same budget across rounds.
+
+Sampling: every D step draws its real batch by Poisson sampling, each of the site's ``n`` images
+independently with probability ``q = batch_size / n``, with Opacus' own
+``UniformWithReplacementSampler`` driven by a ``torch.Generator`` whose state is in
+``state_dict()``. That is the sampling the accountants assume. Batches vary in size and may be
+empty: an empty batch is still a step (noise only) and still counted.
+
+Randomness: by default both generators (sampling, noise) are seeded from OS entropy when the engine
+is made and then carried in the site's own state; ``privacy.noise_seed`` makes them reproducible
+for tests and debugging, at the cost of the guarantee against anyone who knows the seed.
+
+The threat model (what this protects and what it does not) is in ``docs/privacy.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import math
+import secrets
+import warnings
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from opacus.validators import ModuleValidator
+from torch.func import functional_call, grad, grad_and_value, vmap
+
+from medstylegan2.errors import UserError
+
+if TYPE_CHECKING:
+    from medstylegan2.config import RunConfig
+    from medstylegan2.trainer import SiteTrainer
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "medstylegan2-privacy-v1"
+
+
+class PrivacyError(UserError):
+    """A model or setting is incompatible with differential privacy; the message says what to change."""
+
+
+def default_delta(num_examples: int) -> float:
+    """The default per-site delta: 1 / (10 n), well below the 1/n at which DP stops meaning much."""
+    return 1.0 / (10.0 * num_examples)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate_discriminator(D: nn.Module) -> None:
+    """Raise ``PrivacyError`` naming every layer of D that per-sample DP-SGD cannot handle.
+
+    Rejected: minibatch-stddev (mixes the samples of a batch), BatchNorm (same, plus running
+    statistics of real data), any buffer (state updated from real data would leave the site
+    un-noised), and whatever Opacus' ``ModuleValidator`` rejects.
+    """
+    from opacus.validators.errors import UnsupportedModuleError
+
+    problems: list[str] = []
+    if getattr(D, "mbstd_group_size", 0):
+        problems.append(f"D.mbstd_group_size={D.mbstd_group_size}: minibatch-stddev mixes the samples of a batch, "
+                        "so per-sample gradients are undefined; set model.mbstd_group_size: 0 under DP")
+    for name, module in D.named_modules():
+        where = f"D.{name}" if name else "D"
+        if type(module).__name__ == "MinibatchStdLayer":
+            problems.append(f"{where} (MinibatchStdLayer): mixes the samples of a batch; "
+                            "set model.mbstd_group_size: 0 under DP")
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            problems.append(f"{where} ({type(module).__name__}): BatchNorm mixes the samples of a batch and keeps "
+                            "running statistics of real data; use GroupNorm or LayerNorm (no running stats), "
+                            "or no normalization")
+        elif type(module) in ModuleValidator.VALIDATORS:
+            for error in ModuleValidator.VALIDATORS[type(module)](module):
+                problems.append(f"{where} ({type(module).__name__}): {error}")
+    for name, _ in D.named_buffers():
+        problems.append(f"D.{name} is a buffer: state kept outside the parameters is not clipped or noised; "
+                        "compute it as a constant inside forward() instead")
+    if not problems:
+        # Anything Opacus rejects that the named walk above did not already report.
+        for error in ModuleValidator.validate(D, strict=False):
+            if not isinstance(error, UnsupportedModuleError) or "training mode" not in str(error):
+                problems.append(f"D: {error}")
+    if problems:
+        raise PrivacyError("the discriminator cannot be trained with differential privacy:\n  - "
+                           + "\n  - ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-sample gradients of the real-data loss
+
+
+# Whether a discriminator class can be vmapped over its labels (its forward reads no label values).
+_LABELS_VMAP_SAFE: dict[type, bool] = {}
+
+
+def per_sample_real_gradients(D: nn.Module, images: torch.Tensor, labels: torch.Tensor, r1_weight: float
+                              ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Exact per-sample gradients of ``softplus(-D(x)) + r1_weight * ||grad_x D(x)||^2``.
+
+    Returns ``(grads, losses, order)``: ``grads[name]`` has shape ``[m, *param.shape]`` for every
+    named parameter of D, ``losses`` has shape ``[m]``, and row ``i`` of both belongs to sample
+    ``order[i]`` of the input. ``m = 0`` gives empty tensors of the right shapes.
+
+    The order matters because ``vmap`` cannot batch ``F.one_hot`` (it reads the labels' values),
+    which D's class embedding calls. For such a D the samples are grouped by class and each group
+    is one ``vmap`` call with its label held constant; the order of per-sample gradients does not
+    matter to clipping and summing. A D whose forward is vmap-safe in the labels gets one call
+    over the whole batch (found out once per D class).
+    """
+    params = {name: p.detach() for name, p in D.named_parameters()}
+    m = images.shape[0]
+    if m == 0:
+        empty = {name: p.new_zeros((0, *p.shape)) for name, p in params.items()}
+        return empty, images.new_zeros(0), labels.new_zeros(0)
+
+    def logit(p: dict[str, torch.Tensor], x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return functional_call(D, p, (x.unsqueeze(0), label.view(1))).reshape(())
+
+    if r1_weight > 0:
+        def loss_one(p: dict[str, torch.Tensor], x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+            # Nested grad w.r.t. this sample's image: the R1 penalty of this sample alone.
+            image_grad, value = grad_and_value(logit, argnums=1)(p, x, label)
+            return F.softplus(-value) + r1_weight * image_grad.square().sum()
+    else:
+        def loss_one(p: dict[str, torch.Tensor], x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+            return F.softplus(-logit(p, x, label))
+
+    if _LABELS_VMAP_SAFE.get(type(D), True):
+        try:
+            grads, losses = vmap(grad_and_value(loss_one), in_dims=(None, 0, 0))(params, images, labels)
+            _LABELS_VMAP_SAFE[type(D)] = True
+            return grads, losses, torch.arange(m, device=labels.device)
+        except RuntimeError as exc:
+            if "vmap" not in str(exc) or type(D) in _LABELS_VMAP_SAFE:
+                raise
+            _LABELS_VMAP_SAFE[type(D)] = False
+            log.debug("%s reads label values in forward (%s); per-sample gradients are taken class by class",
+                      type(D).__name__, str(exc).split(".")[0])
+
+    per_class = vmap(grad_and_value(loss_one), in_dims=(None, 0, None))
+    order = torch.argsort(labels, stable=True)
+    classes, counts = torch.unique_consecutive(labels[order], return_counts=True)
+    chunks_grads: list[dict[str, torch.Tensor]] = []
+    chunks_loss: list[torch.Tensor] = []
+    start = 0
+    for label, count in zip(classes, counts.tolist()):
+        g, value = per_class(params, images[order[start:start + count]], label)
+        start += count
+        chunks_grads.append(g)
+        chunks_loss.append(value)
+    if len(chunks_grads) == 1:
+        return chunks_grads[0], chunks_loss[0], order
+    grads = {name: torch.cat([g[name] for g in chunks_grads]) for name in params}
+    return grads, torch.cat(chunks_loss), order
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine
+
+
+class DPEngine:
+    """One site's DP-SGD for D: Poisson sampling, per-sample grads, Opacus clip+noise, accountant.
+
+    Build it with ``make_privacy_engine`` (from a config) or directly; hand it to ``SiteTrainer``
+    (``privacy=engine``), which calls ``attach`` and then ``discriminator_step`` every D step.
+    Persist ``state_dict()`` (or ``to_bytes()``) with the site and restore it into the next
+    engine so that epsilon keeps composing.
+    """
+
+    def __init__(self, *, num_examples: int, batch_size: int, max_grad_norm: float,
+                 noise_multiplier: Optional[float] = None, target_epsilon: Optional[float] = None,
+                 planned_steps: Optional[int] = None, delta: Optional[float] = None, accountant: str = "rdp",
+                 budget_epsilon: Optional[float] = None, seed: Optional[int] = None):
+        if num_examples <= 0:
+            raise PrivacyError("a site needs at least one training image to train with differential privacy")
+        if (noise_multiplier is None) == (target_epsilon is None):
+            raise PrivacyError("give exactly one of privacy.noise_multiplier and privacy.target_epsilon")
+        if target_epsilon is not None and not planned_steps:
+            raise PrivacyError("privacy.target_epsilon needs the planned number of D steps (rounds x local steps)")
+        if max_grad_norm <= 0:
+            raise PrivacyError(f"privacy.max_grad_norm must be > 0, got {max_grad_norm}")
+        self.num_examples = int(num_examples)
+        self.batch_size = int(batch_size)
+        # Poisson sampling rate. A site with fewer images than a batch samples every image every
+        # step (q = 1): no amplification by subsampling.
+        self.sample_rate = min(1.0, self.batch_size / self.num_examples)
+        if self.sample_rate >= 1.0:
+            log.warning("site has %d images <= batch size %d: sample rate is 1, so privacy gets no amplification "
+                        "by subsampling", self.num_examples, self.batch_size)
+        # Opacus divides the summed clipped gradients + noise by this (loss_reduction="mean"):
+        # the same 1/B the non-private mean loss has, in expectation.
+        self.expected_batch_size = self.sample_rate * self.num_examples
+        self.max_grad_norm = float(max_grad_norm)
+        self.delta = float(delta) if delta is not None else default_delta(self.num_examples)
+        self.accountant_name = accountant
+        self.accountant = create_accountant(mechanism=accountant)
+        self.budget_epsilon = budget_epsilon
+        self.target_epsilon = target_epsilon
+        self.planned_steps = planned_steps
+        self._noise_multiplier = None if noise_multiplier is None else float(noise_multiplier)
+
+        if seed is None:
+            seed = secrets.randbits(62)
+        self.sampling_generator = torch.Generator().manual_seed(seed)
+        self.sampler = UniformWithReplacementSampler(num_samples=self.num_examples, sample_rate=self.sample_rate,
+                                                     generator=self.sampling_generator, steps=1)
+        # The noise generator lives on D's device (torch.normal needs that); it is made at attach.
+        self._noise_seed = (seed * 2654435761 + 1) % (2**62)
+        self._noise_state: Optional[tuple[str, torch.Tensor]] = None
+        self.noise_generator: Optional[torch.Generator] = None
+
+        self.trainer: Optional["SiteTrainer"] = None
+        self.optimizer: Optional[DPOptimizer] = None
+        self._named_params: list[tuple[str, nn.Parameter]] = []
+        # Statistics computed from real images: for local logs only, never part of a reply.
+        self.last_private_stats: dict[str, float] = {}
+
+    # -- noise level ------------------------------------------------------------------------------
+    @property
+    def noise_multiplier(self) -> float:
+        """sigma: given, or computed once for the whole planned run from ``target_epsilon``."""
+        if self._noise_multiplier is None:
+            with warnings.catch_warnings():
+                # The binary search probes large sigmas whose best RDP order is the largest one.
+                warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+                self._noise_multiplier = float(get_noise_multiplier(
+                    target_epsilon=self.target_epsilon, target_delta=self.delta, sample_rate=self.sample_rate,
+                    steps=self.planned_steps, accountant=self.accountant_name))
+            log.info("noise multiplier %.4f for epsilon %.3g at delta %.3g after %d steps (q=%.4g)",
+                     self._noise_multiplier, self.target_epsilon, self.delta, self.planned_steps, self.sample_rate)
+        return self._noise_multiplier
+
+    # -- hooking into the trainer -----------------------------------------------------------------
+    def attach(self, trainer: "SiteTrainer") -> None:
+        """Validate D and take over the trainer's D updates (called by ``SiteTrainer`` at construction).
+
+        Fails here, before any training, if D or the trainer does not fit DP-SGD. The ``DPOptimizer``
+        around the trainer's Adam is made at the first step, so that a state restored in between
+        (``load_state_dict``) supplies sigma instead of a fresh ``target_epsilon`` search.
+        """
+        validate_discriminator(trainer.D)
+        if trainer.num_examples != self.num_examples:
+            raise PrivacyError(f"the privacy engine was made for {self.num_examples} images but the trainer has "
+                               f"{trainer.num_examples}; the sample rate depends on it: make the engine with the "
+                               "site's own image count")
+        if trainer.cfg.train.batch_size != self.batch_size:
+            raise PrivacyError(f"the privacy engine was made for batch size {self.batch_size} but the trainer uses "
+                               f"{trainer.cfg.train.batch_size}")
+        named = list(trainer.D.named_parameters())
+        opt_params = {id(p) for group in trainer.d_opt.param_groups for p in group["params"]}
+        missing = [name for name, p in named if id(p) not in opt_params]
+        if missing or len(opt_params) != len(named):
+            raise PrivacyError(f"the D optimizer must hold exactly D's parameters (missing: {missing[:3]})")
+        self.trainer, self._named_params, self.optimizer = trainer, named, None
+
+    def _dp_optimizer(self) -> DPOptimizer:
+        if self.optimizer is None:
+            assert self.trainer is not None, "attach(trainer) first"
+            self._make_noise_generator(next(self.trainer.D.parameters()).device)
+            self.optimizer = DPOptimizer(self.trainer.d_opt, noise_multiplier=self.noise_multiplier,
+                                         max_grad_norm=self.max_grad_norm,
+                                         expected_batch_size=self.expected_batch_size, loss_reduction="mean",
+                                         generator=self.noise_generator)
+            # Opacus' own accounting hook: one accountant step at this sample rate per noised update.
+            self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
+        return self.optimizer
+
+    def _make_noise_generator(self, device: torch.device | str) -> None:
+        device = torch.device(device)
+        generator = torch.Generator(device=device)
+        if self._noise_state is not None and self._noise_state[0] == device.type:
+            generator.set_state(self._noise_state[1])
+        elif self._noise_state is not None:
+            # Resumed on another kind of device: generator states do not transfer. Draw a fresh seed
+            # from the (CPU) sampling generator, so the stream stays reproducible and never repeats.
+            generator.manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.sampling_generator)))
+        else:
+            generator.manual_seed(self._noise_seed)
+        self.noise_generator = generator
+        if self.optimizer is not None:
+            self.optimizer.generator = generator
+
+    # -- one D step -------------------------------------------------------------------------------
+    def sample_batch(self) -> torch.Tensor:
+        """Indices of one Poisson-sampled batch (each image with probability q; may be empty)."""
+        return torch.as_tensor(next(iter(self.sampler)), dtype=torch.long)
+
+    def private_real_gradient(self, real: torch.Tensor, labels: torch.Tensor, r1_weight: float) -> torch.Tensor:
+        """Set every D ``p.grad`` to the private real-data gradient and count one accountant step.
+
+        That is (sum of per-sample gradients, each clipped to C, + N(0, (sigma C)^2)) / (q n).
+        ``real``/``labels`` must be a Poisson-sampled batch (possibly empty). Returns the
+        per-sample real losses (private: for local logs only).
+        """
+        opt = self._dp_optimizer()
+        opt.zero_grad(set_to_none=True)
+        grads, losses, _ = per_sample_real_gradients(self.trainer.D, real, labels, r1_weight)
+        for name, p in self._named_params:
+            # A non-finite per-sample gradient would make its clip factor NaN and poison the sum;
+            # sanitizing one sample's gradient is a per-sample map, so clipping still bounds it.
+            p.grad_sample = torch.nan_to_num(grads[name], nan=0.0, posinf=1e5, neginf=-1e5)
+        # Clip, sum, add noise, divide by q*n, then the accountant hook. An empty batch gives
+        # noise only and is still a step.
+        stepped = opt.pre_step()
+        assert stepped, "DPOptimizer skipped a step; step skipping is not used here"
+        return losses
+
+    def discriminator_step(self, trainer: "SiteTrainer", fake: torch.Tensor, fake_labels: torch.Tensor,
+                           r1_weight: float) -> dict[str, float]:
+        """One private D update; replaces the trainer's non-private one. Returns shareable stats only."""
+        if self.trainer is not trainer:
+            self.attach(trainer)
+        D = trainer.D
+        idx = self.sample_batch().to(trainer.device)
+        losses = self.private_real_gradient(trainer.real_images[idx], trainer.real_labels[idx], r1_weight)
+
+        # Fake images: G's output for noise z and uniformly drawn labels, so this term reads no
+        # private data (D's current weights are already DP, and anything computed from them is
+        # post-processing). Its gradient is therefore added as is: clipping bounds one person's
+        # influence and noise hides it, and no person influences this term. Its 1/B mean matches
+        # the 1/(q*n) scaling Opacus applied to the real term, as in the non-private loss.
+        loss_fake = trainer.loss.discriminator_fake(fake, fake_labels)
+        loss_fake.backward()
+        # The FedProx pull towards the global weights is data-independent too.
+        trainer._add_proximal_gradient("D", D)
+        for _, p in self._named_params:
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
+        self.optimizer.original_optimizer.step()
+
+        # Count the expected number of real images, not the drawn one: the actual Poisson batch
+        # size is not part of what the accountant releases.
+        trainer.cur_nimg += int(round(self.expected_batch_size))
+        self.last_private_stats = {"loss_d_real": float(losses.mean()) if len(losses) else float("nan"),
+                                   "real_batch_size": float(len(idx))}
+        log.debug("private D stats (not shared): %s", self.last_private_stats)
+        return {"loss_d_fake": loss_fake.item()}
+
+    # -- accounting -------------------------------------------------------------------------------
+    @property
+    def spent_steps(self) -> int:
+        """Noised D updates accounted so far (all rounds)."""
+        return int(sum(steps for _, _, steps in self.accountant.history))
+
+    def epsilon(self) -> float:
+        """Epsilon spent so far at this engine's delta (all rounds), from the Opacus accountant."""
+        return _epsilon_of(self.accountant, self.delta)
+
+    def epsilon_after(self, extra_steps: int) -> float:
+        """Epsilon if ``extra_steps`` more updates were taken (the real accountant is untouched)."""
+        hypothetical = create_accountant(mechanism=self.accountant_name)
+        hypothetical.history = copy.deepcopy(self.accountant.history)
+        if extra_steps > 0:
+            hypothetical.history.append((self.noise_multiplier, self.sample_rate, int(extra_steps)))
+        return _epsilon_of(hypothetical, self.delta)
+
+    def would_exceed_budget(self, next_steps: int) -> bool:
+        """True when ``next_steps`` more updates would take epsilon past ``budget_epsilon``."""
+        if self.budget_epsilon is None:
+            return False
+        return self.epsilon_after(next_steps) > self.budget_epsilon
+
+    def round_record(self, round_num: int) -> dict[str, Any]:
+        """This site's entry of ``privacy.json`` for a round it trained (cumulative steps)."""
+        return {"round": int(round_num), "epsilon": self.epsilon(), "delta": self.delta,
+                "sample_rate": self.sample_rate, "steps": self.spent_steps,
+                "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm}
+
+    # -- persistence ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed site needs: accountant history, sigma, both generators' states."""
+        if self.noise_generator is not None:
+            noise = (self.noise_generator.device.type, self.noise_generator.get_state())
+        elif self._noise_state is not None:
+            noise = self._noise_state
+        else:
+            noise = ("seed", torch.tensor([self._noise_seed], dtype=torch.long))
+        return {
+            "format": STATE_FORMAT,
+            "accountant": self.accountant_name,
+            "history": [[float(s), float(q), int(n)] for s, q, n in self.accountant.history],
+            "noise_multiplier": self.noise_multiplier,
+            "num_examples": self.num_examples,
+            "delta": self.delta,
+            "sampling_generator": self.sampling_generator.get_state(),
+            "noise_device": noise[0],
+            "noise_generator": noise[1],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise PrivacyError(f"not a privacy state (expected format {STATE_FORMAT!r})")
+        if state["accountant"] != self.accountant_name:
+            raise PrivacyError(f"the saved privacy state used the {state['accountant']!r} accountant but the config "
+                               f"says {self.accountant_name!r}; epsilon cannot compose across accountants")
+        if int(state["num_examples"]) != self.num_examples:
+            log.warning("site had %d images when its privacy state was saved and has %d now",
+                        int(state["num_examples"]), self.num_examples)
+        self.accountant.load_state_dict({"history": [(float(s), float(q), int(n)) for s, q, n in state["history"]],
+                                         "mechanism": self.accountant_name})
+        if self.target_epsilon is not None:
+            # Computed once for the whole planned run: keep the sigma the run started with.
+            self._noise_multiplier = float(state["noise_multiplier"])
+        if self._noise_multiplier is not None and self.optimizer is not None:
+            self.optimizer.noise_multiplier = self._noise_multiplier
+        self.sampling_generator.set_state(state["sampling_generator"])
+        if state["noise_device"] == "seed":
+            self._noise_seed, self._noise_state = int(state["noise_generator"][0]), None
+        else:
+            self._noise_state = (state["noise_device"], state["noise_generator"])
+        if self.noise_generator is not None:
+            self._make_noise_generator(self.noise_generator.device)
+
+    def to_bytes(self) -> bytes:
+        """``state_dict()`` as bytes (e.g. for a Flower ``ConfigRecord`` in ``Context.state``)."""
+        buffer = io.BytesIO()
+        torch.save(self.state_dict(), buffer)
+        return buffer.getvalue()
+
+    def load_bytes(self, data: bytes) -> None:
+        self.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+
+    def describe(self) -> str:
+        budget = "none" if self.budget_epsilon is None else f"{self.budget_epsilon:g}"
+        return (f"DP-SGD on D: n={self.num_examples}, q={self.sample_rate:.4g}, sigma={self.noise_multiplier:.4g}, "
+                f"C={self.max_grad_norm:g}, delta={self.delta:.3g}, accountant={self.accountant_name}, "
+                f"epsilon so far {self.epsilon():.4g} after {self.spent_steps} steps, budget {budget}")
+
+
+def _epsilon_of(accountant: Any, delta: float) -> float:
+    if not accountant.history or all(steps == 0 for _, _, steps in accountant.history):
+        return 0.0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        eps = float(accountant.get_epsilon(delta=delta))
+    return eps if math.isfinite(eps) else float("inf")
+
+
+def make_privacy_engine(cfg: "RunConfig", num_examples: int, planned_steps: int, seed: int = 0
+                        ) -> Optional[DPEngine]:
+    """The site's DP engine for ``cfg.privacy``, or None when privacy is off.
+
+    ``planned_steps``: D steps this site may take in the whole run (rounds x local steps), used to
+    compute sigma from ``target_epsilon`` once. ``seed``: a per-site number (e.g. the partition
+    id) mixed with ``privacy.noise_seed`` when that is set; with ``noise_seed`` null the
+    generators are seeded from OS entropy and ``seed`` is ignored.
+    """
+    p = cfg.privacy
+    if not p.enabled:
+        return None
+    generator_seed = None if p.noise_seed is None else (p.noise_seed * 1_000_003 + seed) % (2**62)
+    return DPEngine(num_examples=num_examples, batch_size=cfg.train.batch_size, max_grad_norm=p.max_grad_norm,
+                    noise_multiplier=p.noise_multiplier, target_epsilon=p.target_epsilon,
+                    planned_steps=planned_steps, delta=p.delta, accountant=p.accountant,
+                    budget_epsilon=p.budget_epsilon, seed=generator_seed)
