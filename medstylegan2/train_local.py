@@ -56,7 +56,7 @@ def _build_config(args: argparse.Namespace) -> RunConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medstylegan2.data import resolve_data_argument
+    from medstylegan2.data import class_summary, resolve_data_argument
 
     out = Path(args.out)
     ckpt_path = out / CHECKPOINT_NAME
@@ -73,12 +73,9 @@ def run(args: argparse.Namespace) -> int:
         cfg = _build_config(args)
         state = None
 
-    train_set, heldout = resolve_data_argument(args.data, cfg.model.resolution, cache_dir=cfg.data.cache_dir,
-                                               seed=cfg.data.seed, heldout_fraction=cfg.data.heldout_fraction,
-                                               phantoms_per_class=cfg.data.phantoms_per_class)
-    counts = train_set.class_counts()
-    print(f"data: {args.data}: {len(train_set)} training images {dict(zip(train_set.class_names, counts))}, "
-          f"{len(heldout)} held out")
+    train_set, heldout = resolve_data_argument(args.data, cfg.model.resolution, base=cfg.data)
+    print(f"data: {args.data}: {len(train_set)} training images ({class_summary(train_set)}), "
+          f"{len(heldout)} held out (never trained on)")
     device = resolve_device(cfg.device)
     trainer = SiteTrainer(cfg, train_set.images, train_set.labels, device=device)
     if state is not None:
