@@ -9,11 +9,12 @@ Metric names (``MetricsConfig.metrics``): see ``medstylegan2.metrics.METRIC_NAME
 run (a weights file absent, no training set given) is recorded under ``errors`` with the message, and the
 others still run; numbers are never made up.
 
-Output (``out_dir`` defaults to ``run_dir``):
+Output files. Without ``round_num`` they go to ``out_dir``; with ``round_num`` to ``<run_dir>/eval/`` when
+``run_dir`` is given (where ``plot_metrics`` reads them), else to ``<out_dir>/eval/``:
 
-- ``<out>/eval/round_XXX.json`` when ``round_num`` is given, else ``<out>/evaluation.json``;
-- ``<out>/eval/grid_round_XXX.png`` (or ``<out>/grid.png``): per-class generated rows beside real rows;
-- ``<out>/eval/memorization_pairs_round_XXX.png`` (or ``<out>/memorization_pairs.png``);
+- ``round_XXX.json`` (with a round) or ``evaluation.json``: the record ``evaluate_images`` returns;
+- ``grid_round_XXX.png`` (or ``grid.png``): per-class generated rows beside real held-out rows;
+- ``memorization_pairs_round_XXX.png`` (or ``memorization_pairs.png``): the 8 closest generated/training pairs;
 - with ``run_dir``: one line ``{"round": r, "kind": "eval", ...}`` appended to ``<run_dir>/metrics.jsonl`` and
   ``<run_dir>/metrics.png`` redrawn from all ``eval/round_*.json``.
 
@@ -140,7 +141,10 @@ def evaluate_images(fake, real_heldout, *, train=None, cfg: MetricsConfig | None
     class_names = tuple(real_heldout.class_names)
     started = time.perf_counter()
     tag = _round_tag(round_num)
-    eval_dir = out_dir / "eval" if round_num is not None else out_dir
+    if round_num is None:
+        eval_dir = out_dir
+    else:  # round records live in the run's eval/ folder, where plot_metrics reads them
+        eval_dir = run_dir / "eval" if run_dir is not None else out_dir / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
 
     record: dict[str, Any] = {

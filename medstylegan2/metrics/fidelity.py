@@ -181,8 +181,12 @@ def fidelity_per_class(fake_images: np.ndarray, fake_labels: np.ndarray, real_im
 
 def calculate_metrics_dirs(fake_dir: str | Path, real_dir: str | Path, space: FeatureSpace, *, device: str = "cpu",
                            batch_size: int = 64, kid_subset_size: int = 1000, seed: int = 2020,
-                           fid: bool = True, kid: bool = True, prc: bool = True) -> dict[str, Any]:
-    """``torch_fidelity.calculate_metrics`` on two image folders (searched recursively), with ``space``'s extractor."""
+                           fid: bool = True, kid: bool = True, prc: bool = True,
+                           save_cpu_ram: bool = False) -> dict[str, Any]:
+    """``torch_fidelity.calculate_metrics`` on two image folders (searched recursively), with ``space``'s extractor.
+
+    ``save_cpu_ram=True`` makes torch-fidelity read images in the main process instead of 4 worker processes.
+    """
     import torch_fidelity
 
     return torch_fidelity.calculate_metrics(
@@ -190,4 +194,4 @@ def calculate_metrics_dirs(fake_dir: str | Path, real_dir: str | Path, space: Fe
         batch_size=batch_size, fid=fid, kid=kid, prc=prc, feature_extractor=space.extractor,
         feature_layer_fid=space.layer, feature_layer_kid=space.layer, feature_layer_prc=space.layer,
         feature_extractor_weights_path=str(space.weights_path), kid_subset_size=kid_subset_size, rng_seed=seed,
-        cache=False, verbose=False)
+        save_cpu_ram=save_cpu_ram, cache=False, verbose=False)
