@@ -309,7 +309,7 @@ def _draw_consolidation(anatomy: Anatomy, rng: np.random.Generator) -> Consolida
     bronchi: list[Segment] = []
     if rng.random() < 0.7:
         # Air bronchograms: airways stay dark inside alveoli full of exudate. One trunk enters
-        # the consolidation from the hilar side and forks once or twice.
+        # the consolidation from the hilar side and forks once.
         x0 = lung.side * (lung.medial_x + rng.uniform(0.08, 0.14))
         y0 = fissure_y + (0.06 if lobe != "upper" else -0.06)
         angle = rng.uniform(0.1, 0.7) if lobe != "upper" else rng.uniform(-0.9, -0.3)
@@ -685,6 +685,8 @@ def make_phantom(label: int, resolution: int, rng: np.random.Generator) -> np.nd
 
 def phantom_rng(seed: int, label: int, index: int) -> np.random.Generator:
     """The generator for image ``index`` of class ``label``: independent of every other image."""
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(label, index)))
 
 
@@ -699,22 +701,33 @@ def generate_phantoms(per_class: int, resolution: int, seed: int = 0) -> ImageSe
     for i, label in enumerate(labels.tolist()):
         index = i % per_class
         images[i, 0] = make_phantom(label, resolution, phantom_rng(seed, label, index))
-        sources.append(f"phantom:seed={seed}:class={label}:index={index}")
+        sources.append(_source_name(seed, label, index))
     return ImageSet(images=images, labels=labels, sources=sources)
+
+
+def _source_name(seed: int, label: int, index: int) -> str:
+    return f"phantom:seed={seed}:class={label}:index={index}"
 
 
 def write_phantom_folder(out_dir: str | Path, per_class: int = 100, resolution: int = 64,
                          seed: int = 0) -> dict[str, int]:
-    """Write ``out_dir/<class name>/<class name>_NNNNN.png``; returns the count per class."""
+    """Write ``out_dir/<class name>/<class name>_NNNNN.png``; returns the count per class.
+
+    The images equal ``generate_phantoms(per_class, resolution, seed)``; they are written one at a
+    time, so large sets never have to fit in memory.
+    """
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
     out = Path(out_dir)
-    phantoms = generate_phantoms(per_class, resolution, seed)
     counts: dict[str, int] = {}
-    for k, name in enumerate(CLASS_NAMES):
+    for label, name in enumerate(CLASS_NAMES):
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
-        for index, image in enumerate(phantoms.of_class(k).images):
-            save_png(image[0], folder / f"{name}_{index:05d}.png")
+        for index in range(per_class):
+            image = make_phantom(label, resolution, phantom_rng(seed, label, index))
+            save_png(image, folder / f"{name}_{index:05d}.png")
         counts[name] = per_class
+        log.debug("wrote %d %s phantoms to %s", per_class, name, folder)
     return counts
 
 
@@ -724,28 +737,34 @@ def write_phantom_folder(out_dir: str | Path, per_class: int = 100, resolution: 
 COMMAND_HELP = "write procedural chest X-ray phantoms as DIR/<class>/*.png (the built-in data set)"
 
 
-def _positive_int(text: str) -> int:
+def _int_at_least(text: str, minimum: int, unit: str = "") -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}{unit}, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0)
 
 
 def _resolution(text: str) -> int:
-    value = _positive_int(text)
-    if value < 8:
-        raise argparse.ArgumentTypeError(f"must be >= 8 pixels, got {value}")
-    return value
+    return _int_at_least(text, 8, " pixels")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
     parser.add_argument("--per-class", type=_positive_int, default=100, help="images per class (default 100)")
     parser.add_argument("--resolution", type=_resolution, default=64, help="image side in pixels (default 64)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images")
+    parser.add_argument("--seed", type=_non_negative_int, default=0,
+                        help="random seed >= 0 (default 0); the same seed gives the same images")
 
 
 def run(args: argparse.Namespace) -> int:
