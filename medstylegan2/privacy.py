@@ -318,9 +318,15 @@ class DPEngine:
         ``real``/``labels`` must be a Poisson-sampled batch (possibly empty). Returns the
         per-sample real losses (private: for local logs only).
         """
+        grads, losses, _ = per_sample_real_gradients(self.trainer.D, real, labels, r1_weight)
+        self.clip_and_noise(grads)
+        return losses
+
+    def clip_and_noise(self, per_sample_grads: dict[str, torch.Tensor]) -> None:
+        """Opacus' part: per-sample gradients (``[m, *shape]`` per parameter name) -> ``p.grad``."""
         opt = self._dp_optimizer()
         opt.zero_grad(set_to_none=True)
-        grads, losses, _ = per_sample_real_gradients(self.trainer.D, real, labels, r1_weight)
+        grads = per_sample_grads
         for name, p in self._named_params:
             # A non-finite per-sample gradient would make its clip factor NaN and poison the sum;
             # sanitizing one sample's gradient is a per-sample map, so clipping still bounds it.
@@ -329,7 +335,6 @@ class DPEngine:
         # noise only and is still a step.
         stepped = opt.pre_step()
         assert stepped, "DPOptimizer skipped a step; step skipping is not used here"
-        return losses
 
     def discriminator_step(self, trainer: "SiteTrainer", fake: torch.Tensor, fake_labels: torch.Tensor,
                            r1_weight: float) -> dict[str, float]:
