@@ -13,7 +13,9 @@ the defaults that ``python -m simulation`` bakes in with ``create_server_app``):
   (``auto``: ``<run-dir>/site_state``; empty: memory only). Real SuperNodes ignore it and use
   their own ``state-dir`` node config;
 - ``server-data``: ``config`` (the server loads the held-out split of ``data`` for evaluation) or
-  ``none`` (deployment without data at the server: sample grids only).
+  ``none`` (deployment without data at the server: sample grids only);
+- ``stop-after``: end after this round as if the server had been killed (0: never); for testing
+  ``resume``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "resume": False,
     "site-state-dir": "auto",
     "server-data": "config",
+    "stop-after": 0,
 }
 
 
@@ -48,6 +51,7 @@ class ServerSettings:
     resume: bool
     site_state_dir: str
     server_data: bool
+    stop_after: int = 0
 
 
 def resolve_config_path(text: str) -> Path:
@@ -74,7 +78,7 @@ def settings_from_run_config(run_config: Mapping[str, Any]) -> ServerSettings:
     if server_data not in ("config", "none"):
         raise UserError(f"run config 'server-data' = {server_data!r}; use 'config' or 'none'")
     return ServerSettings(cfg=cfg, run_dir=run_dir, resume=bool(merged["resume"]), site_state_dir=state_dir,
-                          server_data=server_data == "config")
+                          server_data=server_data == "config", stop_after=int(merged["stop-after"]))
 
 
 def create_server_app(defaults: Optional[Mapping[str, Any]] = None) -> ServerApp:
@@ -87,7 +91,8 @@ def create_server_app(defaults: Optional[Mapping[str, Any]] = None) -> ServerApp
 
         settings = settings_from_run_config({**(defaults or {}), **dict(context.run_config)})
         run_federation(grid, settings.cfg, settings.run_dir, resume=settings.resume,
-                       site_state_dir=settings.site_state_dir, server_data=settings.server_data)
+                       site_state_dir=settings.site_state_dir, server_data=settings.server_data,
+                       stop_after=settings.stop_after)
 
     return server_app
 

@@ -174,12 +174,13 @@ class ServerState:
 
 class FederatedGAN(FedAvg):
     def __init__(self, cfg: RunConfig, folder: RunFolder, state: ServerState, sites: dict[int, SiteInfo], *,
-                 buffer_keys: set[str], hook: EvaluationHook, site_state_dir: str = ""):
+                 buffer_keys: set[str], hook: EvaluationHook, site_state_dir: str = "", stop_after: int = 0):
         f = cfg.federation
         super().__init__(fraction_train=f.fraction_train, fraction_evaluate=0.0, min_train_nodes=f.min_sites,
                          min_evaluate_nodes=0, min_available_nodes=f.min_sites)
         self.cfg, self.folder, self.state, self.sites, self.hook = cfg, folder, state, sites, hook
         self.site_state_dir = site_state_dir
+        self.stop_after = stop_after
         self.round_offset = state.round
         self.optimizer = fed.make_server_optimizer(cfg)
         if state.optimizer:
@@ -207,6 +208,8 @@ class FederatedGAN(FedAvg):
         if self.state.stopped:
             _info("round %d: skipped (no site can train any more)", round_num)
             return []
+        if self._halted(round_num):
+            return []
         f = self.cfg.federation
         connected = set(grid.get_node_ids())
         present = {info.name: node for node, info in self.sites.items() if node in connected}
@@ -230,7 +233,7 @@ class FederatedGAN(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
         round_num = self.round_offset + server_round
-        if self.state.stopped:
+        if self.state.stopped or self._halted(round_num):
             return None, None
         f = self.cfg.federation
         replies = list(replies)
@@ -337,6 +340,14 @@ class FederatedGAN(FedAvg):
         return None
 
     # -- helpers ---------------------------------------------------------------------------------
+    def _halted(self, round_num: int) -> bool:
+        """True after ``stop_after`` rounds: the run ends as if the server had been killed."""
+        if self.stop_after and round_num > self.stop_after:
+            if round_num == self.stop_after + 1:
+                _info("stopping after round %d as asked (stop-after); continue with --resume", self.stop_after)
+            return True
+        return False
+
     def _site_of(self, msg: Message) -> str:
         node = msg.metadata.src_node_id
         if node in self.sites:
@@ -447,7 +458,7 @@ def roll_call(grid: Grid, cfg: RunConfig) -> dict[int, SiteInfo]:
 
 
 def run_federation(grid: Grid, cfg: RunConfig, run_dir: str | Path, *, resume: bool = False,
-                   site_state_dir: str = "", server_data: bool = True) -> ServerState:
+                   site_state_dir: str = "", server_data: bool = True, stop_after: int = 0) -> ServerState:
     """Train ``cfg.federation.rounds`` rounds (or the rest of them with ``resume``) over the grid."""
     folder = RunFolder(Path(run_dir))
     if resume:
@@ -481,7 +492,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: str | Path, *, resume: b
 
     sites = roll_call(grid, cfg)
     strategy = FederatedGAN(cfg, folder, state, sites, buffer_keys=buffer_keys, hook=hook,
-                            site_state_dir=site_state_dir)
+                            site_state_dir=site_state_dir, stop_after=stop_after)
     initial = ArrayRecord({k: Array(v.numpy()) for k, v in fed.transferred(state.weights).items()})
     strategy.start(grid=grid, initial_arrays=initial, num_rounds=remaining, timeout=cfg.federation.round_timeout_s)
     return state

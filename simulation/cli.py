@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set federation.aggregation=fedavgm (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the last round_XXX.pt in the run folder")
+    p.add_argument("--stop-after", type=int, default=0, metavar="N",
+                   help="end after round N as if interrupted (to try --resume); 0: run all rounds")
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -69,7 +71,7 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
 
 
 def simulate(config_path: str | Path, overrides: list[str], *, run_dir: Optional[str | Path] = None,
-             resume: bool = False, verbose: bool = False) -> Path:
+             resume: bool = False, stop_after: int = 0, verbose: bool = False) -> Path:
     """Run the simulation; returns the run folder. Raises on failure."""
     from flwr.simulation import run_simulation
 
@@ -94,7 +96,7 @@ def simulate(config_path: str | Path, overrides: list[str], *, run_dir: Optional
 
     server_app = create_server_app({"config-path": str(config_path), "overrides": shlex.join(overrides),
                                     "run-dir": str(run_dir), "resume": resume, "site-state-dir": "auto",
-                                    "server-data": "config"})
+                                    "server-data": "config", "stop-after": stop_after})
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=sites,
                    backend_config=backend_config(cfg), verbose_logging=verbose)
     return run_dir
@@ -109,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     quiet_flower_duplicates()
     start = time.perf_counter()
     run_dir = simulate(args.config, _overrides(args), run_dir=args.out, resume=args.resume,
-                       verbose=getattr(args, "verbose", False))
+                       stop_after=args.stop_after, verbose=getattr(args, "verbose", False))
     rounds = sorted(run_dir.glob("round_*.pt"))
     if not rounds:
         raise UserError(f"the simulation wrote no round checkpoint into {run_dir}; see the log above")

@@ -1,0 +1,96 @@
+"""An in-process Flower ``Grid``: the ServerApp's messages go straight to a ClientApp, one per site.
+
+No Ray, no SuperLink, no network: every message is handled by calling the ClientApp with that
+site's own ``Context`` (node config, persistent ``state``), in this process, one after the other.
+The strategy and the ClientApp run exactly as under the simulation engine, which makes this the
+tool for fast tests (aggregation, rejection of bad updates, resume, what leaves a site) and for
+measuring what the Flower engines add on top (``bench/round_overhead.py``).
+
+``tamper`` lets a test play a faulty or malicious site: it sees each reply and may replace it.
+``outgoing`` keeps every reply a site sent, for inspection.
+"""
+
+from __future__ import annotations
+
+import itertools
+import traceback
+from typing import Callable, Iterable, Mapping, Optional, Sequence
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+
+ERROR_CODE_CLIENT_EXCEPTION = 1
+
+
+def _claim_task_identity() -> None:
+    """Messages take their run and sender from the process' task identity, which Flower's engines
+    set for a ServerApp; outside an engine we set it (as ``run_simulation`` does) if nobody has."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("run_id", 1), ("task_id", 1), ("node_id", 1)):
+        try:
+            getattr(TaskIdentity, attr)
+        except RuntimeError:
+            setattr(TaskIdentity, attr, value)
+
+
+class LoopbackGrid(Grid):
+    def __init__(self, client_app: ClientApp, node_configs: Sequence[Mapping[str, object]], *,
+                 tamper: Optional[Callable[[int, Message], Message]] = None, first_node_id: int = 1000):
+        _claim_task_identity()
+        self.client_app = client_app
+        self.tamper = tamper
+        self.contexts: dict[int, Context] = {}
+        for i, node_config in enumerate(node_configs):
+            node_id = first_node_id + i
+            self.contexts[node_id] = Context(run_id=1, node_id=node_id, node_config=dict(node_config),
+                                             state=RecordDict(), run_config={})
+        self.outgoing: list[tuple[int, Message]] = []
+        self._run = None
+        self._pending: dict[str, Message] = {}
+        self._ids = itertools.count(1)
+
+    # -- Grid interface --------------------------------------------------------------------------
+    def set_run(self, run) -> None:
+        self._run = run
+
+    @property
+    def run(self):
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id,
+                       ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            message_id = f"loopback-{next(self._ids)}"
+            self._pending[message_id] = self._handle(message, message_id)
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._pending.pop(mid) for mid in list(message_ids) if mid in self._pending]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+    # -- delivery --------------------------------------------------------------------------------
+    def _handle(self, message: Message, message_id: str) -> Message:
+        node_id = message.metadata.dst_node_id
+        context = self.contexts[node_id]
+        try:
+            reply = self.client_app(message, context)
+        except Exception as exc:  # as the engines do: the server gets an error reply
+            reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+            reply = Message(Error(code=ERROR_CODE_CLIENT_EXCEPTION, reason=reason), reply_to=message)
+        if self.tamper is not None:
+            reply = self.tamper(node_id, reply)
+        self.outgoing.append((node_id, reply))
+        return reply

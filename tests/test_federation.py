@@ -1,0 +1,359 @@
+"""Federation: aggregation, validation of site updates, partitioning, transfer, what leaves a site, resume.
+
+Most tests drive the real strategy and ClientApp through ``server.loopback.LoopbackGrid`` (one
+process, no Ray): the Flower code paths are the same as in the simulation engine, only faster.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from medstylegan2 import federation as fed
+from medstylegan2.config import load_config
+from medstylegan2.trainer import read_checkpoint
+from server.loopback import LoopbackGrid
+from server.strategy import run_federation
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Sites run one after another in this process; one thread each is what the engines give them.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def smoke(*overrides: str):
+    return load_config("configs/smoke.yaml", list(overrides))
+
+
+def sim_nodes(n: int) -> list[dict]:
+    return [{"partition-id": i, "num-partitions": n} for i in range(n)]
+
+
+def metrics_lines(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def global_weights(path) -> dict[str, torch.Tensor]:
+    state = read_checkpoint(path)
+    return fed.flatten_weights({name: state[name] for name in ("G", "G_ema", "D")})
+
+
+# ----------------------------------------------------------------------------------------------
+# Aggregation through the real strategy, with sites whose replies we choose
+
+
+def scripted_sites(plan: dict[int, dict]) -> ClientApp:
+    """A ClientApp whose site ``i`` returns the received weights + plan[i]["offset"] with
+    plan[i]["n"] examples; plan[i]["corrupt"](arrays) may damage the payload first."""
+    app = ClientApp()
+
+    @app.query()
+    def roll_call(message: Message, context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        return Message(RecordDict({"site": ConfigRecord({"site": f"site-{pid}"}),
+                                   "metrics": MetricRecord({"num-examples": plan[pid]["n"]})}), reply_to=message)
+
+    @app.train()
+    def train(message: Message, context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        arrays = {k: np.asarray(a.numpy() + np.float32(plan[pid]["offset"])) for k, a in message.content["arrays"].items()}
+        if "corrupt" in plan[pid]:
+            plan[pid]["corrupt"](arrays)
+        content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                              "metrics": MetricRecord({"num-examples": plan[pid]["n"], "loss_g": 1.0}),
+                              "site": ConfigRecord({"site": f"site-{pid}", "payload": fed.PAYLOAD_WEIGHTS})})
+        return Message(content, reply_to=message)
+
+    return app
+
+
+def test_server_weights_are_the_example_weighted_average_of_site_weights(tmp_path):
+    cfg = smoke("federation.sites=3", "federation.rounds=1")
+    plan = {0: {"n": 10, "offset": 0.1}, 1: {"n": 30, "offset": 0.5},
+            2: {"n": 0, "offset": 1000.0}}  # no examples: must not move the average
+    run_federation(LoopbackGrid(scripted_sites(plan), sim_nodes(3)), cfg, tmp_path, server_data=False)
+
+    before, _ = fed.initial_weights(cfg)
+    after = global_weights(tmp_path / "round_001.pt")
+    expected_shift = (10 * 0.1 + 30 * 0.5) / 40
+    for key, value in before.items():
+        if fed.is_constant(key):
+            assert torch.equal(after[key], value), key  # constants never travel and never change
+        else:
+            torch.testing.assert_close(after[key], value + expected_shift, rtol=1e-6, atol=1e-5, msg=key)
+    sites = metrics_lines(tmp_path)[0]["sites"]
+    assert sites["site-2"]["status"] == "no examples"
+    assert sites["site-0"]["status"] == sites["site-1"]["status"] == "ok"
+
+
+def test_nan_and_misshapen_updates_are_rejected_naming_site_and_key_and_the_round_goes_on(tmp_path, caplog):
+    cfg = smoke("federation.sites=3", "federation.rounds=1")
+
+    def add_nan(arrays):
+        key = next(k for k in arrays if k.startswith("D/"))
+        arrays[key].flat[0] = np.nan
+
+    def reshape(arrays):
+        arrays["G/mapping.w_avg"] = np.zeros((7,), np.float32)
+
+    plan = {0: {"n": 20, "offset": 0.25}, 1: {"n": 20, "offset": 9.0, "corrupt": add_nan},
+            2: {"n": 20, "offset": 9.0, "corrupt": reshape}}
+    with caplog.at_level("WARNING"):
+        run_federation(LoopbackGrid(scripted_sites(plan), sim_nodes(3)), cfg, tmp_path, server_data=False)
+
+    before, _ = fed.initial_weights(cfg)
+    after = global_weights(tmp_path / "round_001.pt")
+    for key in fed.transferred(before):
+        torch.testing.assert_close(after[key], before[key] + 0.25, rtol=1e-6, atol=1e-5, msg=key)
+    sites = metrics_lines(tmp_path)[0]["sites"]
+    assert sites["site-1"]["status"].startswith("rejected") and "NaN/Inf" in sites["site-1"]["status"]
+    assert "'G/mapping.w_avg'" in sites["site-2"]["status"] and "shape" in sites["site-2"]["status"]
+    logged = caplog.text
+    assert "site-1" in logged and "NaN/Inf" in logged
+    assert "site-2" in logged and "G/mapping.w_avg" in logged
+    # The damaged key (the first D key) is named.
+    assert next(k for k in before if k.startswith("D/")) in sites["site-1"]["status"]
+
+
+def test_a_round_with_fewer_valid_updates_than_min_sites_keeps_the_weights(tmp_path):
+    cfg = smoke("federation.sites=2", "federation.rounds=1", "federation.min_sites=2")
+
+    def poison(arrays):
+        for a in arrays.values():
+            a[...] = np.inf
+
+    plan = {0: {"n": 5, "offset": 0.3}, 1: {"n": 5, "offset": 0.3, "corrupt": poison}}
+    run_federation(LoopbackGrid(scripted_sites(plan), sim_nodes(2)), cfg, tmp_path, server_data=False)
+    before, _ = fed.initial_weights(cfg)
+    after = global_weights(tmp_path / "round_001.pt")
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_weighted_average_skips_zero_weights_and_is_none_without_any():
+    a = {"w": torch.tensor([1.0, 2.0])}
+    b = {"w": torch.tensor([3.0, 6.0])}
+    poison = {"w": torch.tensor([float("nan"), 1e30])}
+    avg = fed.weighted_average([a, b, poison], [1, 3, 0])
+    torch.testing.assert_close(avg["w"], torch.tensor([2.5, 5.0]))
+    assert fed.weighted_average([a], [0]) is None
+
+
+def test_server_momentum_and_adam_follow_their_update_rules():
+    w = {"G/x": torch.zeros(3), "G_ema/x": torch.zeros(3)}
+    u = {"G/x": torch.tensor([1.0, -2.0, 0.5]), "G_ema/x": torch.tensor([1.0, 1.0, 1.0])}
+    plain = {"G_ema/x"}
+
+    m = fed.ServerOptimizer("fedavgm", lr=0.5, momentum=0.9)
+    w1 = m.step(w, u, plain)
+    w2 = m.step(w1, u, plain)
+    torch.testing.assert_close(w2["G/x"], 0.5 * u["G/x"] + 0.5 * (0.9 * u["G/x"] + u["G/x"]))
+    torch.testing.assert_close(w2["G_ema/x"], 2 * u["G_ema/x"])  # G_ema: plain average, no momentum
+
+    adam = fed.ServerOptimizer("fedadam", lr=0.1, momentum=0.9, beta2=0.99, tau=1e-3)
+    w1 = adam.step(w, u, plain)
+    mt, vt = 0.1 * u["G/x"], 0.01 * u["G/x"] ** 2
+    torch.testing.assert_close(w1["G/x"], 0.1 * mt / (vt.sqrt() + 1e-3))
+
+    restored = fed.ServerOptimizer("fedadam", lr=0.1, momentum=0.9, beta2=0.99, tau=1e-3)
+    restored.load_state_dict(adam.state_dict())
+    torch.testing.assert_close(restored.step(w1, u, plain)["G/x"], adam.step(w1, u, plain)["G/x"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation, transfer, seeds
+
+
+def test_validate_update_names_the_key_of_each_problem():
+    expected = {"G/a": (2, 2), "D/b": (3,)}
+    ok = {"G/a": np.zeros((2, 2), np.float32), "D/b": np.ones(3, np.float16)}
+    assert fed.validate_update(ok, expected) == []
+    problems = fed.validate_update({"G/a": np.full((2, 2), np.inf, np.float32), "D/c": np.zeros(3, np.float32)},
+                                   expected)
+    text = " | ".join(problems)
+    assert "missing key 'D/b'" in text and "unexpected key 'D/c'" in text and "'G/a' holds 4 NaN/Inf" in text
+    assert "dtype uint8" in fed.validate_update({"G/a": np.zeros((2, 2), np.uint8), "D/b": ok["D/b"]},
+                                                expected)[0]
+
+
+def test_float16_transfer_halves_the_bytes_and_keeps_the_update_precise(tiny_config):
+    weights, _ = fed.initial_weights(tiny_config)
+    sent = fed.transferred(weights)
+    fp32, fp16 = fed.encode_for_transfer(sent, "float32"), fed.encode_for_transfer(sent, "float16")
+    assert fed.nbytes(fp16) * 2 == fed.nbytes(fp32)
+    assert all(a.dtype == np.float16 for a in fp16.values())
+
+    start = fed.as_received(sent, "float16")
+    rng = torch.Generator().manual_seed(0)
+    new = {k: v + 1e-3 * torch.randn(v.shape, generator=rng) for k, v in start.items()}
+    delta = fed.encode_for_transfer({k: new[k] - start[k] for k in new}, "float16")
+    update = fed.site_update(fed.decode_from_transfer(delta), fed.PAYLOAD_DELTA, start)
+    for key in new:
+        torch.testing.assert_close(start[key] + update[key], new[key], rtol=0, atol=2e-6)
+
+
+def test_site_seeds_depend_on_seed_round_and_site_only():
+    s = fed.site_seed(0, 3, "site-1")
+    assert s == fed.site_seed(0, 3, "site-1")
+    assert len({s, fed.site_seed(1, 3, "site-1"), fed.site_seed(0, 4, "site-1"), fed.site_seed(0, 3, "site-2")}) == 4
+    picked = fed.sample_sites(["c", "a", "b", "d"], 0.5, 1, seed=0, round_num=2)
+    assert picked == fed.sample_sites(["d", "b", "a", "c"], 0.5, 1, seed=0, round_num=2) and len(picked) == 2
+    assert fed.sample_sites(["a", "b", "c"], 0.1, 2, seed=0, round_num=1).__len__() == 2
+
+
+def test_a_site_without_images_returns_the_weights_unchanged(tiny_config):
+    weights, _ = fed.initial_weights(tiny_config)
+    received = fed.encode_for_transfer(fed.transferred(weights), "float32")
+    empty = np.zeros((0, 1, 16, 16), np.uint8)
+    result = fed.run_site_round(tiny_config, empty, np.zeros(0, np.int64), received, round_num=1, site="s")
+    assert result.metrics["num-examples"] == 0
+    assert all(np.array_equal(result.payload[k], received[k]) for k in received)
+
+
+# ----------------------------------------------------------------------------------------------
+# Partitioning
+
+
+LABELS = np.repeat(np.arange(3), [200, 120, 80])
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "dirichlet", "quantity"])
+def test_partitions_cover_every_image_exactly_once_and_are_reproducible(partitioner):
+    parts = fed.partition_indices(LABELS, 4, partitioner, dirichlet_alpha=0.5, quantity_alpha=1.0, seed=3)
+    everything = np.concatenate(parts)
+    assert len(everything) == len(LABELS) and len(np.unique(everything)) == len(LABELS)
+    rows = fed.partition_table(LABELS, parts)
+    assert sum(r["total"] for r in rows) == len(LABELS)
+    assert [sum(r[c] for r in rows) for c in ("Normal", "COVID-19", "Non-COVID")] == [200, 120, 80]
+    again = fed.partition_indices(LABELS, 4, partitioner, dirichlet_alpha=0.5, quantity_alpha=1.0, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+
+
+def _mean_top_class_share(parts) -> float:
+    return float(np.mean([np.bincount(LABELS[p], minlength=3).max() / len(p) for p in parts]))
+
+
+def test_dirichlet_label_skew_is_visible_and_grows_as_alpha_shrinks():
+    iid = _mean_top_class_share(fed.partition_indices(LABELS, 4, "iid", seed=0))
+    mild = _mean_top_class_share(fed.partition_indices(LABELS, 4, "dirichlet", dirichlet_alpha=5.0, seed=0))
+    strong = _mean_top_class_share(fed.partition_indices(LABELS, 4, "dirichlet", dirichlet_alpha=0.1, seed=0))
+    assert iid <= 0.55 and mild <= 0.55 and strong > 0.7
+
+
+def test_quantity_skew_gives_unequal_sizes_with_the_class_mix_kept():
+    parts = fed.partition_indices(LABELS, 4, "quantity", quantity_alpha=0.5, seed=1)
+    sizes = sorted(len(p) for p in parts)
+    assert sizes[-1] > 2 * sizes[0]
+    big = max(parts, key=len)
+    assert abs(np.mean(LABELS[big] == 0) - 0.5) < 0.1  # half of the data is class 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Local state, resume
+
+
+def test_local_state_store_keeps_the_state_from_before_an_unfinished_round(tmp_path):
+    store = fed.LocalStateStore(tmp_path)
+    for r in (1, 2, 3):
+        store.save(r, f"after {r}".encode())
+    assert store.rounds() == [2, 3]
+    # The server died after this site finished round 3 but before it saved round 3: it repeats it.
+    assert store.latest_before(3) == (2, b"after 2")
+    assert store.latest_before(4) == (3, b"after 3")
+    store.save(3, b"after 3, again")  # repeating round 3 keeps the state from before it
+    assert store.rounds() == [2, 3]
+
+
+def test_resume_after_round_2_of_4_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
+    cfg = smoke("federation.rounds=4", "federation.aggregation=fedavgm", "federation.server_lr=0.8")
+
+    from client.client_app import app
+
+    def run(run_dir, **kw):
+        grid = LoopbackGrid(app, sim_nodes(2))
+        return run_federation(grid, cfg, run_dir, site_state_dir=str(run_dir / "site_state"), server_data=False,
+                              **kw)
+
+    run(tmp_path / "straight")
+    run(tmp_path / "interrupted", stop_after=2)
+    assert sorted(p.name for p in (tmp_path / "interrupted").glob("round_*.pt")) == ["round_001.pt", "round_002.pt"]
+    run(tmp_path / "interrupted", resume=True)
+
+    a = global_weights(tmp_path / "straight" / "round_004.pt")
+    b = global_weights(tmp_path / "interrupted" / "round_004.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = metrics_lines(tmp_path / "interrupted")
+    assert [line["round"] for line in lines] == [1, 2, 3, 4]
+    assert all(math.isfinite(line["aggregated"]["loss_g"]) for line in lines)
+    # Momentum buffers travelled through the checkpoint too.
+    assert read_checkpoint(tmp_path / "interrupted" / "round_004.pt")["federation"]["optimizer"]["m"]
+
+
+def test_a_fresh_run_refuses_a_folder_that_holds_checkpoints(tmp_path):
+    from medstylegan2.errors import UserError
+
+    (tmp_path / "round_001.pt").write_bytes(b"")
+    with pytest.raises(UserError, match="--resume"):
+        run_federation(LoopbackGrid(scripted_sites({}), []), smoke(), tmp_path, server_data=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# What leaves a site
+
+
+def _image_like(array: np.ndarray, resolution: int) -> bool:
+    shape = tuple(array.shape)
+    return shape[-2:] == (resolution, resolution) and (len(shape) == 2 or shape[-3] == 1)
+
+
+def _holds_an_image(array: np.ndarray, images: np.ndarray) -> bool:
+    """True if any aligned H*W chunk of ``array`` equals a training image in any usual scaling."""
+    hw = images.shape[-1] * images.shape[-2]
+    flat = np.asarray(array, np.float64).ravel()
+    if flat.size < hw:
+        return False
+    chunks = flat[: flat.size // hw * hw].reshape(-1, hw)
+    refs = images.reshape(len(images), hw).astype(np.float64)
+    for scaled in (refs, refs / 255.0, refs / 127.5 - 1.0):
+        for chunk in chunks:
+            if np.any(np.all(np.abs(scaled - chunk) < 1e-3, axis=1)):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_only_weights_counts_and_metrics_leave_a_site(tmp_path, dtype):
+    from client.client_app import app
+
+    cfg = smoke("federation.rounds=1", f"federation.transfer_dtype={dtype}")
+    grid = LoopbackGrid(app, sim_nodes(2))
+    run_federation(grid, cfg, tmp_path, site_state_dir=str(tmp_path / "site_state"), server_data=False)
+    train, _ = fed.load_split(cfg)
+    resolution = cfg.model.resolution
+
+    assert len(grid.outgoing) == 4  # roll call + one training round, two sites
+    for node, reply in grid.outgoing:
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        content = reply.content
+        assert set(content.keys()) <= {"arrays", "metrics", "site"}
+        for record in content.array_records.values():
+            for key, array in record.items():
+                values = array.numpy()
+                assert values.dtype in (np.float32, np.float16), (key, values.dtype)
+                assert not _image_like(values, resolution), (key, values.shape)
+                assert not _holds_an_image(values, train.images), key
+        for record in content.metric_records.values():
+            for key, value in record.items():
+                assert isinstance(value, (int, float)), (key, type(value))
+        for record in content.config_records.values():
+            for key, value in record.items():
+                assert isinstance(value, str) and len(value) < 64, (key, value)
