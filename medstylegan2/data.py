@@ -336,9 +336,10 @@ def _decode_all(entries: list[tuple[Path, int]], *, root: Path, resolution: int,
         log.warning("skipped %d unreadable image(s) of %d under %s", len(skipped), len(entries), root)
     labels = np.array([label for _, label in entries], dtype=np.int64)
     sources = [path.relative_to(root).as_posix() for path, _ in entries]
+    if keep.all():  # the usual case: no second copy of what may be gigabytes of pixels
+        return ImageSet(images=images, labels=labels, sources=sources), skipped
     kept = np.flatnonzero(keep)
-    out = ImageSet(images=images[kept], labels=labels[kept], sources=[sources[i] for i in kept.tolist()])
-    return out, skipped
+    return ImageSet(images=images[kept], labels=labels[kept], sources=[sources[i] for i in kept.tolist()]), skipped
 
 
 def _load_entries(entries: list[tuple[Path, int]], *, kind: str, root: Path, splits: Sequence[str],
@@ -357,7 +358,7 @@ def _load_entries(entries: list[tuple[Path, int]], *, kind: str, root: Path, spl
             cached = _read_cache(cache_path)
             if cached is not None:
                 return cached
-    images, skipped = _decode_all(entries, root=root, resolution=resolution, desc=f"decoding {root.name}")
+    images, skipped = _decode_all(entries, root=root, resolution=resolution, desc=f"decoding {kind} {resolution}px")
     _check_every_class_read(images, entries, root)
     if cache_path is not None:
         _write_cache(cache_path, images, skipped)
