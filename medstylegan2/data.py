@@ -518,3 +518,8 @@ def _known_fields(overrides: dict[str, object]) -> dict[str, object]:
         raise TypeError(f"unknown data option(s) {', '.join(unknown)}; DataConfig has {', '.join(sorted(names))}")
     return overrides
 
+
+
+def class_summary(images: ImageSet) -> str:
+    """``"Normal 240, COVID-19 240, Non-COVID 240"``: for log lines and CLI output."""
+    return ", ".join(f"{name} {count}" for name, count in zip(images.class_names, images.class_counts()))
