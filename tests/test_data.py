@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from medstylegan2.config import CLASS_NAMES, DataConfig
-from medstylegan2.data import (ImageSet, load_covidqu, load_dataset, load_folder, resolve_data_argument,
-                               split_heldout, write_image_folder)
+from medstylegan2.data import (ImageSet, class_summary, load_covidqu, load_dataset, load_folder,
+                               resolve_data_argument, split_heldout, write_image_folder)
 from medstylegan2.errors import DataError, UserError
 
 COVIDQU_NESTED = ("Lung Segmentation Data", "Lung Segmentation Data")
@@ -89,6 +89,7 @@ def test_image_set_subset_of_class_and_counts_keep_labels_and_sources_aligned():
     assert picked.labels.tolist() == [1, 0] and picked.sources == ["d", "b"]
     both = ImageSet.concatenate([picked, covid_free])
     assert len(both) == 5 and both.sources == ["d", "b", "a", "c", "e"]
+    assert class_summary(s) == "Normal 1, COVID-19 1, Non-COVID 3"
 
 
 # ----------------------------------------------------------------------------------------------
