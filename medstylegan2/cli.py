@@ -19,6 +19,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("sample", "medstylegan2.sampling"),
     ("evaluate", "medstylegan2.metrics.evaluate"),
     ("simulate", "simulation.cli"),
+    ("privacy-report", "medstylegan2.privacy_report"),
 ]
 
 

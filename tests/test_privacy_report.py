@@ -1,0 +1,126 @@
+"""The privacy report: the privacy.json contract, merging per-round records, the plot, the
+``privacy-report`` command, and configs/dp.yaml."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medstylegan2.cli import main
+from medstylegan2.config import FederationConfig, load_config
+from medstylegan2.privacy import DPEngine
+from medstylegan2.privacy_report import (RECORD_KEYS, build_report, records_from_metrics, update_privacy_report,
+                                         write_privacy_report)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def record(round_num: int, epsilon: float, steps: int, delta: float = 1e-3) -> dict:
+    return {"round": round_num, "epsilon": epsilon, "delta": delta, "sample_rate": 0.1, "steps": steps,
+            "noise_multiplier": 1.2, "max_grad_norm": 1.0}
+
+
+def assert_contract(report: dict) -> None:
+    assert set(report) == {"delta", "accountant", "sites"}
+    assert report["accountant"] in ("rdp", "prv")
+    assert isinstance(report["delta"], float)
+    for site, rows in report["sites"].items():
+        assert isinstance(site, str)
+        assert [r["round"] for r in rows] == sorted({r["round"] for r in rows})
+        for row in rows:
+            assert tuple(row) == RECORD_KEYS
+            assert isinstance(row["round"], int) and isinstance(row["steps"], int)
+            assert all(isinstance(row[k], float) for k in RECORD_KEYS if k not in ("round", "steps"))
+
+
+def test_privacy_json_follows_the_contract_and_the_plot_is_written(tmp_path, capsys):
+    records = {"0": [record(1, 1.0, 50), record(2, 1.6, 100)], "1": [record(1, 1.1, 50, delta=2e-3)]}
+    report = write_privacy_report(tmp_path, records, None, "rdp", budget=3.0)
+    on_disk = json.loads((tmp_path / "privacy.json").read_text())
+    assert on_disk == report
+    assert_contract(on_disk)
+    assert on_disk["delta"] == 2e-3  # per-site default policy: the weakest site's delta
+    assert on_disk["sites"]["0"] == records["0"]
+    png = (tmp_path / "privacy.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    table = capsys.readouterr().out
+    assert "| 0 | 2 | 2 | 1.6 |" in table and "budget left" in table
+
+
+def test_repeated_rounds_replace_and_rounds_without_new_steps_are_dropped():
+    rows = [record(1, 1.0, 50), record(2, 1.5, 100), record(2, 1.6, 100), record(3, 1.6, 100)]
+    report = build_report({"a": rows}, 1e-4, "prv")
+    assert [r["round"] for r in report["sites"]["a"]] == [1, 2]  # round 3 declined: no entry
+    assert report["sites"]["a"][1]["epsilon"] == 1.6
+    assert report["delta"] == 1e-4
+    with pytest.raises(ValueError, match="lacks epsilon"):
+        build_report({"a": [{"round": 1}]}, None, "rdp")
+
+
+def test_update_merges_engine_records_round_by_round(tmp_path):
+    engine = DPEngine(num_examples=200, batch_size=10, max_grad_norm=1.0, noise_multiplier=1.0, seed=0)
+    for round_num in (1, 2, 3):
+        for _ in range(20):
+            engine.accountant.step(noise_multiplier=1.0, sample_rate=engine.sample_rate)
+        for site in ("hospital-a", "hospital-b"):
+            update_privacy_report(tmp_path, site, engine.round_record(round_num), delta=None, accountant="rdp",
+                                  budget=10.0)
+    report = json.loads((tmp_path / "privacy.json").read_text())
+    assert_contract(report)
+    rows = report["sites"]["hospital-a"]
+    assert [r["steps"] for r in rows] == [20, 40, 60]
+    assert rows[-1]["epsilon"] == pytest.approx(engine.epsilon())
+    assert report["delta"] == pytest.approx(1 / 2000)
+
+
+def test_cli_prints_the_table_and_rerenders(tmp_path, capsys):
+    write_privacy_report(tmp_path, {"0": [record(1, 0.8, 50), record(2, 1.2, 100)], "1": [record(1, 0.9, 50)]},
+                         1e-3, "rdp", echo=False)
+    (tmp_path / "privacy.png").unlink()
+    assert main(["privacy-report", str(tmp_path), "--budget", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| site | round | rounds trained | epsilon |" in out
+    assert "| 0 | 2 | 2 | 1.2 |" in out and "| 1 | 1 | 1 | 0.9 |" in out
+    assert "budget left (of 2)" in out
+    assert (tmp_path / "privacy.png").is_file()
+
+
+def test_cli_rebuilds_the_report_from_metrics_jsonl(tmp_path, capsys):
+    def site(eps: float, steps: int, status: str = "ok") -> dict:
+        return {"status": status, "dp-epsilon": eps, "dp-delta": 1e-3, "dp-sample_rate": 0.1, "dp-steps": steps,
+                "dp-noise_multiplier": 1.2, "dp-max_grad_norm": 1.0}
+
+    lines = [json.dumps({"round": 1, "sites": {"0": site(1.0, 50), "1": site(1.1, 50)}}),
+             json.dumps({"round": 2, "sites": {"0": site(1.5, 100), "1": site(1.1, 50, "declined")}})]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert records_from_metrics(lines)["1"] == [{"round": 1, "epsilon": 1.1, "delta": 1e-3, "sample_rate": 0.1,
+                                                 "steps": 50, "noise_multiplier": 1.2, "max_grad_norm": 1.0}]
+    assert main(["privacy-report", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "privacy.json").read_text())
+    assert_contract(report)
+    assert [r["round"] for r in report["sites"]["0"]] == [1, 2]
+    assert "| 0 | 2 | 2 | 1.5 |" in capsys.readouterr().out
+
+
+def test_cli_reports_a_missing_run_folder_without_a_traceback(tmp_path, capsys):
+    assert main(["privacy-report", str(tmp_path / "nope")]) == 2
+    assert "run folder not found" in capsys.readouterr().err
+    assert main(["privacy-report", str(tmp_path)]) == 2
+    assert "neither privacy.json nor metrics.jsonl" in capsys.readouterr().err
+
+
+def test_dp_config_is_a_private_three_site_phantom_run_at_64_px():
+    cfg = load_config(REPO / "configs" / "dp.yaml")
+    assert cfg.privacy.enabled and cfg.model.mbstd_group_size == 0
+    assert cfg.model.resolution == 64 and cfg.federation.sites == 3 and cfg.data.source == "phantoms"
+    assert cfg.privacy.target_epsilon is not None and cfg.privacy.budget_epsilon is not None
+    assert cfg.privacy.noise_seed is None  # real runs draw their noise from OS entropy
+    raw = yaml.safe_load((REPO / "configs" / "dp.yaml").read_text())
+    default = REPO / "configs" / "default.yaml"
+    expected = (set(yaml.safe_load(default.read_text()).get("federation", {})) if default.is_file()
+                else {f.name for f in dataclasses.fields(FederationConfig)})
+    assert expected <= set(raw["federation"])
