@@ -129,8 +129,8 @@ def main() -> None:
             clear_feature_cache()
             f = load_folder(fake_dir, res)
             r = load_folder(real_dir, res)
-            return evaluate_images(f, r, train=None, cfg=MetricsConfig(metrics=metrics), out_dir=work / f"ev_{name}",
-                                   device=device, classifier_path=clf)
+            return evaluate_images(f, r, train=None, cfg=MetricsConfig(metrics=metrics, weights_dir=args.weights_dir),
+                                   out_dir=work / f"ev_{name}", device=device, classifier_path=clf)
 
         record, t_ours = timed(ours)
         assert not record["errors"], record["errors"]
@@ -140,7 +140,8 @@ def main() -> None:
             f"ratio {ratio:.2f}x")
 
     if not args.skip_full:
-        cfg = MetricsConfig(metrics=["fd_domain", "kid_domain", "pr_domain", "lpips", "memorization"])
+        cfg = MetricsConfig(metrics=["fd_domain", "kid_domain", "pr_domain", "lpips", "memorization"],
+                            weights_dir=args.weights_dir)
         clear_feature_cache()
         record, t = timed(lambda: evaluate_images(fake, real, train=train, cfg=cfg, out_dir=work / "full",
                                                   device=device, classifier_path=clf))
