@@ -120,6 +120,177 @@ def domain_classifier(path: Path, train, cfg: MetricsConfig, *, device: str = "c
     return model, True
 
 
+class _Evaluation:
+    """One evaluation: the shared inputs, the record being filled, one method per metric group."""
+
+    def __init__(self, fake, real, train, cfg: MetricsConfig, names: list[str], *, eval_dir: Path,
+                 classifier_path: Path, round_num: int | None, device: str, seed: int, use_fid_helper: bool,
+                 use_stlpips: bool):
+        self.fake, self.real, self.train, self.cfg, self.names = fake, real, train, cfg, names
+        self.eval_dir, self.classifier_path, self.round_num = eval_dir, classifier_path, round_num
+        self.device, self.seed = device, seed
+        self.use_fid_helper, self.use_stlpips = use_fid_helper, use_stlpips
+        self.class_names = tuple(real.class_names)
+        self.tag = _round_tag(round_num)
+        self.classifier: XrayClassifier | None = None
+        self.record: dict[str, Any] = {
+            "kind": "eval",
+            "round": round_num,
+            "time": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "class_names": list(self.class_names),
+            "resolution": int(fake.images.shape[-1]),
+            "n_generated": _count_per_class(fake.labels, self.class_names),
+            "n_real_heldout": _count_per_class(real.labels, self.class_names),
+            "n_train": None if train is None else int(len(train.images)),
+            "metrics_requested": names,
+            "feature_networks": {},
+            "overall": {},
+            "per_class": {name: {} for name in self.class_names},
+            "errors": {},
+            "timings_s": {},
+        }
+        self.overall, self.per_class = self.record["overall"], self.record["per_class"]
+        self.errors = self.record["errors"]
+
+    def step(self, label: str, members: list[str], fn: Callable[[], None]) -> None:
+        """Run one metric group; a failure is recorded under ``errors`` for each of ``members``."""
+        t0 = time.perf_counter()
+        log.info("eval%s: %s ...", "" if self.round_num is None else f" round {self.round_num}", label)
+        try:
+            fn()
+        except UserError as exc:
+            self.errors.update({m: str(exc) for m in members})
+            log.warning("%s not computed: %s", label, exc)
+        except Exception as exc:  # noqa: BLE001 - one broken metric must not lose the others
+            self.errors.update({m: f"{type(exc).__name__}: {exc}" for m in members})
+            log.exception("%s failed", label)
+        self.record["timings_s"][label] = round(time.perf_counter() - t0, 3)
+        log.info("eval: %s done in %.1f s", label, self.record["timings_s"][label])
+
+    def run(self) -> dict[str, Any]:
+        names = self.names
+        if any(m in DOMAIN_METRICS or m in ("memorization", "utility") for m in names):
+            self.step("domain classifier", ["domain_classifier"], self.domain_classifier)
+        if any(m in DOMAIN_METRICS for m in names):
+            self.step("FD/KID/PR-domain", [m for m in DOMAIN_METRICS if m in names], self.fidelity_domain)
+        if any(m in INCEPTION_METRICS for m in names):
+            self.step("FID/KID/PR (Inception)", [m for m in INCEPTION_METRICS if m in names], self.fidelity_inception)
+        if "lpips" in names:
+            self.step("LPIPS", ["lpips"], self.lpips)
+        if "memorization" in names:
+            self.step("memorization", ["memorization"], self.memorization)
+        if "utility" in names:
+            self.step("utility", ["utility"], self.utility)
+        return self.record
+
+    # --- the domain classifier (FD-domain's feature network, memorization's domain space, utility baseline)
+    def domain_classifier(self) -> None:
+        model, trained_now = domain_classifier(self.classifier_path, self.train, self.cfg, device=self.device,
+                                               seed=self.seed)
+        if model.resolution != self.fake.images.shape[-1]:
+            log.warning("domain classifier %s was trained at %dpx; images are %dpx and get resized",
+                        self.classifier_path, model.resolution, self.fake.images.shape[-1])
+        scores = evaluate_classifier(model, self.real.images, self.real.labels)
+        self.classifier = model
+        self.record["domain_classifier"] = {"path": str(self.classifier_path), "trained_now": trained_now,
+                                            "heldout_accuracy": scores["accuracy"],
+                                            "heldout_macro_f1": scores["macro_f1"]}
+
+    # --- torch-fidelity: FD / KID / PR
+    def _fidelity(self, space, network_key: str, metric_names: tuple[str, str, str], keys: tuple[str, ...]) -> None:
+        """``metric_names``: (fd, kid, pr) names of this space; ``keys``: record keys fd, kid, kid_std, p, r."""
+        from medstylegan2.metrics.fidelity import fidelity_per_class
+
+        self.record["feature_networks"][network_key] = space.label
+        want = [m in self.names for m in metric_names]
+        res = fidelity_per_class(self.fake.images, self.fake.labels, self.real.images, self.real.labels, space,
+                                 self.class_names, fid=want[0], kid=want[1], prc=want[2], device=self.device,
+                                 batch_size=self.cfg.batch_size, seed=self.seed)
+        k_fd, k_kid, k_kid_std, k_p, k_r = keys
+        for target, values in [(self.overall, res["overall"])] + [(self.per_class[n], v)
+                                                                  for n, v in res["per_class"].items()]:
+            if "skipped" in values:
+                target[f"{network_key}_skipped"] = values["skipped"]
+                continue
+            if "fd" in values:
+                target[k_fd] = values["fd"]
+            if "kid" in values:
+                target[k_kid], target[k_kid_std] = values["kid"], values["kid_std"]
+            if "precision" in values:
+                target[k_p], target[k_r] = values["precision"], values["recall"]
+
+    def fidelity_domain(self) -> None:
+        from medstylegan2.metrics.fidelity import FeatureSpace
+
+        if self.classifier is None:
+            raise DataError(self.errors.get("domain_classifier", "no domain classifier"))
+        self._fidelity(FeatureSpace.domain(self.classifier_path), "domain", DOMAIN_METRICS,
+                       ("fd_domain", "kid_domain", "kid_domain_std", "precision_domain", "recall_domain"))
+
+    def fidelity_inception(self) -> None:
+        from medstylegan2.metrics.fidelity import FeatureSpace
+
+        space = FeatureSpace.inception(self.cfg.weights_dir, use_fid_helper=self.use_fid_helper)
+        self._fidelity(space, "inception", INCEPTION_METRICS, ("fid", "kid", "kid_std", "precision", "recall"))
+
+    # --- LPIPS
+    def lpips(self) -> None:
+        from medstylegan2.metrics.lpips_metrics import load_lpips, lpips_per_class
+
+        model = load_lpips(LPIPS_NET, self.cfg.weights_dir, device=self.device, use_stlpips=self.use_stlpips)
+        self.record["feature_networks"]["lpips"] = model.label
+        res = lpips_per_class(model, self.fake.images, self.fake.labels, self.real.images, self.real.labels,
+                              self.class_names, max_pairs=LPIPS_MAX_PAIRS, candidates=LPIPS_CANDIDATES,
+                              seed=self.seed, batch_size=self.cfg.batch_size)
+        self.record["lpips"] = {"label": model.label, "max_pairs": LPIPS_MAX_PAIRS, "candidates": LPIPS_CANDIDATES,
+                                "overall_is": "mean over classes", "per_class": res}
+        for name, v in res.items():
+            self.per_class[name]["lpips_diversity"] = v["diversity"]["mean"]
+            self.per_class[name]["lpips_to_nearest_real"] = v["to_nearest_real"]["mean"]
+        for key in ("lpips_diversity", "lpips_to_nearest_real"):
+            vals = [self.per_class[n][key] for n in self.class_names if self.per_class[n].get(key) is not None]
+            self.overall[key] = float(np.mean(vals)) if vals else None
+
+    # --- memorization audit
+    def memorization(self) -> None:
+        from medstylegan2.metrics.memorization import memorization_audit
+        from medstylegan2.metrics.plots import save_memorization_pairs
+
+        if self.train is None:
+            raise DataError("the memorization audit needs the training images (evaluate --train DIR)")
+        res = memorization_audit(self.fake.images, self.fake.labels, self.train.images, self.train.labels,
+                                 self.real.images, self.class_names, domain_model=self.classifier)
+        if self.classifier is None:
+            res["domain"] = {"error": self.errors.get("domain_classifier", "no domain classifier")}
+        png = save_memorization_pairs(self.fake.images, self.train.images, res["closest_pairs"],
+                                      self.eval_dir / f"memorization_pairs{self.tag}.png")
+        res["pairs_png"] = str(png)
+        self.record["memorization"] = res
+        self.overall["memorization_fraction_pixel"] = res["pixel"].get("fraction_below")
+        if "fraction_below" in res.get("domain", {}):
+            self.overall["memorization_fraction_domain"] = res["domain"]["fraction_below"]
+
+    # --- downstream utility
+    def utility(self) -> None:
+        from medstylegan2.metrics.utility import downstream_utility
+
+        train = self.train
+        res = downstream_utility(self.fake.images, self.fake.labels, self.real.images, self.real.labels,
+                                 train_images=None if train is None else train.images,
+                                 train_labels=None if train is None else train.labels, real_model=self.classifier,
+                                 steps=self.cfg.classifier_steps, seed=self.seed, device=self.device,
+                                 num_classes=len(self.class_names))
+        self.record["utility"] = res
+        synth, real = res["trained_on_synthetic"], res["trained_on_real"]
+        self.overall["utility_accuracy_synthetic"] = synth["accuracy"]
+        self.overall["utility_macro_f1_synthetic"] = synth["macro_f1"]
+        if real is not None:
+            self.overall["utility_accuracy_real"] = real["accuracy"]
+            self.overall["utility_macro_f1_real"] = real["macro_f1"]
+        for k, name in enumerate(self.class_names):
+            self.per_class[name]["utility_recall_synthetic"] = synth["per_class_recall"][k]
+
+
 def evaluate_images(fake, real_heldout, *, train=None, cfg: MetricsConfig | None = None,
                     out_dir: str | Path | None = None, round_num: int | None = None,
                     run_dir: str | Path | None = None, device: str = "cpu", seed: int = 0,
@@ -131,6 +302,8 @@ def evaluate_images(fake, real_heldout, *, train=None, cfg: MetricsConfig | None
     resolution. ``cfg.metrics`` picks the metrics. ``classifier_path`` overrides where the domain classifier
     lives. ``use_fid_helper`` / ``use_stlpips`` allow the packaged fallback weights (tests switch them off).
     """
+    from medstylegan2.metrics.plots import plot_metrics, save_sample_grid
+
     cfg = cfg or MetricsConfig()
     names = validate_metric_names(cfg.metrics)
     if out_dir is None and run_dir is None:
@@ -138,187 +311,20 @@ def evaluate_images(fake, real_heldout, *, train=None, cfg: MetricsConfig | None
     out_dir = Path(out_dir if out_dir is not None else run_dir)
     run_dir = Path(run_dir) if run_dir is not None else None
     _check_sets(fake, real_heldout, train)
-    class_names = tuple(real_heldout.class_names)
     started = time.perf_counter()
-    tag = _round_tag(round_num)
     if round_num is None:
         eval_dir = out_dir
     else:  # round records live in the run's eval/ folder, where plot_metrics reads them
         eval_dir = run_dir / "eval" if run_dir is not None else out_dir / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
+    clf_path = Path(classifier_path) if classifier_path else (run_dir or out_dir) / CLASSIFIER_FILE
 
-    record: dict[str, Any] = {
-        "kind": "eval",
-        "round": round_num,
-        "time": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "class_names": list(class_names),
-        "resolution": int(fake.images.shape[-1]),
-        "n_generated": _count_per_class(fake.labels, class_names),
-        "n_real_heldout": _count_per_class(real_heldout.labels, class_names),
-        "n_train": None if train is None else int(len(train.images)),
-        "metrics_requested": names,
-        "feature_networks": {},
-        "overall": {},
-        "per_class": {name: {} for name in class_names},
-        "errors": {},
-        "timings_s": {},
-    }
-    errors, timings = record["errors"], record["timings_s"]
-
-    def run(label: str, members: list[str], fn: Callable[[], None]) -> None:
-        t0 = time.perf_counter()
-        log.info("eval%s: %s ...", f" round {round_num}" if round_num is not None else "", label)
-        try:
-            fn()
-        except UserError as exc:
-            for m in members:
-                errors[m] = str(exc)
-            log.warning("%s not computed: %s", label, exc)
-        except Exception as exc:  # noqa: BLE001 - one broken metric must not lose the others
-            for m in members:
-                errors[m] = f"{type(exc).__name__}: {exc}"
-            log.exception("%s failed", label)
-        timings[label] = round(time.perf_counter() - t0, 3)
-        log.info("eval: %s done in %.1f s", label, timings[label])
-
-    # --- the domain classifier (feature network of FD-domain, memorization, utility baseline)
-    clf_state: dict[str, Any] = {"model": None, "path": None}
-    needs_domain = [m for m in names if m in DOMAIN_METRICS or m in ("memorization", "utility")]
-    if needs_domain:
-        clf_path = Path(classifier_path) if classifier_path else (run_dir or out_dir) / CLASSIFIER_FILE
-
-        def load_or_train() -> None:
-            model, trained_now = domain_classifier(clf_path, train, cfg, device=device, seed=seed)
-            if model.resolution != fake.images.shape[-1]:
-                log.warning("domain classifier %s was trained at %dpx; images are %dpx and get resized",
-                            clf_path, model.resolution, fake.images.shape[-1])
-            scores = evaluate_classifier(model, real_heldout.images, real_heldout.labels)
-            clf_state.update(model=model, path=clf_path)
-            record["domain_classifier"] = {"path": str(clf_path), "trained_now": trained_now,
-                                           "heldout_accuracy": scores["accuracy"],
-                                           "heldout_macro_f1": scores["macro_f1"]}
-            record["feature_networks"]["domain"] = f"domain X-ray classifier {clf_path}"
-
-        run("domain classifier", ["domain_classifier"], load_or_train)
-
-    # --- torch-fidelity: FD / KID / PR in the domain space and with Inception
-    def fidelity_group(members: tuple[str, str, str], space_fn, network_key: str, keys: tuple[str, ...]) -> None:
-        """members: metric names (fd, kid, pr) of this space; keys: result keys fd, kid, kid_std, precision, recall."""
-        from medstylegan2.metrics.fidelity import fidelity_per_class
-
-        space = space_fn()
-        record["feature_networks"][network_key] = space.label
-        res = fidelity_per_class(fake.images, fake.labels, real_heldout.images, real_heldout.labels, space,
-                                 class_names, fid=members[0] in names, kid=members[1] in names,
-                                 prc=members[2] in names, device=device, batch_size=cfg.batch_size, seed=seed)
-        k_fd, k_kid, k_kid_std, k_p, k_r = keys
-        for where, values in [("overall", res["overall"])] + list(res["per_class"].items()):
-            target = record["overall"] if where == "overall" else record["per_class"][where]
-            if "skipped" in values:
-                target[f"{network_key}_skipped"] = values["skipped"]
-                continue
-            if "fd" in values:
-                target[k_fd] = values["fd"]
-            if "kid" in values:
-                target[k_kid], target[k_kid_std] = values["kid"], values["kid_std"]
-            if "precision" in values:
-                target[k_p], target[k_r] = values["precision"], values["recall"]
-
-    domain_members = [m for m in DOMAIN_METRICS if m in names]
-    if domain_members:
-        def domain_space():
-            from medstylegan2.metrics.fidelity import FeatureSpace
-
-            if clf_state["path"] is None:
-                raise DataError(errors.get("domain_classifier", "no domain classifier"))
-            return FeatureSpace.domain(clf_state["path"])
-
-        run("FD/KID/PR-domain", domain_members,
-            lambda: fidelity_group(DOMAIN_METRICS, domain_space, "domain",
-                                   ("fd_domain", "kid_domain", "kid_domain_std", "precision_domain",
-                                    "recall_domain")))
-
-    inception_members = [m for m in INCEPTION_METRICS if m in names]
-    if inception_members:
-        def inception_space():
-            from medstylegan2.metrics.fidelity import FeatureSpace
-
-            return FeatureSpace.inception(cfg.weights_dir, use_fid_helper=use_fid_helper)
-
-        run("FID/KID/PR (Inception)", inception_members,
-            lambda: fidelity_group(INCEPTION_METRICS, inception_space, "inception",
-                                   ("fid", "kid", "kid_std", "precision", "recall")))
-
-    # --- LPIPS
-    if "lpips" in names:
-        def lpips_all() -> None:
-            from medstylegan2.metrics.lpips_metrics import load_lpips, lpips_per_class
-
-            model = load_lpips(LPIPS_NET, cfg.weights_dir, device=device, use_stlpips=use_stlpips)
-            record["feature_networks"]["lpips"] = model.label
-            res = lpips_per_class(model, fake.images, fake.labels, real_heldout.images, real_heldout.labels,
-                                  class_names, max_pairs=LPIPS_MAX_PAIRS, candidates=LPIPS_CANDIDATES, seed=seed,
-                                  batch_size=cfg.batch_size)
-            record["lpips"] = {"label": model.label, "max_pairs": LPIPS_MAX_PAIRS,
-                               "candidates": LPIPS_CANDIDATES, "per_class": res}
-            for name, v in res.items():
-                record["per_class"][name]["lpips_diversity"] = v["diversity"]["mean"]
-                record["per_class"][name]["lpips_to_nearest_real"] = v["to_nearest_real"]["mean"]
-            for key in ("lpips_diversity", "lpips_to_nearest_real"):
-                vals = [record["per_class"][n][key] for n in class_names if record["per_class"][n].get(key) is not None]
-                record["overall"][f"{key}"] = float(np.mean(vals)) if vals else None  # mean over classes
-
-        run("LPIPS", ["lpips"], lpips_all)
-
-    # --- memorization audit
-    if "memorization" in names:
-        def memorization() -> None:
-            from medstylegan2.metrics.memorization import memorization_audit
-            from medstylegan2.metrics.plots import save_memorization_pairs
-
-            if train is None:
-                raise DataError("the memorization audit needs the training images (evaluate --train DIR)")
-            res = memorization_audit(fake.images, fake.labels, train.images, train.labels, real_heldout.images,
-                                     class_names, domain_model=clf_state["model"])
-            if clf_state["model"] is None:
-                res["domain"] = {"error": errors.get("domain_classifier", "no domain classifier")}
-            png = save_memorization_pairs(fake.images, train.images, res["closest_pairs"],
-                                          eval_dir / f"memorization_pairs{tag}.png")
-            res["pairs_png"] = str(png)
-            record["memorization"] = res
-            record["overall"]["memorization_fraction_pixel"] = res["pixel"].get("fraction_below")
-            if "fraction_below" in res.get("domain", {}):
-                record["overall"]["memorization_fraction_domain"] = res["domain"]["fraction_below"]
-
-        run("memorization", ["memorization"], memorization)
-
-    # --- downstream utility
-    if "utility" in names:
-        def utility() -> None:
-            from medstylegan2.metrics.utility import downstream_utility
-
-            res = downstream_utility(
-                fake.images, fake.labels, real_heldout.images, real_heldout.labels,
-                train_images=None if train is None else train.images,
-                train_labels=None if train is None else train.labels, real_model=clf_state["model"],
-                steps=cfg.classifier_steps, seed=seed, device=device, num_classes=len(class_names))
-            record["utility"] = res
-            record["overall"]["utility_accuracy_synthetic"] = res["trained_on_synthetic"]["accuracy"]
-            record["overall"]["utility_macro_f1_synthetic"] = res["trained_on_synthetic"]["macro_f1"]
-            if res["trained_on_real"] is not None:
-                record["overall"]["utility_accuracy_real"] = res["trained_on_real"]["accuracy"]
-                record["overall"]["utility_macro_f1_real"] = res["trained_on_real"]["macro_f1"]
-            for k, name in enumerate(class_names):
-                record["per_class"][name]["utility_recall_synthetic"] = \
-                    res["trained_on_synthetic"]["per_class_recall"][k]
-
-        run("utility", ["utility"], utility)
-
-    # --- figures and records
-    from medstylegan2.metrics.plots import plot_metrics, save_sample_grid
-
-    grid = save_sample_grid(fake.images, fake.labels, real_heldout.images, real_heldout.labels, class_names,
-                            eval_dir / f"grid{tag}.png",
+    evaluation = _Evaluation(fake, real_heldout, train, cfg, names, eval_dir=eval_dir, classifier_path=clf_path,
+                             round_num=round_num, device=str(device), seed=seed, use_fid_helper=use_fid_helper,
+                             use_stlpips=use_stlpips)
+    record = evaluation.run()
+    grid = save_sample_grid(fake.images, fake.labels, real_heldout.images, real_heldout.labels,
+                            evaluation.class_names, eval_dir / f"grid{evaluation.tag}.png",
                             title=None if round_num is None else f"round {round_num}")
     record["grid_png"] = str(grid)
     record["elapsed_s"] = round(time.perf_counter() - started, 3)
