@@ -113,7 +113,8 @@ def test_cli_evaluates_image_folders(sets, tmp_path, capsys):
     dirs = {name: write_image_folder(s, tmp_path / name) for name, s in
             (("train", train), ("real", heldout), ("fake", fake))}
     rc = main(["evaluate", "--fake", str(dirs["fake"]), "--real", str(dirs["real"]), "--train", str(dirs["train"]),
-               "--out", str(tmp_path / "out"), "--metrics", "fd_domain,pr_domain", "--set", "metrics.classifier_steps=30"])
+               "--out", str(tmp_path / "out"), "--metrics", "fd_domain,pr_domain",
+               "--set", "metrics.classifier_steps=30"])
     out = capsys.readouterr().out
     assert rc == 0, out
     record = json.loads((tmp_path / "out" / "evaluation.json").read_text())
@@ -144,3 +145,29 @@ def test_records_are_strict_json(sets, tmp_path):
     text = (tmp_path / "evaluation.json").read_text()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
     assert "skipped" in json.dumps(record["per_class"]["COVID-19"])
+
+
+def test_cli_samples_a_checkpoint_and_reuses_the_runs_domain_classifier(tiny_config, tmp_path, capsys):
+    from medstylegan2.cli import main
+    from medstylegan2.data import write_image_folder
+    from medstylegan2.trainer import SiteTrainer
+
+    res = tiny_config.model.resolution
+    train = generate_phantoms(8, res, seed=0)
+    real_dir = write_image_folder(generate_phantoms(4, res, seed=1), tmp_path / "real")
+    train_dir = write_image_folder(train, tmp_path / "train")
+    run = tmp_path / "run"
+    ckpt = SiteTrainer(tiny_config, train.images, train.labels, device="cpu").save_checkpoint(run / "round_001.pt")
+    args = ["evaluate", str(ckpt), "--real", str(real_dir), "--n-per-class", "5", "--metrics", "fd_domain",
+            "--set", "metrics.classifier_steps=5"]
+    assert main(args + ["--train", str(train_dir), "--out", str(tmp_path / "a"), "--classifier",
+                        str(run / CLASSIFIER_FILE)]) == 0
+    first = json.loads((tmp_path / "a" / "evaluation.json").read_text())
+    assert first["n_generated"] == {"Normal": 5, "COVID-19": 5, "Non-COVID": 5}
+    assert first["domain_classifier"]["trained_now"]
+    capsys.readouterr()
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0  # no --train: the run's classifier is found
+    assert "using the run's domain classifier" in capsys.readouterr().out
+    second = json.loads((tmp_path / "b" / "evaluation.json").read_text())
+    assert not second["domain_classifier"]["trained_now"]
+    assert second["overall"]["fd_domain"] == pytest.approx(first["overall"]["fd_domain"])

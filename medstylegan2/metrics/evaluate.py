@@ -38,7 +38,7 @@ import numpy as np
 
 from medstylegan2.classifier import (XrayClassifier, evaluate_classifier, load_classifier, save_classifier,
                                      train_classifier)
-from medstylegan2.config import CLASS_NAMES, ConfigError, MetricsConfig
+from medstylegan2.config import ConfigError, MetricsConfig
 from medstylegan2.errors import DataError, UserError
 from medstylegan2.metrics import METRIC_NAMES
 
@@ -384,10 +384,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                    "(default: metrics.n_per_class)")
     p.add_argument("--metrics", nargs="+", metavar="NAME",
                    help=f"metrics to run (default: metrics.metrics); any of: {', '.join(METRIC_NAMES)}")
-    p.add_argument("--weights-dir", metavar="DIR", help="folder with feature-network weights files "
-                                                       "(default: metrics.weights_dir, then $TORCH_HOME/hub/checkpoints)")
-    p.add_argument("--classifier", metavar="FILE", help="domain classifier file to use, or to create when absent "
-                                                        "(default: OUT/domain_classifier.pt)")
+    p.add_argument("--weights-dir", metavar="DIR",
+                   help="folder with feature-network weights files (default: metrics.weights_dir, then "
+                        "$TORCH_HOME/hub/checkpoints)")
+    p.add_argument("--classifier", metavar="FILE",
+                   help="domain classifier file to use, or to create when absent (default: the run's "
+                        "domain_classifier.pt beside CHECKPOINT if there is one, else OUT/domain_classifier.pt)")
     p.add_argument("--max-per-class", type=int, help="read at most this many images per class from each folder")
     p.add_argument("--resolution", type=int, help="resolution to load folders at (default: the checkpoint's, "
                                                   "else the first generated image's)")
@@ -450,6 +452,9 @@ def run(args: argparse.Namespace) -> int:
         train = load_folder(args.train, resolution, max_per_class=args.max_per_class)
     out = Path(args.out)
     classifier = Path(args.classifier) if args.classifier else out / CLASSIFIER_FILE
+    if not args.classifier and args.checkpoint and (Path(args.checkpoint).parent / CLASSIFIER_FILE).is_file():
+        classifier = Path(args.checkpoint).parent / CLASSIFIER_FILE  # the run's own domain classifier
+        print(f"using the run's domain classifier {classifier}", flush=True)
     common = dict(out_dir=out, round_num=args.round_num, device=device, seed=args.seed, classifier_path=classifier)
     if G is not None:
         print(f"sampling {cfg.n_per_class} images per class from {args.checkpoint} ...", flush=True)

@@ -188,8 +188,9 @@ def convert_fid_helper_inception(torchscript_path: str | Path, out_path: str | P
     for s, d in zip(src_units, dst_units):
         weight = src[f"{s}.weight"]
         if weight.shape != dst[f"{d}.conv.weight"].shape:
-            raise MissingWeightsError(f"{torchscript_path}: layer {s} has shape {tuple(weight.shape)}, torch-fidelity's "
-                                      f"{d} expects {tuple(dst[f'{d}.conv.weight'].shape)}; cannot convert")
+            raise MissingWeightsError(f"{torchscript_path}: layer {s} has shape {tuple(weight.shape)}, "
+                                      f"torch-fidelity's {d} expects {tuple(dst[f'{d}.conv.weight'].shape)}; "
+                                      "cannot convert")
         out[f"{d}.conv.weight"] = weight
         out[f"{d}.bn.weight"] = torch.ones_like(src[f"{s}.beta"])
         out[f"{d}.bn.bias"] = src[f"{s}.beta"]
@@ -295,7 +296,8 @@ def _domain_extractor_class():
             return torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
 
         def forward(self, x):
-            vassert(torch.is_tensor(x) and x.dtype == torch.uint8, "Expecting image as torch.Tensor with dtype=torch.uint8")
+            vassert(torch.is_tensor(x) and x.dtype == torch.uint8,
+                    "Expecting image as torch.Tensor with dtype=torch.uint8")
             vassert(x.dim() == 4 and x.shape[1] in (1, 3), f"Input is not Bx3xHxW or Bx1xHxW: {tuple(x.shape)}")
             gray = x.to(torch.float32).mean(dim=1, keepdim=True)
             feats = self.classifier.features(gray / 127.5 - 1.0)
