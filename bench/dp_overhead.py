@@ -13,6 +13,7 @@ device (CUDA rows when a GPU is present); use a multiple of 16 steps so R1 is we
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import numpy as np
@@ -33,6 +34,8 @@ def make_trainer(cfg, device: str, private: bool, n: int) -> SiteTrainer:
     res = cfg.model.resolution
     images = rng.integers(0, 256, (n, 1, res, res), dtype=np.uint8)
     labels = rng.integers(0, cfg.model.num_classes, n)
+    if not private:
+        cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, enabled=False))
     engine = make_privacy_engine(cfg, n, planned_steps=1000, seed=0) if private else None
     trainer = SiteTrainer(cfg, images, labels, device=device, privacy=engine)
     trainer.D.requires_grad_(True)
@@ -94,7 +97,17 @@ def main() -> None:
     p.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when present")
     p.add_argument("--config", default=None, help="YAML config for model widths (default: built-in defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--vmap-safe-onehot", action="store_true",
+                   help="experiment: replace F.one_hot by a comparison (same values) so that vmap can batch D over "
+                        "labels and per-sample gradients take one vmap call instead of one per class")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     args = p.parse_args()
+    if args.vmap_safe_onehot:
+        import torch.nn.functional as F
+
+        F.one_hot = lambda labels, num_classes=-1: (labels.unsqueeze(-1) == torch.arange(
+            num_classes, device=labels.device)).long()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
 
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     cfg = load_config(args.config, args.overrides + [
