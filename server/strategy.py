@@ -139,13 +139,15 @@ class EvaluationHook:
         except ImportError:
             return None
         try:
+            # Writes <run>/eval/round_XXX.json and its own "kind": "eval" line in metrics.jsonl.
             result = evaluate_generator(G, self.heldout, self.train, self.cfg.metrics, self.folder.root / "eval",
-                                        round_num, self.folder.root, self.device)
-        except UserError as exc:  # e.g. missing feature-network weights: say so, keep training
-            _warn("round %d: evaluation skipped: %s", round_num, exc)
-            return {"error": str(exc)}
-        _info("round %d: evaluation %s", round_num, result)
-        return dict(result) if result is not None else None
+                                        round_num, self.folder.root, str(self.device))
+        except Exception as exc:  # an evaluation problem must never end a long run
+            _warn("round %d: evaluation failed: %s: %s", round_num, type(exc).__name__, exc)
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        overall = dict(result.get("overall", {})) if isinstance(result, dict) else {}
+        _info("round %d: evaluation %s", round_num, overall)
+        return {"file": result.get("json") if isinstance(result, dict) else None, "overall": overall}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,7 +320,8 @@ class FederatedGAN(FedAvg):
             or self.state.stopped
         extra = self.hook(round_num, self.state.weights, evaluate=evaluate)
         seconds = time.perf_counter() - self._round_started
-        record = {"round": round_num, "seconds": seconds, "aggregated": aggregated, "sites": per_site,
+        record = {"round": round_num, "kind": "round", "seconds": seconds, "aggregated": aggregated,
+                  "sites": per_site,
                   "bytes_down_per_site": self._bytes_down,
                   "bytes_up": int(sum(e.get("bytes_up", 0) for e in per_site.values())),
                   "transfer_dtype": f.transfer_dtype, **extra}

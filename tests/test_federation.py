@@ -40,7 +40,8 @@ def sim_nodes(n: int) -> list[dict]:
 
 
 def metrics_lines(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [line for line in lines if line.get("kind") == "round"]
 
 
 def global_weights(path) -> dict[str, torch.Tensor]:
