@@ -230,17 +230,23 @@ def run(args: argparse.Namespace) -> int:
     cfg = _run_config(run_dir)
     budget = args.budget if args.budget is not None else (cfg.privacy.budget_epsilon if cfg else None)
     if (run_dir / REPORT_JSON).is_file():
-        report = read_privacy_report(run_dir)
-        records, delta, accountant = report["sites"], report["delta"], report["accountant"]
-        if cfg is not None and cfg.privacy.delta is None:
-            delta = None  # per-site default: recomputed from the entries
+        try:
+            raw = json.loads((run_dir / REPORT_JSON).read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{run_dir / REPORT_JSON} is not valid JSON: {exc}") from exc
+        if not isinstance(raw, dict) or not isinstance(raw.get("sites"), dict):
+            raise UserError(f"{run_dir / REPORT_JSON} has no 'sites' mapping: not a privacy report")
+        # Also normalizes a file that has the sites' records but not the whole contract.
+        records = raw["sites"]
+        delta = cfg.privacy.delta if cfg is not None else raw.get("delta")
+        accountant = raw.get("accountant") or (cfg.privacy.accountant if cfg is not None else "rdp")
     elif (run_dir / "metrics.jsonl").is_file():
         records = records_from_metrics((run_dir / "metrics.jsonl").read_text().splitlines())
         if not records:
             raise UserError(f"{run_dir}/metrics.jsonl has no per-site privacy figures (dp-*): was the run "
                             "trained with privacy.enabled: true?")
-        delta = cfg.privacy.delta if cfg else None
-        accountant = cfg.privacy.accountant if cfg else "rdp"
+        delta = cfg.privacy.delta if cfg is not None else None
+        accountant = cfg.privacy.accountant if cfg is not None else "rdp"
     else:
         raise UserError(f"{run_dir} has neither {REPORT_JSON} nor metrics.jsonl; is it a federated run folder?")
     report = write_privacy_report(run_dir, records, delta, accountant, budget=budget, echo=False)

@@ -124,3 +124,14 @@ def test_dp_config_is_a_private_three_site_phantom_run_at_64_px():
     expected = (set(yaml.safe_load(default.read_text()).get("federation", {})) if default.is_file()
                 else {f.name for f in dataclasses.fields(FederationConfig)})
     assert expected <= set(raw["federation"])
+
+
+def test_cli_normalizes_a_privacy_json_that_lacks_the_top_level_keys(tmp_path):
+    rows = [{**record(1, 1.0, 50), "steps": 50.0}, {**record(2, 1.4, 100), "steps": 100.0},
+            {**record(3, 1.4, 100), "steps": 100.0}]  # round 3: declined, no new steps
+    (tmp_path / "privacy.json").write_text(json.dumps({"sites": {"site-0": rows}, "epsilon": {"site-0": 1.4}}))
+    assert main(["privacy-report", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "privacy.json").read_text())
+    assert_contract(report)
+    assert [r["round"] for r in report["sites"]["site-0"]] == [1, 2]
+    assert report["accountant"] == "rdp" and report["delta"] == 1e-3
