@@ -89,14 +89,34 @@ def _cache_key(images: np.ndarray, space: FeatureSpace) -> tuple:
             images.shape, digest)
 
 
+# Extractors built recently (loading Inception's 95 MB of weights costs about a second each time).
+_EXTRACTORS: "OrderedDict[tuple, torch.nn.Module]" = OrderedDict()
+_EXTRACTORS_SIZE = 2
+
+
 def clear_feature_cache() -> None:
     _CACHE.clear()
+    _EXTRACTORS.clear()
+
+
+def _extractor(space: FeatureSpace, cuda: bool) -> torch.nn.Module:
+    from torch_fidelity.utils import create_feature_extractor
+
+    stat = space.weights_path.stat()
+    key = (space.extractor, space.layer, str(space.weights_path), stat.st_mtime_ns, stat.st_size, cuda)
+    if key not in _EXTRACTORS:
+        _EXTRACTORS[key] = create_feature_extractor(space.extractor, [space.layer], cuda=cuda, verbose=False,
+                                                    feature_extractor_weights_path=str(space.weights_path))
+        while len(_EXTRACTORS) > _EXTRACTORS_SIZE:
+            _EXTRACTORS.popitem(last=False)
+    _EXTRACTORS.move_to_end(key)
+    return _EXTRACTORS[key]
 
 
 def extract_features(images: np.ndarray, space: FeatureSpace, *, device: str = "cpu", batch_size: int = 64,
                      use_cache: bool = True) -> torch.Tensor:
     """float32 [N, D] features of uint8 images [N, 1, H, W] through torch-fidelity's extractor for ``space``."""
-    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+    from torch_fidelity.utils import get_featuresdict_from_dataset
 
     if len(images) == 0:
         raise DataError("no images to extract features from")
@@ -105,10 +125,8 @@ def extract_features(images: np.ndarray, space: FeatureSpace, *, device: str = "
         _CACHE.move_to_end(key)
         return _CACHE[key]
     cuda = str(device).startswith("cuda")
-    extractor = create_feature_extractor(space.extractor, [space.layer], cuda=cuda,
-                                         feature_extractor_weights_path=str(space.weights_path), verbose=False)
-    feats = get_featuresdict_from_dataset(GrayAsRGB(images), extractor, batch_size=batch_size, cuda=cuda,
-                                          save_cpu_ram=True, verbose=False)[space.layer]
+    feats = get_featuresdict_from_dataset(GrayAsRGB(images), _extractor(space, cuda), batch_size=batch_size,
+                                          cuda=cuda, save_cpu_ram=True, verbose=False)[space.layer]
     feats = feats.to(torch.float32)
     if key is not None:
         _CACHE[key] = feats
