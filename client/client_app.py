@@ -17,7 +17,8 @@ accountant; see ``federation.local_state_of``.
 
 Node config (deployment): ``data-dir`` (required: ``<class>/*.png`` or a COVID-QU-Ex root),
 ``site-name`` (default: the folder's name), ``state-dir`` (optional: local state survives a
-restart), ``device`` (default: CUDA when present). Simulation: ``partition-id``/``num-partitions``.
+restart), ``device`` (default: CUDA when present), ``num-threads`` (default: torch's, all cores).
+Simulation: ``partition-id``/``num-partitions``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -66,6 +67,7 @@ def train(message: Message, context: Context) -> Message:
     local_state = _previous_local_state(context, store, token, round_num)
     received = {key: array.numpy() for key, array in message.content["arrays"].items()}
 
+    _set_threads(cfg, context.node_config)
     privacy_factory = None
     if cfg.privacy.enabled:
         from medstylegan2.privacy import make_privacy_engine
@@ -86,6 +88,21 @@ def train(message: Message, context: Context) -> Message:
     if result.payload:  # a site that declines (privacy budget spent) sends no weights
         content["arrays"] = ArrayRecord({key: Array(value) for key, value in result.payload.items()})
     return Message(content=content, reply_to=message)
+
+
+def _set_threads(cfg: RunConfig, node_config: Mapping[str, Any]) -> None:
+    """Torch threads: node config ``num-threads``; in a simulation, the site's CPU share (at least 1).
+
+    Ray does not cap a worker's threads, and torch would start one per core in every worker: with
+    several sites per machine that oversubscribes the cores many times over.
+    """
+    import torch
+
+    threads = int(node_config.get("num-threads", 0) or 0)
+    if not threads and "partition-id" in node_config and "data-dir" not in node_config:
+        threads = max(1, int(cfg.federation.client_num_cpus))
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def _state_store(context: Context, config: ConfigRecord, token: str, site: str) -> Optional[fed.LocalStateStore]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 import time
@@ -36,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set federation.aggregation=fedavgm (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the last round_XXX.pt in the run folder")
+    p.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="run the sites on an existing Ray cluster ('auto' or HOST:PORT of its head; "
+                        "default: $RAY_ADDRESS, else a Ray instance on this machine)")
     p.add_argument("--stop-after", type=int, default=0, metavar="N",
                    help="end after round N as if interrupted (to try --resume); 0: run all rounds")
 
@@ -58,11 +62,18 @@ def _absolute_data_paths(cfg: RunConfig) -> list[str]:
     return extra
 
 
-def backend_config(cfg: RunConfig) -> dict[str, Any]:
-    """Ray resources per virtual site from the config; GPUs only when CUDA is present."""
+def backend_config(cfg: RunConfig, ray_address: Optional[str] = None) -> dict[str, Any]:
+    """Ray resources per virtual site from the config; GPUs only when CUDA is present here.
+
+    With ``ray_address`` the sites run on an existing Ray cluster (Flower's Ray backend passes
+    ``init_args`` to ``ray.init``); every node of it needs this project installed, as here.
+    """
     import torch
 
     f = cfg.federation
+    if ray_address:  # GPUs live on the cluster's nodes, not necessarily here
+        return {"client_resources": {"num_cpus": f.client_num_cpus, "num_gpus": f.client_num_gpus},
+                "init_args": {"address": ray_address}}
     gpus = f.client_num_gpus if torch.cuda.is_available() else 0.0
     if f.client_num_gpus > 0 and gpus == 0:
         log.warning("federation.client_num_gpus=%g but CUDA is not available: sites train on the CPU",
@@ -71,7 +82,8 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
 
 
 def simulate(config_path: str | Path, overrides: list[str], *, run_dir: Optional[str | Path] = None,
-             resume: bool = False, stop_after: int = 0, verbose: bool = False) -> Path:
+             resume: bool = False, stop_after: int = 0, ray_address: Optional[str] = None,
+             verbose: bool = False) -> Path:
     """Run the simulation; returns the run folder. Raises on failure."""
     from flwr.simulation import run_simulation
 
@@ -98,7 +110,7 @@ def simulate(config_path: str | Path, overrides: list[str], *, run_dir: Optional
                                     "run-dir": str(run_dir), "resume": resume, "site-state-dir": "auto",
                                     "server-data": "config", "stop-after": stop_after})
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=sites,
-                   backend_config=backend_config(cfg), verbose_logging=verbose)
+                   backend_config=backend_config(cfg, ray_address), verbose_logging=verbose)
     return run_dir
 
 
@@ -110,8 +122,15 @@ def quiet_flower_duplicates() -> None:
 def run(args: argparse.Namespace) -> int:
     quiet_flower_duplicates()
     start = time.perf_counter()
-    run_dir = simulate(args.config, _overrides(args), run_dir=args.out, resume=args.resume,
-                       stop_after=args.stop_after, verbose=getattr(args, "verbose", False))
+    try:
+        run_dir = simulate(args.config, _overrides(args), run_dir=args.out, resume=args.resume,
+                           stop_after=args.stop_after, ray_address=args.ray_address,
+                           verbose=getattr(args, "verbose", False))
+    except KeyboardInterrupt:
+        # The ServerApp thread would keep the process alive; the last round checkpoint is complete
+        # (written atomically), so --resume continues from it.
+        print("interrupted; continue with --resume", file=sys.stderr, flush=True)
+        os._exit(130)
     rounds = sorted(run_dir.glob("round_*.pt"))
     if not rounds:
         raise UserError(f"the simulation wrote no round checkpoint into {run_dir}; see the log above")
