@@ -6,6 +6,7 @@ process, no Ray): the Flower code paths are the same as in the simulation engine
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -358,3 +359,47 @@ def test_only_weights_counts_and_metrics_leave_a_site(tmp_path, dtype):
         for record in content.config_records.values():
             for key, value in record.items():
                 assert isinstance(value, str) and len(value) < 64, (key, value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Differential privacy across rounds
+
+
+def test_epsilon_composes_over_rounds_and_sites_out_of_budget_decline_until_the_run_ends(tmp_path):
+    from client.client_app import app
+
+    cfg = smoke("federation.rounds=3", "model.mbstd_group_size=0", "privacy.enabled=true",
+                "privacy.noise_multiplier=1.0", "privacy.noise_seed=1", "privacy.budget_epsilon=5.0")
+    run_federation(LoopbackGrid(app, sim_nodes(2)), cfg, tmp_path, site_state_dir=str(tmp_path / "state"),
+                   server_data=False)
+    lines = metrics_lines(tmp_path)
+    # Round 1 spends epsilon ~4 per site; a second round would pass 5: both decline, the run ends.
+    assert [line["round"] for line in lines] == [1, 2]
+    assert {s["status"] for s in lines[0]["sites"].values()} == {"ok"}
+    assert {s["status"] for s in lines[1]["sites"].values()} == {"declined"}
+    first = {name: s["dp-epsilon"] for name, s in lines[0]["sites"].items()}
+    assert all(3.0 < eps < 5.0 for eps in first.values())
+    report = json.loads((tmp_path / "privacy.json").read_text())
+    assert set(report["sites"]) == {"site-0", "site-1"}
+    assert read_checkpoint(tmp_path / "round_002.pt")["federation"]["stopped"] is True
+    assert not (tmp_path / "round_003.pt").exists()
+    # The declined round left the weights alone.
+    a, b = global_weights(tmp_path / "round_001.pt"), global_weights(tmp_path / "round_002.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_proximal_term_keeps_site_weights_near_the_global_ones(tiny_config):
+    from medstylegan2.phantoms import generate_phantoms
+
+    data = generate_phantoms(4, 16, seed=0)
+    weights, _ = fed.initial_weights(tiny_config)
+    received = fed.encode_for_transfer(fed.transferred(weights), "float32")
+
+    def drift(mu: float) -> float:
+        cfg = dataclasses.replace(tiny_config, federation=dataclasses.replace(
+            tiny_config.federation, proximal_mu=mu, local_steps=4))
+        out = fed.run_site_round(cfg, data.images, data.labels, received, round_num=1, site="s")
+        return float(sum(np.abs(out.payload[k] - received[k]).sum() for k in received if k.startswith("D/")))
+
+    assert drift(1000.0) < 0.5 * drift(0.0)
+
