@@ -365,13 +365,17 @@ class FederatedGAN(FedAvg):
             self.state.privacy.setdefault(name, []).append({"round": round_num, **figures})
 
     def _write_privacy_report(self) -> None:
+        """``privacy.json`` + ``privacy.png`` (the contract of ``medstylegan2.privacy_report``)."""
         if not self.state.privacy:
             return
-        path = self.folder.root / "privacy.json"
-        report = {"sites": self.state.privacy,
-                  "epsilon": {site: (rows[-1].get("epsilon") if rows else None)
-                              for site, rows in self.state.privacy.items()}}
-        path.write_text(json.dumps(report, indent=2, default=lambda v: None))
+        from medstylegan2.privacy_report import write_privacy_report
+
+        p = self.cfg.privacy
+        try:
+            write_privacy_report(self.folder.root, self.state.privacy, p.delta, p.accountant, budget=p.budget_epsilon,
+                                 echo=False)
+        except Exception as exc:  # a report problem must never end a run; metrics.jsonl has the figures
+            _warn("privacy report not written: %s: %s", type(exc).__name__, exc)
 
     def save_checkpoint(self) -> Path:
         nested = fed.unflatten_weights(self.state.weights)

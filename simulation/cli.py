@@ -85,16 +85,17 @@ def simulate(config_path: str | Path, overrides: list[str], *, run_dir: Optional
              resume: bool = False, stop_after: int = 0, ray_address: Optional[str] = None,
              verbose: bool = False) -> Path:
     """Run the simulation; returns the run folder. Raises on failure."""
+    config_path = Path(config_path).resolve()
+    cfg = load_config(config_path, overrides)  # config errors first, before the slow imports
+    overrides = overrides + _absolute_data_paths(cfg)
+    cfg = load_config(config_path, overrides)
+
     from flwr.simulation import run_simulation
 
     from client.client_app import app as client_app
     from medstylegan2 import federation as fed
     from server.server_app import create_server_app
 
-    config_path = Path(config_path).resolve()
-    cfg = load_config(config_path, overrides)
-    overrides = overrides + _absolute_data_paths(cfg)
-    cfg = load_config(config_path, overrides)
     run_dir = Path(run_dir if run_dir is not None else cfg.run_dir).resolve()
     sites = cfg.federation.sites
 
@@ -117,6 +118,7 @@ def simulate(config_path: str | Path, overrides: list[str], *, run_dir: Optional
 def quiet_flower_duplicates() -> None:
     """Flower prints through its own handler; without this its lines also reach ours, twice."""
     logging.getLogger("flwr").propagate = False
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state database set-up chatter
 
 
 def run(args: argparse.Namespace) -> int:

@@ -380,7 +380,8 @@ def test_epsilon_composes_over_rounds_and_sites_out_of_budget_decline_until_the_
     first = {name: s["dp-epsilon"] for name, s in lines[0]["sites"].items()}
     assert all(3.0 < eps < 5.0 for eps in first.values())
     report = json.loads((tmp_path / "privacy.json").read_text())
-    assert set(report["sites"]) == {"site-0", "site-1"}
+    assert set(report) == {"delta", "accountant", "sites"} and set(report["sites"]) == {"site-0", "site-1"}
+    assert all(len(rows) == 1 and rows[0]["round"] == 1 for rows in report["sites"].values())  # declines: no entry
     assert read_checkpoint(tmp_path / "round_002.pt")["federation"]["stopped"] is True
     assert not (tmp_path / "round_003.pt").exists()
     # The declined round left the weights alone.
