@@ -416,7 +416,6 @@ def run(args: argparse.Namespace) -> int:
     from medstylegan2.config import load_config
     from medstylegan2.data import load_folder
 
-    logging.getLogger("medstylegan2").setLevel(min(logging.INFO, logging.getLogger().level or logging.INFO))
     if (args.checkpoint is None) == (args.fake is None):
         raise UserError("give either a CHECKPOINT or --fake DIR (exactly one)")
     cfg = load_config(args.config, args.overrides).metrics
