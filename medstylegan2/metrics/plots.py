@@ -118,6 +118,8 @@ def read_rounds(run_dir: str | Path) -> list[dict]:
 
 def plot_metrics(run_dir: str | Path, out_path: str | Path | None = None) -> Path | None:
     """``<run_dir>/metrics.png``: per-class (and overall) FD-domain, FID, KID and LPIPS diversity vs round."""
+    from matplotlib.ticker import MaxNLocator
+
     records = read_rounds(run_dir)
     if not records:
         return None
@@ -144,6 +146,7 @@ def plot_metrics(run_dir: str | Path, out_path: str | Path | None = None) -> Pat
                 drawn = True
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if drawn:
             ax.legend(fontsize=7)
             networks = records[-1].get("feature_networks", {})
@@ -152,7 +155,10 @@ def plot_metrics(run_dir: str | Path, out_path: str | Path | None = None) -> Pat
             if label:
                 ax.text(0.01, 0.01, label, transform=ax.transAxes, fontsize=5, va="bottom")
         else:
-            reason = records[-1].get("errors", {}).get(metric, "not computed")
+            last = records[-1]
+            requested = metric in last.get("metrics_requested", [metric])
+            reason = last.get("errors", {}).get(metric) or ("not computed" if requested else
+                                                            f"'{metric}' not in metrics.metrics")
             ax.text(0.5, 0.5, "\n".join(_wrap(reason, 40)[:6]), transform=ax.transAxes, ha="center", va="center",
                     fontsize=6)
             ax.set_xticks([])
