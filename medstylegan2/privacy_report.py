@@ -182,7 +182,7 @@ def plot_privacy(report: Mapping[str, Any], path: str | Path, *, budget: Optiona
     ax = fig.add_subplot(1, 1, 1)
     for site, rows in report["sites"].items():
         if rows:
-            ax.plot([r["round"] for r in rows], [r["epsilon"] for r in rows], marker="o", label=f"site {site}")
+            ax.plot([r["round"] for r in rows], [r["epsilon"] for r in rows], marker="o", label=str(site))
     if budget is not None and math.isfinite(budget):
         ax.axhline(budget, color="black", linestyle="--", linewidth=1.2, label=f"budget epsilon = {budget:g}")
     ax.set_xlabel("round")
