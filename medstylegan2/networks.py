@@ -32,6 +32,13 @@ def normalize_2nd_moment(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> to
     return x * (x.square().mean(dim=dim, keepdim=True) + eps).rsqrt()
 
 
+def one_hot(labels: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """One-hot by comparison: unlike ``F.one_hot`` it never reads label values on the host, so
+    ``torch.func.vmap`` can batch it (one per-sample-gradient call for the whole DP batch)."""
+    classes = torch.arange(num_classes, device=labels.device)
+    return (labels.long().unsqueeze(-1) == classes).to(dtype)
+
+
 def upsample2x(x: torch.Tensor) -> torch.Tensor:
     # Bilinear upsampling is a separable [1,3,3,1]/8 FIR filter with zero-insertion, i.e. the
     # resampling filter of StyleGAN2, without needing a filter buffer or a custom op.
@@ -131,7 +138,7 @@ class MappingNetwork(nn.Module):
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor, *, truncation_psi: float = 1.0,
                 truncation_cutoff: int | None = None, update_w_avg: bool = False) -> torch.Tensor:
-        onehot = F.one_hot(labels.long(), self.num_classes).to(z.dtype)
+        onehot = one_hot(labels, self.num_classes, z.dtype)
         x = torch.cat([normalize_2nd_moment(z), normalize_2nd_moment(self.embed(onehot))], dim=1)
         for layer in self.layers:
             x = layer(x)
@@ -373,7 +380,7 @@ class ClassEmbedding(nn.Module):
                                     for _ in range(num_layers))
 
     def forward(self, labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        x = normalize_2nd_moment(self.embed(F.one_hot(labels.long(), self.num_classes).to(dtype)))
+        x = normalize_2nd_moment(self.embed(one_hot(labels, self.num_classes, dtype)))
         for layer in self.layers:
             x = layer(x)
         return x

@@ -77,7 +77,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"data: {args.data}: {len(train_set)} training images ({class_summary(train_set)}), "
           f"{len(heldout)} held out (never trained on)")
     device = resolve_device(cfg.device)
-    trainer = SiteTrainer(cfg, train_set.images, train_set.labels, device=device)
+    privacy = None
+    if cfg.privacy.enabled:
+        from medstylegan2.privacy import make_privacy_engine
+
+        # Planned for the whole run, so a target epsilon is met after --steps steps.
+        privacy = make_privacy_engine(cfg, len(train_set), args.steps, seed=cfg.seed)
+    trainer = SiteTrainer(cfg, train_set.images, train_set.labels, device=device, privacy=privacy)
     if state is not None:
         trainer.load_state_dict(state)
         print(f"resumed from {ckpt_path} at step {trainer.step}")
@@ -105,6 +111,8 @@ def train_loop(trainer: SiteTrainer, *, total_steps: int, out: Path) -> None:
                                 f"D {stats.get('loss_d_real', 0) + stats.get('loss_d_fake', 0):.3f} "
                                 f"{stats['images_per_second']:.1f} img/s")
             record = {"step": trainer.step, "kimg": kimg, "elapsed_s": time.perf_counter() - start, **stats}
+            if trainer.privacy is not None:
+                record["epsilon"] = trainer.privacy.epsilon()
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
             done = trainer.step >= total_steps
@@ -118,3 +126,5 @@ def train_loop(trainer: SiteTrainer, *, total_steps: int, out: Path) -> None:
         log_file.close()
     print(f"done: step {trainer.step}, checkpoint {out / CHECKPOINT_NAME}, "
           f"last grid {out / f'grid_{trainer.step:06d}.png'}")
+    if trainer.privacy is not None:
+        print(f"privacy: {trainer.privacy.describe()}")

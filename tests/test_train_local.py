@@ -61,3 +61,13 @@ def test_every_subcommand_has_help(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def test_train_local_with_privacy_reports_a_growing_epsilon_and_resumes_its_accountant(tmp_path, capsys):
+    run = tmp_path / "dp"
+    dp = ["--set", "privacy.enabled=true", "--set", "privacy.noise_multiplier=1.0", "--set", "model.mbstd_group_size=0"]
+    assert train(run, 2, *dp) == 0
+    assert "privacy:" in capsys.readouterr().out
+    assert train(run, 4, "--resume") == 0
+    eps = [json.loads(line)["epsilon"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert len(eps) == 2 and 0 < eps[0] < eps[1]
