@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import Callable
 
 # (subcommand, module implementing it)
 COMMANDS: list[tuple[str, str]] = [
@@ -39,21 +40,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def run_reporting_user_errors(command: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
+    """Run a command; a UserError becomes one ``error: ...`` line and exit status 2, not a traceback."""
     from medstylegan2.errors import UserError
 
     try:
-        return int(args._run(args) or 0)
+        return int(command(args) or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    return run_reporting_user_errors(args._run, args)
 
 
 if __name__ == "__main__":
