@@ -5,7 +5,8 @@
 Measures, for one round (every site trains ``local_steps`` steps):
 
 - ``local``: the same number of G+D steps (sites x local_steps) by one ``SiteTrainer`` in this
-  process: no Flower, no aggregation, no checkpoints;
+  process on one torch thread (what each simulated site gets): no Flower, no aggregation, no
+  checkpoints;
 - ``loopback``: the real strategy and ClientApp in this process (``server.loopback``), sites one
   after the other: Flower records, (de)serialization, validation, aggregation, checkpoint, grid;
 - ``simulation``: ``python -m simulation`` (Ray, sites in parallel, one core each), per round from
@@ -52,17 +53,13 @@ def bench_local(cfg, steps: int) -> float:
 
 
 def bench_loopback(cfg, rounds: int, out: Path) -> list[float]:
-    import torch
-
     from client.client_app import app
     from server.loopback import LoopbackGrid
     from server.strategy import run_federation
 
-    threads = torch.get_num_threads()
     grid = LoopbackGrid(app, [{"partition-id": i, "num-partitions": cfg.federation.sites}
                               for i in range(cfg.federation.sites)])
     run_federation(grid, cfg, out, site_state_dir=str(out / "site_state"), server_data=False)
-    torch.set_num_threads(threads)
     return [line["seconds"] for line in _round_lines(out)]
 
 
@@ -106,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from medstylegan2.config import load_config
 
+    torch.set_num_threads(1)  # one thread per site, as the simulation gives each site
     overrides = [f"federation.rounds={args.rounds}", "federation.evaluate_every=0", "metrics.metrics=[]",
                  "device=cpu"]
     if args.local_steps:
@@ -113,9 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(REPO / args.config, overrides)
     f = cfg.federation
     steps = f.sites * f.local_steps
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"config {args.config}: {f.sites} sites x {f.local_steps} local steps per round, {cfg.model.resolution} px, "
-          f"batch {cfg.train.batch_size}, {os.cpu_count()} CPU(s), torch {torch.get_num_threads()} thread(s)",
-          flush=True)
+          f"batch {cfg.train.batch_size}, {os.cpu_count()} CPU(s), 1 torch thread per site, "
+          f"load average {load:.1f} at start", flush=True)
 
     rows: list[tuple[str, float, str]] = []
     local = bench_local(cfg, steps)
