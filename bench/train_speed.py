@@ -56,8 +56,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()} threads"
     print(f"\nG+D training speed ({name}; every step = G main + D main, lazy PL every "
           f"{cfg.train.pl_interval}, lazy R1 every {cfg.train.r1_interval})")
-    print(f"| device | resolution | batch | images/s | s/step | channel_base/max |")
-    print(f"|---|---|---|---|---|---|")
+    print("| device | resolution | batch | images/s | s/step | channel_base/max |")
+    print("|---|---|---|---|---|---|")
     for device, res, batch, ips, sps, base, cmax in rows:
         print(f"| {device} | {res} | {batch} | {ips:.1f} | {sps:.3f} | {base}/{cmax} |")
 
