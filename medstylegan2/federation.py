@@ -558,6 +558,20 @@ def local_state_from_bytes(data: bytes) -> dict[str, Any]:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
 
 
+def round_numbers_in(folder: str | Path) -> list[int]:
+    """Sorted N of every ``round_N.pt`` in a folder (other names ignored; a missing folder has none)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.glob("round_*.pt"):
+        try:
+            found.append(int(path.stem.split("_", 1)[1]))
+        except ValueError:
+            continue
+    return sorted(found)
+
+
 class LocalStateStore:
     """A site's own folder of ``round_XXX.pt`` local states, for resuming after a crash.
 
@@ -570,15 +584,7 @@ class LocalStateStore:
         self.folder = Path(folder)
 
     def rounds(self) -> list[int]:
-        if not self.folder.is_dir():
-            return []
-        found = []
-        for path in self.folder.glob("round_*.pt"):
-            try:
-                found.append(int(path.stem.split("_", 1)[1]))
-            except ValueError:
-                continue
-        return sorted(found)
+        return round_numbers_in(self.folder)
 
     def path(self, round_num: int) -> Path:
         return self.folder / f"round_{round_num:03d}.pt"

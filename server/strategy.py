@@ -76,13 +76,7 @@ class RunFolder:
         return self.root / "metrics.jsonl"
 
     def checkpoint_rounds(self) -> list[int]:
-        rounds = []
-        for path in self.root.glob("round_*.pt"):
-            try:
-                rounds.append(int(path.stem.split("_", 1)[1]))
-            except ValueError:
-                continue
-        return sorted(rounds)
+        return fed.round_numbers_in(self.root)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
