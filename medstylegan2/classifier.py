@@ -167,24 +167,23 @@ def train_classifier(images_uint8: np.ndarray, labels: np.ndarray, *, steps: int
 
 
 @torch.no_grad()
-def predict(model: XrayClassifier, images_uint8: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Class predictions (int64 [N]) for uint8 images [N, 1, H, W]."""
+def _batched(fn, model: XrayClassifier, images_uint8: np.ndarray, batch_size: int) -> list[torch.Tensor]:
+    """``fn(float batch)`` over uint8 images in batches, in eval mode, results on the CPU."""
     device = next(model.parameters()).device
     model.eval()
-    out = []
-    for i in range(0, len(images_uint8), batch_size):
-        out.append(model(to_float(images_uint8[i:i + batch_size]).to(device)).argmax(1).cpu())
+    return [fn(to_float(images_uint8[i:i + batch_size]).to(device)).cpu()
+            for i in range(0, len(images_uint8), batch_size)]
+
+
+def predict(model: XrayClassifier, images_uint8: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Class predictions (int64 [N]) for uint8 images [N, 1, H, W]."""
+    out = _batched(lambda x: model(x).argmax(1), model, images_uint8, batch_size)
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
 
 
-@torch.no_grad()
 def extract_features(model: XrayClassifier, images_uint8: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Domain features (float32 [N, feature_dim]) for uint8 images [N, 1, H, W]."""
-    device = next(model.parameters()).device
-    model.eval()
-    out = []
-    for i in range(0, len(images_uint8), batch_size):
-        out.append(model.features(to_float(images_uint8[i:i + batch_size]).to(device)).cpu())
+    out = _batched(model.features, model, images_uint8, batch_size)
     if not out:
         return np.zeros((0, model.feature_dim), dtype=np.float32)
     return torch.cat(out).numpy()
