@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from PIL import Image
 
 from medstylegan2.config import CLASS_NAMES, DataConfig
 from medstylegan2.errors import DataError
+from medstylegan2.runfolder import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -289,17 +289,10 @@ def _read_cache(path: Path) -> ImageSet | None:
 
 
 def _write_cache(path: Path, images: ImageSet, skipped: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and rename: a crash or a concurrent reader never sees half a file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, images=images.images, labels=images.labels, class_names=np.array(images.class_names),
-                     sources=np.array(images.sources or [], dtype=str), skipped=np.array(skipped, dtype=str))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Atomic: a crash or a concurrent reader never sees half a file.
+    atomic_write(path, lambda fh: np.savez(
+        fh, images=images.images, labels=images.labels, class_names=np.array(images.class_names),
+        sources=np.array(images.sources or [], dtype=str), skipped=np.array(skipped, dtype=str)))
     log.info("cached %d images at %s", len(images), path)
 
 

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from medstylegan2.config import CLASS_NAMES, RunConfig
+from medstylegan2.runfolder import atomic_write_bytes, atomic_write_text, round_file, round_numbers_in
 from medstylegan2.trainer import NETWORK_NAMES, ShuffleSampler, SiteTrainer
 
 log = logging.getLogger(__name__)
@@ -368,12 +369,9 @@ def format_partition_table(rows: Sequence[Mapping[str, int]], class_names: Seque
 
 def write_partition_csv(rows: Sequence[Mapping[str, int]], path: str | Path,
                         class_names: Sequence[str] = CLASS_NAMES) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = ["site", *class_names, "total"]
     lines = [",".join(header)] + [",".join(str(r[h]) for h in header) for r in rows]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -558,20 +556,6 @@ def local_state_from_bytes(data: bytes) -> dict[str, Any]:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
 
 
-def round_numbers_in(folder: str | Path) -> list[int]:
-    """Sorted N of every ``round_N.pt`` in a folder (other names ignored; a missing folder has none)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = []
-    for path in folder.glob("round_*.pt"):
-        try:
-            found.append(int(path.stem.split("_", 1)[1]))
-        except ValueError:
-            continue
-    return sorted(found)
-
-
 class LocalStateStore:
     """A site's own folder of ``round_XXX.pt`` local states, for resuming after a crash.
 
@@ -587,7 +571,7 @@ class LocalStateStore:
         return round_numbers_in(self.folder)
 
     def path(self, round_num: int) -> Path:
-        return self.folder / f"round_{round_num:03d}.pt"
+        return round_file(self.folder, round_num, ".pt")
 
     def latest_before(self, round_num: int) -> Optional[tuple[int, bytes]]:
         earlier = [r for r in self.rounds() if r < round_num]
@@ -596,10 +580,7 @@ class LocalStateStore:
         return earlier[-1], self.path(earlier[-1]).read_bytes()
 
     def save(self, round_num: int, data: bytes) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.path(round_num).with_suffix(".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(self.path(round_num))
+        atomic_write_bytes(self.path(round_num), data)
         older = [r for r in self.rounds() if r < round_num]
         for r in self.rounds():
             if r > round_num or (older and r < older[-1]):
@@ -698,16 +679,3 @@ def _privacy_metrics(engine: Any, round_num: int) -> dict[str, float]:
     record = engine.round_record(round_num)
     return {f"dp-{k}": float(v) for k, v in dict(record).items()
             if k != "round" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def json_line(record: Mapping[str, Any]) -> str:
-    """One metrics.jsonl line; NaN/Inf become null so every line is valid JSON."""
-    def clean(value: Any) -> Any:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        return value
-    return json.dumps(clean(dict(record)), sort_keys=False)

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from medstylegan2.runfolder import atomic_write
+
 
 def tile_rows(rows: list[np.ndarray], padding: int = 2, pad_value: int = 0) -> np.ndarray:
     """Tile rows of uint8 images ([n_i, 1, H, W] each) into one [rows*H, cols*W] image."""
@@ -22,10 +24,9 @@ def tile_rows(rows: list[np.ndarray], padding: int = 2, pad_value: int = 0) -> n
 
 
 def save_image(array: np.ndarray, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array, mode="L").save(path)
-    return path
+    """A uint8 [H, W] array as an 8-bit grayscale PNG, written atomically."""
+    pixels = Image.fromarray(array, mode="L")
+    return atomic_write(path, lambda fh: pixels.save(fh, format="PNG"))
 
 
 def save_class_grid(G: torch.nn.Module, path: str | Path, *, per_class: int = 8, seed: int = 0,

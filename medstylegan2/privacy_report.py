@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 from medstylegan2.errors import UserError
+from medstylegan2.runfolder import atomic_write_json, save_figure
 
 COMMAND_HELP = "Write RUN_DIR/privacy.json and privacy.png (epsilon per site and round) and print the table."
 REPORT_JSON = "privacy.json"
@@ -86,10 +87,7 @@ def write_privacy_report(run_dir: str | Path, records: Mapping[str, Iterable[Map
     report = build_report(records, delta, accountant)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / REPORT_JSON
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)  # readers never see half a file
+    atomic_write_json(run_dir / REPORT_JSON, report)  # readers never see half a file
     plot_privacy(report, run_dir / REPORT_PNG, budget=budget)
     if echo:
         print(format_table(report, budget=budget))
@@ -193,11 +191,7 @@ def plot_privacy(report: Mapping[str, Any], path: str | Path, *, budget: Optiona
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------

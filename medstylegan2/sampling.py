@@ -11,7 +11,8 @@ import torch
 
 from medstylegan2.config import CLASS_NAMES, RunConfig
 from medstylegan2.networks import build_networks
-from medstylegan2.trainer import config_from_checkpoint, float_to_images, load_state_dict_checked, read_checkpoint
+from medstylegan2.runfolder import config_from_checkpoint, read_checkpoint
+from medstylegan2.trainer import float_to_images, load_state_dict_checked
 
 log = logging.getLogger(__name__)
 

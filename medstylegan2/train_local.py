@@ -7,18 +7,18 @@ checkpoint} until the requested total number of steps.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
 
-import yaml
 from tqdm import tqdm
 
 from medstylegan2.config import RunConfig, load_config
 from medstylegan2.errors import UserError
 from medstylegan2.grid import save_class_grid
-from medstylegan2.trainer import SiteTrainer, config_from_checkpoint, read_checkpoint, resolve_device
+from medstylegan2.runfolder import (append_json_line, atomic_write_text, config_from_checkpoint, config_yaml,
+                                   read_checkpoint)
+from medstylegan2.trainer import SiteTrainer, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         trainer.load_state_dict(state)
         print(f"resumed from {ckpt_path} at step {trainer.step}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(out / "config.yaml", config_yaml(cfg.to_dict()))
     train_loop(trainer, total_steps=args.steps, out=out)
     return 0
 
@@ -98,7 +98,6 @@ def train_loop(trainer: SiteTrainer, *, total_steps: int, out: Path) -> None:
     if trainer.step >= total_steps:
         print(f"already at step {trainer.step} >= {total_steps}; nothing to do")
         return
-    log_file = (out / "log.jsonl").open("a")
     bar = tqdm(total=total_steps, initial=trainer.step, unit="step", dynamic_ncols=True)
     start = time.perf_counter()
     try:
@@ -113,8 +112,7 @@ def train_loop(trainer: SiteTrainer, *, total_steps: int, out: Path) -> None:
             record = {"step": trainer.step, "kimg": kimg, "elapsed_s": time.perf_counter() - start, **stats}
             if trainer.privacy is not None:
                 record["epsilon"] = trainer.privacy.epsilon()
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
+            append_json_line(out / "log.jsonl", record)
             done = trainer.step >= total_steps
             if done or trainer.step % t.grid_every < tick:
                 save_class_grid(trainer.G_ema, out / f"grid_{trainer.step:06d}.png", device=trainer.device,
@@ -123,7 +121,6 @@ def train_loop(trainer: SiteTrainer, *, total_steps: int, out: Path) -> None:
                 trainer.save_checkpoint(out / CHECKPOINT_NAME)
     finally:
         bar.close()
-        log_file.close()
     print(f"done: step {trainer.step}, checkpoint {out / CHECKPOINT_NAME}, "
           f"last grid {out / f'grid_{trainer.step:06d}.png'}")
     if trainer.privacy is not None:

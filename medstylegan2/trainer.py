@@ -20,14 +20,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from medstylegan2.config import RunConfig, from_dict
+from medstylegan2.config import RunConfig
 from medstylegan2.errors import CheckpointError, UserError
 from medstylegan2.losses import StyleGAN2Loss
 from medstylegan2.networks import build_networks
+from medstylegan2.runfolder import write_checkpoint
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "medstylegan2-checkpoint-v1"
 NETWORK_NAMES = ("G", "G_ema", "D")
 
 
@@ -275,7 +275,6 @@ class SiteTrainer:
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = {
-            "format": CHECKPOINT_FORMAT,
             "config": self.cfg.to_dict(),
             **self.get_weights(),
             "g_opt": self.g_opt.state_dict(),
@@ -302,33 +301,12 @@ class SiteTrainer:
         _set_rng_state(state["rng"])
 
     def save_checkpoint(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint
-        return path
+        """Everything above in one checkpoint file (``medstylegan2.runfolder.write_checkpoint``: atomic)."""
+        return write_checkpoint(path, self.state_dict())
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoint I/O shared by the trainer, the sampler and the server
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises many types for truncated/corrupt files
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a Med-StyleGAN2 checkpoint (expected format {CHECKPOINT_FORMAT!r})")
-    return state
-
-
-def config_from_checkpoint(state: dict[str, Any]) -> RunConfig:
-    return from_dict(state["config"], where="checkpoint config").validate()
+# Loading weights
 
 
 def load_state_dict_checked(module: nn.Module, state: dict[str, torch.Tensor], *, what: str) -> None:

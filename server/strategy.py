@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import torch
-import yaml
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -37,7 +36,8 @@ from flwr.serverapp.strategy import FedAvg
 from medstylegan2 import federation as fed
 from medstylegan2.config import RunConfig
 from medstylegan2.errors import CheckpointError, UserError
-from medstylegan2.trainer import CHECKPOINT_FORMAT, read_checkpoint, resolve_device
+from medstylegan2.runfolder import RunFolder, read_checkpoint
+from medstylegan2.trainer import resolve_device
 
 log = logging.getLogger("medstylegan2.server")
 
@@ -55,41 +55,6 @@ def _warn(msg: str, *args: Any) -> None:
     from flwr.common.logger import log as flwr_log
 
     flwr_log(logging.WARNING, msg, *args)
-
-
-# ----------------------------------------------------------------------------------------------
-# Run folder
-
-
-@dataclass
-class RunFolder:
-    root: Path
-
-    def checkpoint(self, round_num: int) -> Path:
-        return self.root / f"round_{round_num:03d}.pt"
-
-    def grid(self, round_num: int) -> Path:
-        return self.root / "grids" / f"round_{round_num:03d}.png"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    def checkpoint_rounds(self) -> list[int]:
-        return fed.round_numbers_in(self.root)
-
-    def append_metrics(self, record: dict[str, Any]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with self.metrics.open("a") as f:
-            f.write(fed.json_line(record) + "\n")
-
-    def truncate_metrics(self, last_round: int) -> None:
-        """Drop lines of rounds after ``last_round`` (they belong to a run that crashed)."""
-        if not self.metrics.is_file():
-            return
-        kept = [line for line in self.metrics.read_text().splitlines()
-                if line.strip() and json.loads(line).get("round", 0) <= last_round]
-        self.metrics.write_text("".join(line + "\n" for line in kept))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,7 +338,6 @@ class FederatedGAN(FedAvg):
     def save_checkpoint(self) -> Path:
         nested = fed.unflatten_weights(self.state.weights)
         state = {
-            "format": CHECKPOINT_FORMAT,
             "config": self.cfg.to_dict(),
             "G": nested["G"], "G_ema": nested["G_ema"], "D": nested["D"],
             # Counters in the trainer's terms: G+D steps each participating site took, and all
@@ -385,15 +349,7 @@ class FederatedGAN(FedAvg):
                            "stopped": self.state.stopped, "privacy": self.state.privacy,
                            "sites": {info.name: info.num_examples for info in self.sites.values()}},
         }
-        path = self.folder.checkpoint(self.state.round)
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)  # atomic: a crash never leaves half a checkpoint
-        keep = self.cfg.federation.keep_checkpoints
-        if keep > 0:
-            for old in self.folder.checkpoint_rounds()[:-keep]:
-                self.folder.checkpoint(old).unlink(missing_ok=True)
-        return path
+        return self.folder.write_checkpoint(self.state.round, state, keep=self.cfg.federation.keep_checkpoints)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,7 +430,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: str | Path, *, resume: b
         folder.metrics.unlink(missing_ok=True)
         weights, buffer_keys = fed.initial_weights(cfg)
         state = ServerState(round=0, weights=weights, optimizer={}, run_token=uuid.uuid4().hex)
-    (folder.root / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    folder.write_config(cfg.to_dict())
 
     remaining = cfg.federation.rounds - state.round
     if remaining <= 0 or state.stopped:

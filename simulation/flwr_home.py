@@ -25,6 +25,7 @@ from typing import Any, Optional
 import tomli_w
 
 from medstylegan2.config import RunConfig, load_config
+from medstylegan2.runfolder import atomic_write_text
 
 DEFAULT_HOME = ".cache/flwr-home"
 
@@ -52,10 +53,7 @@ def federation_config_args(cfg: RunConfig, sites: Optional[int] = None) -> str:
 
 
 def write_flower_config(home: str | Path, config: dict[str, Any]) -> Path:
-    path = Path(home) / "config.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomli_w.dumps(config))
-    return path
+    return atomic_write_text(Path(home) / "config.toml", tomli_w.dumps(config))
 
 
 def main(argv: Optional[list[str]] = None) -> int:

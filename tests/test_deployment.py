@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from medstylegan2.phantoms import write_phantom_folder
+from medstylegan2.runfolder import read_checkpoint
 from medstylegan2.sampling import load_generator
-from medstylegan2.trainer import read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"

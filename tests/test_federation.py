@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 
 from medstylegan2 import federation as fed
 from medstylegan2.config import load_config
-from medstylegan2.trainer import read_checkpoint
+from medstylegan2.runfolder import read_checkpoint
 from server.loopback import LoopbackGrid
 from server.strategy import run_federation
 

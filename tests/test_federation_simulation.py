@@ -16,7 +16,7 @@ import torch
 
 from medstylegan2 import federation as fed
 from medstylegan2.sampling import load_generator
-from medstylegan2.trainer import read_checkpoint
+from medstylegan2.runfolder import read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,8 @@ from medstylegan2.losses import discriminator_real_loss_per_sample
 from medstylegan2.networks import Discriminator
 from medstylegan2.privacy import (DPEngine, PrivacyError, default_delta, make_privacy_engine,
                                   per_sample_real_gradients, validate_discriminator)
-from medstylegan2.trainer import SiteTrainer, read_checkpoint
+from medstylegan2.runfolder import read_checkpoint
+from medstylegan2.trainer import SiteTrainer
 
 TINY = ["model.resolution=16", "model.channel_base=256", "model.channel_max=32", "model.z_dim=16", "model.w_dim=16",
         "model.mapping_layers=2", "model.cmap_dim=16", "model.mbstd_group_size=0", "train.batch_size=4",

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -41,6 +39,7 @@ from medstylegan2.classifier import (XrayClassifier, evaluate_classifier, load_c
 from medstylegan2.config import ConfigError, MetricsConfig
 from medstylegan2.errors import DataError, UserError
 from medstylegan2.metrics import METRIC_NAMES
+from medstylegan2.runfolder import RunFolder, atomic_write_json, jsonable, round_file
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +68,6 @@ def validate_metric_names(names: list[str] | tuple[str, ...]) -> list[str]:
 
 def _round_tag(round_num: int | None) -> str:
     return "" if round_num is None else f"_round_{round_num:03d}"
-
-
-def _jsonable(value: Any) -> Any:
-    """NaN/inf become null (strict JSON); numpy scalars become Python numbers."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _count_per_class(labels: np.ndarray, class_names: tuple[str, ...]) -> dict[str, int]:
@@ -315,7 +301,7 @@ def evaluate_images(fake, real_heldout, *, train=None, cfg: MetricsConfig | None
     if round_num is None:
         eval_dir = out_dir
     else:  # round records live in the run's eval/ folder, where plot_metrics reads them
-        eval_dir = run_dir / "eval" if run_dir is not None else out_dir / "eval"
+        eval_dir = RunFolder(run_dir if run_dir is not None else out_dir).eval_dir
     eval_dir.mkdir(parents=True, exist_ok=True)
     clf_path = Path(classifier_path) if classifier_path else (run_dir or out_dir) / CLASSIFIER_FILE
 
@@ -328,28 +314,20 @@ def evaluate_images(fake, real_heldout, *, train=None, cfg: MetricsConfig | None
                             title=None if round_num is None else f"round {round_num}")
     record["grid_png"] = str(grid)
     record["elapsed_s"] = round(time.perf_counter() - started, 3)
-    record = _jsonable(record)
-    json_path = eval_dir / (f"round_{round_num:03d}.json" if round_num is not None else "evaluation.json")
-    _write_json(json_path, record)
+    record = jsonable(record)
+    json_path = round_file(eval_dir, round_num, ".json") if round_num is not None else eval_dir / "evaluation.json"
+    atomic_write_json(json_path, record)
     record["json"] = str(json_path)
     if run_dir is not None:
         line = {"round": round_num, "kind": "eval", "time": record["time"], "overall": record["overall"],
                 "per_class": record["per_class"], "errors": record["errors"], "file": str(json_path)}
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(line) + "\n")
+        RunFolder(run_dir).append_metrics(line)
         try:
             plot_metrics(run_dir)
         except Exception:  # noqa: BLE001 - a plotting problem must not fail the server's round
             log.exception("could not draw %s", run_dir / "metrics.png")
     log.info("eval: wrote %s (%.1f s)", json_path, record["elapsed_s"])
     return record
-
-
-def _write_json(path: Path, record: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
-    tmp.replace(path)
 
 
 def evaluate_generator(G_ema, real_heldout, train, cfg: MetricsConfig, out_dir: str | Path | None = None,
