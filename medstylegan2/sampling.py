@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from medstylegan2.config import CLASS_NAMES, RunConfig
+from medstylegan2.images import ImageSet
 from medstylegan2.networks import build_networks
 from medstylegan2.runfolder import config_from_checkpoint, read_checkpoint
 from medstylegan2.trainer import float_to_images, load_state_dict_checked
@@ -53,8 +54,6 @@ def generate_images(G: torch.nn.Module, labels: np.ndarray, *, seed: int = 0, tr
 def generate_per_class(G: torch.nn.Module, n_per_class: int, *, seed: int = 0, truncation_psi: float = 1.0,
                        batch_size: int = 64, device: torch.device | str = "cpu"):
     """An ImageSet with ``n_per_class`` generated images of every class, grouped by class."""
-    from medstylegan2.data import ImageSet
-
     labels = np.repeat(np.arange(G.num_classes, dtype=np.int64), n_per_class)
     images = generate_images(G, labels, seed=seed, truncation_psi=truncation_psi, batch_size=batch_size,
                              device=device)
@@ -77,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medstylegan2.data import write_image_folder
+    from medstylegan2.images import write_image_folder
     from medstylegan2.errors import UserError
     from medstylegan2.grid import save_image, tile_rows
     from medstylegan2.trainer import resolve_device

@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 
 from medstylegan2.config import CLASS_NAMES, DataConfig
-from medstylegan2.data import (ImageSet, class_summary, load_covidqu, load_dataset, load_folder,
-                               resolve_data_argument, split_heldout, write_image_folder)
+from medstylegan2.data import (class_summary, load_covidqu, load_dataset, load_folder, resolve_data_argument,
+                               split_heldout)
 from medstylegan2.errors import DataError, UserError
+from medstylegan2.images import ImageSet, write_image_folder
 
 COVIDQU_NESTED = ("Lung Segmentation Data", "Lung Segmentation Data")
 
@@ -228,7 +229,7 @@ def test_covidqu_dataset_trains_on_train_and_val_and_holds_out_its_own_test_spli
 
 
 def test_second_load_reads_the_cache_and_a_changed_tree_rebuilds_it(tmp_path, caplog, monkeypatch):
-    import medstylegan2.data as data
+    import medstylegan2.images as images
 
     root = _class_tree(tmp_path / "data")
     cache = tmp_path / "cache"
@@ -239,7 +240,7 @@ def test_second_load_reads_the_cache_and_a_changed_tree_rebuilds_it(tmp_path, ca
     def no_decoding(path, resolution):
         raise AssertionError(f"decoded {path} although the cache is valid")
 
-    monkeypatch.setattr(data, "_decode_or_reason", no_decoding)
+    monkeypatch.setattr(images, "_decode_or_reason", no_decoding)
     with caplog.at_level(logging.INFO, logger="medstylegan2.data"):
         second = load_folder(root, 16, cache_dir=cache)
     assert any("from cache" in r.getMessage() and r.levelno == logging.INFO for r in caplog.records)
