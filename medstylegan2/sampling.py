@@ -1,4 +1,4 @@
-"""Sampling from a trained generator (G_ema of a checkpoint), and the ``sample`` command."""
+"""Sampling from a trained generator (G_ema of a checkpoint), class grids, and the ``sample`` command."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import numpy as np
 import torch
 
 from medstylegan2.config import CLASS_NAMES, RunConfig
-from medstylegan2.images import ImageSet
+from medstylegan2.images import ImageSet, write_image_folder
 from medstylegan2.networks import build_networks
 from medstylegan2.runfolder import config_from_checkpoint, read_checkpoint
+from medstylegan2.tiling import save_image, tile_rows
 from medstylegan2.trainer import float_to_images, load_state_dict_checked
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,22 @@ def generate_per_class(G: torch.nn.Module, n_per_class: int, *, seed: int = 0, t
     return ImageSet(images=images, labels=labels)
 
 
+def save_class_grid(G: torch.nn.Module, path: str | Path, *, per_class: int = 8, seed: int = 0,
+                    truncation_psi: float = 1.0, device: torch.device | str = "cpu",
+                    real_rows: list[np.ndarray] | None = None) -> Path:
+    """Generate ``per_class`` images of every class (fixed seed) and save one row per class.
+
+    ``real_rows`` (uint8 [n,1,H,W] per class) are interleaved under each generated row for comparison.
+    """
+    fake = generate_per_class(G, per_class, seed=seed, truncation_psi=truncation_psi, device=device)
+    rows = []
+    for k in range(G.num_classes):
+        rows.append(fake.images[fake.labels == k])
+        if real_rows is not None:
+            rows.append(real_rows[k][:per_class])
+    return save_image(tile_rows(rows), path)
+
+
 # ----------------------------------------------------------------------------------------------
 # CLI
 
@@ -76,9 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medstylegan2.images import write_image_folder
     from medstylegan2.errors import UserError
-    from medstylegan2.grid import save_image, tile_rows
     from medstylegan2.trainer import resolve_device
 
     if args.per_class <= 0:

@@ -15,9 +15,9 @@ from tqdm import tqdm
 
 from medstylegan2.config import RunConfig, load_config
 from medstylegan2.errors import UserError
-from medstylegan2.grid import save_class_grid
 from medstylegan2.runfolder import (append_json_line, atomic_write_text, config_from_checkpoint, config_yaml,
                                    read_checkpoint)
+from medstylegan2.sampling import save_class_grid
 from medstylegan2.trainer import SiteTrainer, resolve_device
 
 log = logging.getLogger(__name__)

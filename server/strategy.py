@@ -81,7 +81,7 @@ class EvaluationHook:
         out: dict[str, Any] = {}
         G = self.generator(weights)
         try:
-            from medstylegan2.grid import save_class_grid
+            from medstylegan2.sampling import save_class_grid
 
             path = save_class_grid(G, self.folder.grid(round_num), per_class=8, seed=0, device=self.device)
             out["grid"] = str(Path(path).relative_to(self.folder.root))

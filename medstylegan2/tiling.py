@@ -1,11 +1,10 @@
-"""Sample grids: one row per class, written as an 8-bit grayscale PNG."""
+"""Tiling uint8 images into one picture, and writing it as an 8-bit grayscale PNG (atomically)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from medstylegan2.runfolder import atomic_write
@@ -27,21 +26,3 @@ def save_image(array: np.ndarray, path: str | Path) -> Path:
     """A uint8 [H, W] array as an 8-bit grayscale PNG, written atomically."""
     pixels = Image.fromarray(array, mode="L")
     return atomic_write(path, lambda fh: pixels.save(fh, format="PNG"))
-
-
-def save_class_grid(G: torch.nn.Module, path: str | Path, *, per_class: int = 8, seed: int = 0,
-                    truncation_psi: float = 1.0, device: torch.device | str = "cpu",
-                    real_rows: list[np.ndarray] | None = None) -> Path:
-    """Generate ``per_class`` images of every class (fixed seed) and save one row per class.
-
-    ``real_rows`` (uint8 [n,1,H,W] per class) are interleaved under each generated row for comparison.
-    """
-    from medstylegan2.sampling import generate_per_class
-
-    fake = generate_per_class(G, per_class, seed=seed, truncation_psi=truncation_psi, device=device)
-    rows = []
-    for k in range(G.num_classes):
-        rows.append(fake.images[fake.labels == k])
-        if real_rows is not None:
-            rows.append(real_rows[k][:per_class])
-    return save_image(tile_rows(rows), path)
