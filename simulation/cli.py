@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from medstylegan2.cli import run_reporting_user_errors, setup_logging
+from medstylegan2.cli_support import run_reporting_user_errors, setup_logging
 from medstylegan2.config import RunConfig, load_config
 from medstylegan2.errors import UserError
 

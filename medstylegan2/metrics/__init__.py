@@ -9,7 +9,8 @@ One module per concern:
 - ``memorization``: nearest-training-image audit;
 - ``utility``: train-on-synthetic, test-on-real classification;
 - ``plots``: sample grids, memorization pairs, metrics over rounds;
-- ``evaluate``: the orchestrator (``evaluate_images``, ``evaluate_generator``) and the ``evaluate`` command.
+- ``evaluate``: the orchestrator (``evaluate_images``, ``evaluate_generator``);
+- ``evaluate_command``: the ``evaluate`` command.
 """
 
 from __future__ import annotations
