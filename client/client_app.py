@@ -70,7 +70,7 @@ def train(message: Message, context: Context) -> Message:
     _set_threads(cfg, context.node_config)
     privacy_factory = None
     if cfg.privacy.enabled:
-        from medstylegan2.privacy import make_privacy_engine
+        from medstylegan2.privacy.engine import make_privacy_engine
         privacy_factory = make_privacy_engine
     device = str(context.node_config.get("device", "")) or str(resolve_device(cfg.device))
     result = fed.run_site_round(cfg, data.images, data.labels, received, round_num=round_num, site=data.name,

@@ -17,3 +17,7 @@ class CheckpointError(UserError):
 
 class MissingWeightsError(UserError):
     """A pretrained feature network's weights file is absent (no internet to download it)."""
+
+
+class PrivacyError(UserError):
+    """A model or setting is incompatible with differential privacy; the message says what to change."""

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(cfg.device)
     privacy = None
     if cfg.privacy.enabled:
-        from medstylegan2.privacy import make_privacy_engine
+        from medstylegan2.privacy.engine import make_privacy_engine
 
         # Planned for the whole run, so a target epsilon is met after --steps steps.
         privacy = make_privacy_engine(cfg, len(train_set), args.steps, seed=cfg.seed)

@@ -14,7 +14,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from medstylegan2.errors import CheckpointError, UserError
 from medstylegan2.losses import StyleGAN2Loss
 from medstylegan2.networks import build_networks
 from medstylegan2.runfolder import write_checkpoint
+
+if TYPE_CHECKING:
+    from medstylegan2.privacy.engine import DPEngine
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +103,7 @@ class SiteTrainer:
 
     def __init__(self, cfg: RunConfig, images: np.ndarray, labels: np.ndarray, *,
                  device: torch.device | str | None = None, seed: Optional[int] = None,
-                 privacy: Optional[Any] = None):
+                 privacy: Optional["DPEngine"] = None):
         self.cfg = cfg
         self.device = torch.device(device) if device is not None else resolve_device(cfg.device)
         self.seed = cfg.seed if seed is None else seed
@@ -123,14 +126,16 @@ class SiteTrainer:
         self.cur_nimg = 0      # real images shown to D
         # Set by federation for a FedProx-style proximal term: {"G": {...}, "D": {...}} of tensors.
         self.proximal_reference: Optional[dict[str, dict[str, torch.Tensor]]] = None
-        # The differential-privacy engine (medstylegan2.privacy) takes over D's real-data step.
+        # The differential-privacy engine (medstylegan2.privacy.engine) supplies D's real-data
+        # gradient; this trainer still owns the whole D step.
         self.privacy = privacy
         if privacy is not None:
-            privacy.attach(self)
+            # Validates D before any training; fails here if D or this site does not fit DP-SGD.
+            privacy.bind(self.D, self.d_opt, num_examples=self.num_examples, batch_size=cfg.train.batch_size)
         elif cfg.privacy.enabled and self.num_examples > 0:
             # Never train on real images without DP when the config promises it.
             raise UserError("privacy.enabled is true but no privacy engine was given: pass "
-                            "privacy=medstylegan2.privacy.make_privacy_engine(cfg, num_examples, planned_steps)")
+                            "privacy=medstylegan2.privacy.engine.make_privacy_engine(cfg, num_examples, planned_steps)")
 
     # -- construction helpers --------------------------------------------------------------------
     def _make_optimizer(self, module: nn.Module, lr: float, reg_interval: Optional[int]) -> torch.optim.Adam:
@@ -195,24 +200,49 @@ class SiteTrainer:
             fake_labels = self.sample_fake_labels(batch)
             fake = self.loss.generate(z, fake_labels, update_w_avg=False)
         r1_weight = self.loss.r1_weight(lazy=self.step % t.r1_interval == 0)
+        stats.update(self.discriminator_step(fake, fake_labels, r1_weight))
+        self.G.requires_grad_(True)
+
+        self.update_ema()
+        self.step += 1
+        return stats
+
+    def discriminator_step(self, fake: torch.Tensor, fake_labels: torch.Tensor, r1_weight: float) -> dict[str, float]:
+        """One D update on ``fake`` and a batch of real images (DP-SGD under privacy); shareable stats.
+
+        Without privacy: a shuffled batch of reals, the mean loss over fakes and reals, backward.
+        Under privacy the engine draws a Poisson batch and sets D's gradients to the clipped and
+        noised gradient of its real-data loss; the fake term is added here as is. Either way this
+        trainer adds the proximal term, sanitizes, steps D's optimizer and counts the images.
+        """
         if self.privacy is not None:
-            s = self.privacy.discriminator_step(self, fake, fake_labels, r1_weight)
-            stats.update(s)
+            idx = self.privacy.sample_batch().to(self.device)
+            self.privacy.private_real_gradient(self.real_images[idx], self.real_labels[idx], r1_weight)
+            # Fake images: G's output for noise z and uniformly drawn labels, so this term reads no
+            # private data (D's current weights are already DP, and anything computed from them is
+            # post-processing). Its gradient is therefore added as is: clipping bounds one person's
+            # influence and noise hides it, and no person influences this term. Its 1/B mean matches
+            # the 1/(q*n) scaling Opacus applied to the real term, as in the non-private loss.
+            loss_fake = self.loss.discriminator_fake(fake, fake_labels)
+            loss_fake.backward()
+            # The real loss stays local (engine.last_private_stats): it was computed without noise.
+            stats = {"loss_d_fake": loss_fake.item()}
+            # Count the expected number of real images, not the drawn one: the actual Poisson batch
+            # size is not part of what the accountant releases.
+            seen = int(round(self.privacy.expected_batch_size))
         else:
             real, real_labels = self.real_batch()
             self.d_opt.zero_grad(set_to_none=True)
             loss_fake = self.loss.discriminator_fake(fake, fake_labels)
             loss_real = self.loss.discriminator_real(real, real_labels, r1_weight)
             (loss_fake + loss_real).backward()
-            self._add_proximal_gradient("D", self.D)
-            _sanitize_gradients(self.D)
-            self.d_opt.step()
-            self.cur_nimg += real.shape[0]
-            stats.update({"loss_d_fake": loss_fake.item(), "loss_d_real": loss_real.item()})
-        self.G.requires_grad_(True)
-
-        self.update_ema()
-        self.step += 1
+            stats = {"loss_d_fake": loss_fake.item(), "loss_d_real": loss_real.item()}
+            seen = real.shape[0]
+        # The FedProx pull towards the global weights is data-independent: it needs no noise.
+        self._add_proximal_gradient("D", self.D)
+        _sanitize_gradients(self.D)
+        self.d_opt.step()
+        self.cur_nimg += seen
         return stats
 
     def _add_proximal_gradient(self, name: str, module: nn.Module) -> None:

@@ -12,7 +12,7 @@ import yaml
 
 from medstylegan2.cli import main
 from medstylegan2.config import FederationConfig, load_config
-from medstylegan2.privacy import DPEngine
+from medstylegan2.privacy.engine import DPEngine
 from medstylegan2.privacy_report import (RECORD_KEYS, build_report, records_from_metrics, update_privacy_report,
                                          write_privacy_report)
 
