@@ -1,6 +1,7 @@
 """The hospital site: a Flower ClientApp that trains the global GAN for K steps on local images.
 
-Thin by design: records in, records out. Everything else is in ``medstylegan2.federation``.
+Thin by design: records in, records out. The site's round itself is ``medstylegan2.fl.site_round``
+(``run_site_round``), its data ``medstylegan2.fl.partition`` (``load_site_data``).
 
 What arrives (from the ServerApp): the global G, G_ema and D weights as the ArrayRecord
 ``arrays`` (float32 or float16, model constants excluded) and the ConfigRecord ``config`` with
@@ -13,7 +14,7 @@ What leaves: the ArrayRecord ``arrays`` (new weights, or the float16 update), th
 
 What stays (``Context.state``, and ``<state-dir>/<run-token>/<site>/round_XXX.pt`` when a state
 folder is known): optimizer moments, path-length mean, batch sampler, counters and the privacy
-accountant; see ``federation.local_state_of``.
+accountant; see ``medstylegan2.fl.site_round.local_state_of``.
 
 Node config (deployment): ``data-dir`` (required: ``<class>/*.png`` or a COVID-QU-Ex root),
 ``site-name`` (default: the folder's name), ``state-dir`` (optional: local state survives a
@@ -25,14 +26,15 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from medstylegan2 import federation as fed
 from medstylegan2.config import RunConfig, from_dict
+from medstylegan2.fl.partition import load_site_data
+from medstylegan2.fl.site_round import LocalStateStore, local_state_from_bytes, local_state_to_bytes, run_site_round
+from medstylegan2.runfolder import site_state_folder
 from medstylegan2.trainer import resolve_device
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ def config_of(message: Message) -> tuple[RunConfig, ConfigRecord]:
 def roll_call(message: Message, context: Context) -> Message:
     """Say who this site is and how many training images it has (a count, nothing else)."""
     cfg, _ = config_of(message)
-    data = fed.load_site_data(cfg, context.node_config)
+    data = load_site_data(cfg, context.node_config)
     content = RecordDict({"site": ConfigRecord({"site": data.name}),
                           "metrics": MetricRecord({"num-examples": int(len(data.labels))})})
     return Message(content=content, reply_to=message)
@@ -62,7 +64,7 @@ def roll_call(message: Message, context: Context) -> Message:
 def train(message: Message, context: Context) -> Message:
     cfg, config = config_of(message)
     round_num, token = int(config["round"]), str(config["run-token"])
-    data = fed.load_site_data(cfg, context.node_config)
+    data = load_site_data(cfg, context.node_config)
     store = _state_store(context, config, token, data.name)
     local_state = _previous_local_state(context, store, token, round_num)
     received = {key: array.numpy() for key, array in message.content["arrays"].items()}
@@ -73,12 +75,12 @@ def train(message: Message, context: Context) -> Message:
         from medstylegan2.privacy.engine import make_privacy_engine
         privacy_factory = make_privacy_engine
     device = str(context.node_config.get("device", "")) or str(resolve_device(cfg.device))
-    result = fed.run_site_round(cfg, data.images, data.labels, received, round_num=round_num, site=data.name,
+    result = run_site_round(cfg, data.images, data.labels, received, round_num=round_num, site=data.name,
                                 local_state=local_state, privacy_factory=privacy_factory, device=device,
                                 constants_check=str(config["constants-digest"]))
 
     if result.local_state is not None:
-        blob = fed.local_state_to_bytes(result.local_state)
+        blob = local_state_to_bytes(result.local_state)
         context.state[STATE_KEY] = ConfigRecord({"round": round_num, "run-token": token, "state": blob})
         if store is not None:
             store.save(round_num, blob)
@@ -105,7 +107,7 @@ def _set_threads(cfg: RunConfig, node_config: Mapping[str, Any]) -> None:
         torch.set_num_threads(threads)
 
 
-def _state_store(context: Context, config: ConfigRecord, token: str, site: str) -> Optional[fed.LocalStateStore]:
+def _state_store(context: Context, config: ConfigRecord, token: str, site: str) -> Optional[LocalStateStore]:
     """The site's own state folder: node config ``state-dir``; in a simulation, the run's folder.
 
     A real site never writes where the server says: the server's ``site-state-dir`` is used only
@@ -117,19 +119,19 @@ def _state_store(context: Context, config: ConfigRecord, token: str, site: str) 
         root = str(config.get("site-state-dir", ""))
     if not root:
         return None
-    return fed.LocalStateStore(Path(root) / token / site)
+    return LocalStateStore(site_state_folder(root, token, site))
 
 
-def _previous_local_state(context: Context, store: Optional[fed.LocalStateStore], token: str,
+def _previous_local_state(context: Context, store: Optional[LocalStateStore], token: str,
                           round_num: int) -> Optional[dict[str, Any]]:
     """This site's state after its latest earlier round of this run: memory first, then disk."""
     if STATE_KEY in context.state:
         saved = context.state[STATE_KEY]
         if str(saved["run-token"]) == token and int(saved["round"]) < round_num:
-            return fed.local_state_from_bytes(bytes(saved["state"]))
+            return local_state_from_bytes(bytes(saved["state"]))
     if store is not None:
         found = store.latest_before(round_num)
         if found is not None:
             log.info("round %d: restoring local state of round %d from %s", round_num, found[0], store.folder)
-            return fed.local_state_from_bytes(found[1])
+            return local_state_from_bytes(found[1])
     return None

@@ -94,17 +94,18 @@ def simulate(config_path: str | Path, overrides: list[str], *, run_dir: Optional
     from flwr.simulation import run_simulation
 
     from client.client_app import app as client_app
-    from medstylegan2 import federation as fed
+    from medstylegan2.fl.partition import (format_partition_table, partition_table, simulation_partitions,
+                                           write_partition_csv)
     from server.server_app import create_server_app
 
     run_dir = Path(run_dir if run_dir is not None else cfg.run_dir).resolve()
     sites = cfg.federation.sites
 
-    train, parts = fed.simulation_partitions(cfg, sites)
-    rows = fed.partition_table(train.labels, parts, train.class_names)
+    train, parts = simulation_partitions(cfg, sites)
+    rows = partition_table(train.labels, parts, train.class_names)
     print(f"partition ({cfg.federation.partitioner}, {sites} sites, {len(train.labels)} training images):")
-    print(fed.format_partition_table(rows, train.class_names))
-    fed.write_partition_csv(rows, run_dir / "partition.csv", train.class_names)
+    print(format_partition_table(rows, train.class_names))
+    write_partition_csv(rows, run_dir / "partition.csv", train.class_names)
     if any(r["total"] == 0 for r in rows):
         log.warning("some sites have no training images: they will return their weights unchanged")
 

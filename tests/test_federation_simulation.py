@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from medstylegan2 import federation as fed
-from medstylegan2.sampling import load_generator
+from medstylegan2.fl.wire import flatten_weights
 from medstylegan2.runfolder import read_checkpoint
+from medstylegan2.sampling import load_generator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ def simulate(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
     state = read_checkpoint(path)
-    return fed.flatten_weights({name: state[name] for name in ("G", "G_ema", "D")})
+    return flatten_weights({name: state[name] for name in ("G", "G_ema", "D")})
 
 
 def test_smoke_simulation_writes_checkpoints_metrics_grids_and_partition_table(tmp_path):
