@@ -5,14 +5,14 @@ Thin by design: records in, records out. The site's round itself is ``medstylega
 
 What arrives (from the ServerApp): the global G, G_ema and D weights as the ArrayRecord
 ``arrays`` (float32 or float16, model constants excluded) and the ConfigRecord ``config`` with
-the run's validated configuration (``run-config``, JSON), the round, the run token and the
+the run's validated configuration (``run_config``, JSON), the round, the run token and the
 digest of the model constants.
 
 What leaves: the ArrayRecord ``arrays`` (new weights, or the float16 update), the MetricRecord
-``metrics`` (num-examples, losses, images/s, privacy figures under DP) and the ConfigRecord
+``metrics`` (num_examples, losses, images/s, privacy figures ``dp_*`` under DP) and the ConfigRecord
 ``site`` (site name, payload kind). Never images, labels per image or anything of image shape.
 
-What stays (``Context.state``, and ``<state-dir>/<run-token>/<site>/round_XXX.pt`` when a state
+What stays (``Context.state``, and ``<state-dir>/<run token>/<site>/round_XXX.pt`` when a state
 folder is known): optimizer moments, path-length mean, batch sampler, counters and the privacy
 accountant; see ``medstylegan2.fl.site_round.local_state_of``.
 
@@ -39,14 +39,14 @@ from medstylegan2.trainer import resolve_device
 
 log = logging.getLogger(__name__)
 
-STATE_KEY = "medstylegan2-local"
+STATE_KEY = "medstylegan2_local_state"
 
 app = ClientApp()
 
 
 def config_of(message: Message) -> tuple[RunConfig, ConfigRecord]:
     record = message.content["config"]
-    cfg = from_dict(json.loads(str(record["run-config"])), where="run-config from the server").validate()
+    cfg = from_dict(json.loads(str(record["run_config"])), where="run_config from the server").validate()
     return cfg, record
 
 
@@ -56,14 +56,14 @@ def roll_call(message: Message, context: Context) -> Message:
     cfg, _ = config_of(message)
     data = load_site_data(cfg, context.node_config)
     content = RecordDict({"site": ConfigRecord({"site": data.name}),
-                          "metrics": MetricRecord({"num-examples": int(len(data.labels))})})
+                          "metrics": MetricRecord({"num_examples": int(len(data.labels))})})
     return Message(content=content, reply_to=message)
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
     cfg, config = config_of(message)
-    round_num, token = int(config["round"]), str(config["run-token"])
+    round_num, token = int(config["round"]), str(config["run_token"])
     data = load_site_data(cfg, context.node_config)
     store = _state_store(context, config, token, data.name)
     local_state = _previous_local_state(context, store, token, round_num)
@@ -77,11 +77,11 @@ def train(message: Message, context: Context) -> Message:
     device = str(context.node_config.get("device", "")) or str(resolve_device(cfg.device))
     result = run_site_round(cfg, data.images, data.labels, received, round_num=round_num, site=data.name,
                                 local_state=local_state, privacy_factory=privacy_factory, device=device,
-                                constants_check=str(config["constants-digest"]))
+                                constants_check=str(config["constants_digest"]))
 
     if result.local_state is not None:
         blob = local_state_to_bytes(result.local_state)
-        context.state[STATE_KEY] = ConfigRecord({"round": round_num, "run-token": token, "state": blob})
+        context.state[STATE_KEY] = ConfigRecord({"round": round_num, "run_token": token, "state": blob})
         if store is not None:
             store.save(round_num, blob)
 
@@ -110,13 +110,13 @@ def _set_threads(cfg: RunConfig, node_config: Mapping[str, Any]) -> None:
 def _state_store(context: Context, config: ConfigRecord, token: str, site: str) -> Optional[LocalStateStore]:
     """The site's own state folder: node config ``state-dir``; in a simulation, the run's folder.
 
-    A real site never writes where the server says: the server's ``site-state-dir`` is used only
+    A real site never writes where the server says: the server's ``site_state_dir`` is used only
     by simulated sites (``partition-id`` and no ``data-dir`` in the node config).
     """
     node = context.node_config
     root = str(node.get("state-dir", ""))
     if not root and "partition-id" in node and "data-dir" not in node:
-        root = str(config.get("site-state-dir", ""))
+        root = str(config.get("site_state_dir", ""))
     if not root:
         return None
     return LocalStateStore(site_state_folder(root, token, site))
@@ -127,7 +127,7 @@ def _previous_local_state(context: Context, store: Optional[LocalStateStore], to
     """This site's state after its latest earlier round of this run: memory first, then disk."""
     if STATE_KEY in context.state:
         saved = context.state[STATE_KEY]
-        if str(saved["run-token"]) == token and int(saved["round"]) < round_num:
+        if str(saved["run_token"]) == token and int(saved["round"]) < round_num:
             return local_state_from_bytes(bytes(saved["state"]))
     if store is not None:
         found = store.latest_before(round_num)

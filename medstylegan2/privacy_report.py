@@ -13,7 +13,8 @@ delta, i.e. the weakest site's.
 
 The server calls ``update_privacy_report`` after every round; ``medstylegan2 privacy-report RUN_DIR``
 re-renders the plot and prints the table from ``privacy.json`` (or rebuilds it from the per-site
-``dp-*`` figures in ``metrics.jsonl`` when it is missing).
+``dp_*`` figures in ``metrics.jsonl`` when it is missing; runs written before keys were snake_case
+carry them as ``dp-*``, and are read too).
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def update_privacy_report(run_dir: str | Path, site: str, record: Mapping[str, A
 
 
 def records_from_metrics(lines: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
-    """Per-site records from ``metrics.jsonl`` lines whose sites carry ``dp-*`` figures."""
+    """Per-site records from ``metrics.jsonl`` lines whose sites carry ``dp_*`` (or, older runs, ``dp-*``) figures."""
     records: dict[str, list[dict[str, Any]]] = {}
     for line in lines:
         if not line.strip():
@@ -136,7 +137,7 @@ def records_from_metrics(lines: Iterable[str]) -> dict[str, list[dict[str, Any]]
         for site, figures in (entry.get("sites") or {}).items():
             if not isinstance(figures, dict) or figures.get("status", "ok") != "ok":
                 continue
-            row = {k: figures.get(f"dp-{k}") for k in RECORD_KEYS if k != "round"}
+            row = {k: figures.get(f"dp_{k}", figures.get(f"dp-{k}")) for k in RECORD_KEYS if k != "round"}
             if any(v is None for v in row.values()):
                 continue
             records.setdefault(str(site), []).append({"round": entry["round"], **row})
@@ -237,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     elif (run_dir / "metrics.jsonl").is_file():
         records = records_from_metrics((run_dir / "metrics.jsonl").read_text().splitlines())
         if not records:
-            raise UserError(f"{run_dir}/metrics.jsonl has no per-site privacy figures (dp-*): was the run "
+            raise UserError(f"{run_dir}/metrics.jsonl has no per-site privacy figures (dp_*): was the run "
                             "trained with privacy.enabled: true?")
         delta = cfg.privacy.delta if cfg is not None else None
         accountant = cfg.privacy.accountant if cfg is not None else "rdp"

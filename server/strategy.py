@@ -102,9 +102,8 @@ class FederatedGAN(FedAvg):
         record = ArrayRecord({key: Array(value) for key, value in sent.items()})
         self._bytes_down = record.count_bytes()
         train_config = ConfigRecord({
-            "round": round_num, "server-round": round_num, "run-token": self.state.run_token,
-            "run-config": self.config_json, "constants-digest": self.digest,
-            "site-state-dir": self.site_state_dir,
+            "round": round_num, "run_token": self.state.run_token, "run_config": self.config_json,
+            "constants_digest": self.digest, "site_state_dir": self.site_state_dir,
         })
         content = RecordDict({"arrays": record, "config": train_config})
         return [Message(content=content, dst_node_id=present[name], message_type=MessageType.TRAIN)
@@ -227,7 +226,7 @@ def roll_call(grid: Grid, cfg: RunConfig) -> dict[int, SiteInfo]:
     if len(nodes) < f.min_sites:
         raise UserError(f"only {len(nodes)} site(s) connected within {f.connect_timeout_s:g} s; "
                         f"federation.min_sites is {f.min_sites}")
-    config = ConfigRecord({"run-config": json.dumps(cfg.to_dict())})
+    config = ConfigRecord({"run_config": json.dumps(cfg.to_dict())})
     messages = [Message(content=RecordDict({"config": config}), dst_node_id=node, message_type=MessageType.QUERY)
                 for node in nodes]
     replies = grid.send_and_receive(messages, timeout=f.round_timeout_s)
@@ -242,7 +241,7 @@ def roll_call(grid: Grid, cfg: RunConfig) -> dict[int, SiteInfo]:
             warn("two nodes call themselves %r; node %d is left out (give each SuperNode its own site-name)",
                  name, node)
             continue
-        sites[node] = SiteInfo(node_id=node, name=name, num_examples=int(msg.content["metrics"]["num-examples"]))
+        sites[node] = SiteInfo(node_id=node, name=name, num_examples=int(msg.content["metrics"]["num_examples"]))
     if len(sites) < f.min_sites:
         raise UserError(f"only {len(sites)} site(s) answered the roll call; federation.min_sites is {f.min_sites}")
     for site in sorted(sites.values(), key=lambda s: s.name):

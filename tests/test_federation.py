@@ -70,7 +70,7 @@ def scripted_sites(plan: dict[int, dict]) -> ClientApp:
     def roll_call(message: Message, context) -> Message:
         pid = int(context.node_config["partition-id"])
         return Message(RecordDict({"site": ConfigRecord({"site": f"site-{pid}"}),
-                                   "metrics": MetricRecord({"num-examples": plan[pid]["n"]})}), reply_to=message)
+                                   "metrics": MetricRecord({"num_examples": plan[pid]["n"]})}), reply_to=message)
 
     @app.train()
     def train(message: Message, context) -> Message:
@@ -79,7 +79,7 @@ def scripted_sites(plan: dict[int, dict]) -> ClientApp:
         if "corrupt" in plan[pid]:
             plan[pid]["corrupt"](arrays)
         content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                              "metrics": MetricRecord({"num-examples": plan[pid]["n"], "loss_g": 1.0}),
+                              "metrics": MetricRecord({"num_examples": plan[pid]["n"], "loss_g": 1.0}),
                               "site": ConfigRecord({"site": f"site-{pid}", "payload": PAYLOAD_WEIGHTS})})
         return Message(content, reply_to=message)
 
@@ -166,11 +166,11 @@ def test_aggregate_round_is_a_plain_call_that_gives_every_site_a_status():
 
     broken = shifted(0.0)
     broken["G/x"][0] = np.nan
-    replies = [SiteReply("b", {"num-examples": 3, "loss_g": 2.0}, shifted(1.0)),
-               SiteReply("a", {"num-examples": 1, "loss_g": 1.0}, shifted(3.0)),
+    replies = [SiteReply("b", {"num_examples": 3, "loss_g": 2.0}, shifted(1.0)),
+               SiteReply("a", {"num_examples": 1, "loss_g": 1.0}, shifted(3.0)),
                SiteReply("c", error="ValueError: boom"),
-               SiteReply("d", {"num-examples": 5, "declined": 1, "dp-epsilon": 4.0}),
-               SiteReply("e", {"num-examples": 2}, broken)]
+               SiteReply("d", {"num_examples": 5, "declined": 1, "dp_epsilon": 4.0}),
+               SiteReply("e", {"num_examples": 2}, broken)]
     out = aggregate_round(replies, round_num=3, global_weights=weights, sent=weights, expected_shapes=expected,
                           optimizer=ServerOptimizer("fedavg"), plain_keys=set(), min_sites=1, known_sites=5)
 
@@ -250,7 +250,7 @@ def test_a_site_without_images_returns_the_weights_unchanged(tiny_config):
     received = encode_for_transfer(transferred(weights), "float32")
     empty = np.zeros((0, 1, 16, 16), np.uint8)
     result = run_site_round(tiny_config, empty, np.zeros(0, np.int64), received, round_num=1, site="s")
-    assert result.metrics["num-examples"] == 0
+    assert result.metrics["num_examples"] == 0
     assert all(np.array_equal(result.payload[k], received[k]) for k in received)
 
 
@@ -410,7 +410,7 @@ def test_epsilon_composes_over_rounds_and_sites_out_of_budget_decline_until_the_
     assert [line["round"] for line in lines] == [1, 2]
     assert {s["status"] for s in lines[0]["sites"].values()} == {"ok"}
     assert {s["status"] for s in lines[1]["sites"].values()} == {"declined"}
-    first = {name: s["dp-epsilon"] for name, s in lines[0]["sites"].items()}
+    first = {name: s["dp_epsilon"] for name, s in lines[0]["sites"].items()}
     assert all(3.0 < eps < 5.0 for eps in first.values())
     report = json.loads((tmp_path / "privacy.json").read_text())
     assert set(report) == {"delta", "accountant", "sites"} and set(report["sites"]) == {"site-0", "site-1"}

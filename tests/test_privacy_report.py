@@ -89,10 +89,12 @@ def test_cli_prints_the_table_and_rerenders(tmp_path, capsys):
     assert (tmp_path / "privacy.png").is_file()
 
 
-def test_cli_rebuilds_the_report_from_metrics_jsonl(tmp_path, capsys):
+@pytest.mark.parametrize("prefix", ["dp_", "dp-"])  # dp-: runs written before keys were snake_case
+def test_cli_rebuilds_the_report_from_metrics_jsonl(tmp_path, capsys, prefix):
     def site(eps: float, steps: int, status: str = "ok") -> dict:
-        return {"status": status, "dp-epsilon": eps, "dp-delta": 1e-3, "dp-sample_rate": 0.1, "dp-steps": steps,
-                "dp-noise_multiplier": 1.2, "dp-max_grad_norm": 1.0}
+        figures = {"epsilon": eps, "delta": 1e-3, "sample_rate": 0.1, "steps": steps, "noise_multiplier": 1.2,
+                   "max_grad_norm": 1.0}
+        return {"status": status, **{prefix + k: v for k, v in figures.items()}}
 
     lines = [json.dumps({"round": 1, "sites": {"0": site(1.0, 50), "1": site(1.1, 50)}}),
              json.dumps({"round": 2, "sites": {"0": site(1.5, 100), "1": site(1.1, 50, "declined")}})]

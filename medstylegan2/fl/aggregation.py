@@ -23,8 +23,8 @@ import torch
 
 from medstylegan2.config import RunConfig
 from medstylegan2.fl.seeds import site_seed
-from medstylegan2.fl.wire import (PAYLOAD_DELTA, PAYLOAD_WEIGHTS, Flat, decode_from_transfer, transferred,
-                                  validate_update)
+from medstylegan2.fl.wire import (PAYLOAD_DELTA, PAYLOAD_WEIGHTS, PRIVACY_PREFIX, Flat, decode_from_transfer,
+                                  transferred, validate_update)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,7 +186,7 @@ class RoundOutcome:
 
     weights: Optional[Flat]                  # new transferred global weights; None: unchanged
     sites: dict[str, dict[str, Any]]         # per site: bytes, its scalar metrics, "status"
-    aggregated: dict[str, float]             # example-weighted losses, num-examples, sites, images/s
+    aggregated: dict[str, float]             # example-weighted losses, num_examples, sites, images/s
     privacy: dict[str, dict[str, float]]     # per site that reported them: its privacy figures
     real_images_seen: int                    # by D, over all contributing sites
     replies: int
@@ -208,7 +208,7 @@ def aggregate_round(replies: Sequence[SiteReply], *, round_num: int, global_weig
     """Check every reply, average the valid updates weighted by examples, apply the server optimizer.
 
     A reply is left out, with a status and a log line naming the site (and the key), when it is an
-    error, lacks a valid ``num-examples``, declines (privacy budget), has no examples, carries no
+    error, lacks a valid ``num_examples``, declines (privacy budget), has no examples, carries no
     weights, or fails ``validate_update`` (keys, shapes, dtype, NaN/Inf) or names an unknown
     payload kind. The global weights move only when at least ``min(min_sites, known_sites)``
     updates are valid. ``global_weights``: the full global weights (constants included);
@@ -230,22 +230,22 @@ def aggregate_round(replies: Sequence[SiteReply], *, round_num: int, global_weig
         metrics = dict(reply.metrics)
         entry.update({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
         entry["bytes_up"] = reply.bytes_up
-        if "num-examples" not in metrics or float(metrics["num-examples"]) < 0:
-            entry["status"] = "rejected: no valid num-examples"
+        if "num_examples" not in metrics or float(metrics["num_examples"]) < 0:
+            entry["status"] = "rejected: no valid num_examples"
             events.append((logging.WARNING, f"round {round_num}: rejected the update of site {name}: "
-                                            "key 'num-examples' is missing or negative"))
+                                            "key 'num_examples' is missing or negative"))
             continue
-        figures = {k[3:]: float(v) for k, v in metrics.items() if k.startswith("dp-")}
+        figures = {k[len(PRIVACY_PREFIX):]: float(v) for k, v in metrics.items() if k.startswith(PRIVACY_PREFIX)}
         if figures:
             outcome.privacy[name] = figures
         if float(metrics.get("declined", 0)) > 0:
             outcome.declined += 1
             entry["status"] = "declined"
-            epsilon = float(metrics.get("dp-epsilon", float("nan")))
+            epsilon = float(metrics.get(PRIVACY_PREFIX + "epsilon", float("nan")))
             events.append((logging.INFO, f"round {round_num}: site {name} declined: one more round would exceed "
                                          f"its privacy budget (epsilon {epsilon:.3g})"))
             continue
-        weight = float(metrics["num-examples"])
+        weight = float(metrics["num_examples"])
         if weight == 0:
             entry["status"] = "no examples"
             events.append((logging.INFO, f"round {round_num}: site {name} has no training images; "
@@ -280,7 +280,7 @@ def aggregate_round(replies: Sequence[SiteReply], *, round_num: int, global_weig
         events.append((logging.WARNING, f"round {round_num}: no valid update: global weights unchanged"))
 
     aggregated = weighted_metrics([m for *_, m in accepted], [w for _, _, w, _ in accepted], LOSS_KEYS)
-    aggregated["num-examples"] = sum(w for _, _, w, _ in accepted)
+    aggregated["num_examples"] = sum(w for _, _, w, _ in accepted)
     aggregated["sites"] = contributing
     aggregated["images_per_second"] = sum(m.get("images_per_second", 0.0) for *_, m in accepted)
     outcome.aggregated = aggregated

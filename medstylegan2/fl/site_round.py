@@ -20,8 +20,9 @@ import torch
 
 from medstylegan2.config import RunConfig
 from medstylegan2.fl.seeds import seed_round, site_seed
-from medstylegan2.fl.wire import (PAYLOAD_DELTA, PAYLOAD_WEIGHTS, constants_digest, decode_from_transfer,
-                                  encode_for_transfer, flatten_weights, is_constant, transferred, unflatten_weights)
+from medstylegan2.fl.wire import (PAYLOAD_DELTA, PAYLOAD_WEIGHTS, PRIVACY_PREFIX, constants_digest,
+                                  decode_from_transfer, encode_for_transfer, flatten_weights, is_constant,
+                                  transferred, unflatten_weights)
 from medstylegan2.runfolder import atomic_write_bytes, round_file, round_numbers_in
 from medstylegan2.trainer import ShuffleSampler, SiteTrainer
 
@@ -127,7 +128,7 @@ def run_site_round(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, recei
     """Train one site for ``cfg.federation.local_steps`` steps from the received global weights.
 
     ``received`` are the arrays as they arrived (transfer dtype, no constants). A site without
-    images returns the received weights unchanged with num-examples 0. ``privacy_factory``, when
+    images returns the received weights unchanged with num_examples 0. ``privacy_factory``, when
     given, is called as ``privacy_factory(cfg, num_examples, planned_steps, seed)`` and returns the
     engine (or None); its restored state decides whether this round would exceed the budget, in
     which case the site declines: no payload, ``declined`` = 1.
@@ -142,7 +143,7 @@ def run_site_round(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, recei
             payload, kind = encode_for_transfer(start, dtype), PAYLOAD_WEIGHTS
         else:
             payload, kind = encode_for_transfer({k: torch.zeros_like(v) for k, v in start.items()}, dtype), PAYLOAD_DELTA
-        return SiteRoundResult(payload=payload, payload_kind=kind, metrics={"num-examples": 0.0, "steps": 0.0},
+        return SiteRoundResult(payload=payload, payload_kind=kind, metrics={"num_examples": 0.0, "steps": 0.0},
                                local_state=None)
 
     seed = site_seed(cfg.seed, round_num, site)
@@ -171,7 +172,7 @@ def run_site_round(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, recei
         trainer.proximal_reference = {"G": nested["G"], "D": nested["D"]}
 
     if engine is not None and hasattr(engine, "would_exceed_budget") and engine.would_exceed_budget(f.local_steps):
-        metrics = {"num-examples": 0.0, "declined": 1.0, "steps": 0.0}
+        metrics = {"num_examples": 0.0, "declined": 1.0, "steps": 0.0}
         metrics.update(_privacy_metrics(engine, round_num))
         return SiteRoundResult(payload={}, payload_kind=PAYLOAD_WEIGHTS, metrics=metrics,
                                local_state=local_state_of(trainer))
@@ -183,7 +184,7 @@ def run_site_round(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, recei
         payload, kind = encode_for_transfer(new, dtype), PAYLOAD_WEIGHTS
     else:
         payload, kind = encode_for_transfer({k: new[k] - start[k] for k in new}, dtype), PAYLOAD_DELTA
-    metrics = {"num-examples": float(num_examples), "steps": float(f.local_steps)}
+    metrics = {"num_examples": float(num_examples), "steps": float(f.local_steps)}
     for key in ("loss_g", "loss_d_fake", "loss_d_real", "loss_pl", "loss_ds", "loss_r1", "images_per_second",
                 "real_images_seen", "seconds"):
         if key in stats:
@@ -198,5 +199,5 @@ def _privacy_metrics(engine: Any, round_num: int) -> dict[str, float]:
     if not hasattr(engine, "round_record"):
         return {}
     record = engine.round_record(round_num)
-    return {f"dp-{k}": float(v) for k, v in dict(record).items()
+    return {f"{PRIVACY_PREFIX}{k}": float(v) for k, v in dict(record).items()
             if k != "round" and isinstance(v, (int, float)) and not isinstance(v, bool)}

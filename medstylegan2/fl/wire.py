@@ -29,6 +29,9 @@ CONSTANT_SUFFIXES: tuple[str, ...] = ("noise_const",)
 # of its precision than it would keep of the weights).
 PAYLOAD_WEIGHTS = "weights"
 PAYLOAD_DELTA = "delta"
+# Every metric and record key is snake_case (``num_examples``, ``loss_g``); a site's privacy
+# figures travel as ``dp_<key of DPEngine.round_record>`` (``dp_epsilon``, ``dp_steps``, ...).
+PRIVACY_PREFIX = "dp_"
 
 Flat = dict[str, torch.Tensor]
 
