@@ -3,6 +3,12 @@
 Every section is a dataclass with defaults; ``load_config`` reads a YAML file, rejects unknown keys
 (naming the full dotted key and the keys that are allowed), checks types and allowed values, and
 applies ``key.path=value`` overrides from the command line before validation.
+
+A config file may extend another: ``base: other.yaml`` (a path relative to the file that names it)
+takes every key of ``other.yaml`` (which may have a base of its own) and the file's own keys win,
+section by section and key by key; a list (e.g. ``metrics.metrics``) is replaced as a whole. Each
+file's keys are checked on their own, so a mistake in a base names the base file; a cycle of
+bases is an error naming the chain.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import yaml
 from medstylegan2.errors import UserError
 
 CLASS_NAMES: tuple[str, ...] = ("Normal", "COVID-19", "Non-COVID")
+# The key of a config file that names the file it extends.
+BASE_KEY = "base"
 
 
 class ConfigError(UserError, ValueError):
@@ -185,17 +193,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
-        raw = loaded
+        raw = read_config_mapping(path)
     for item in overrides or []:
         _apply_override(raw, item)
     where = str(path) if path is not None else "config"
@@ -205,6 +203,56 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def from_dict(raw: dict[str, Any], where: str = "config") -> RunConfig:
     return _build(RunConfig, raw, prefix="", where=where)
+
+
+def read_config_mapping(path: str | Path) -> dict[str, Any]:
+    """The YAML mapping of a config file with its ``base:`` chain merged in (without the ``base`` key)."""
+    return _read_with_bases(Path(path), chain=())
+
+
+def _read_yaml_mapping(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
+def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    raw = _read_yaml_mapping(path)
+    base = raw.pop(BASE_KEY, None)
+    _build(RunConfig, raw, prefix="", where=str(path))  # this file's own keys and types, named by this file
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: '{BASE_KEY}' must be the path of the config file this one extends "
+                          f"(relative to {path.parent}), got {base!r}")
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: '{BASE_KEY}' names {base_path}, which is not a file")
+    seen = (*chain, path)
+    if any(base_path.resolve() == p.resolve() for p in seen):
+        raise ConfigError("config files extend each other in a cycle: "
+                          + " -> ".join(str(p) for p in (*seen, base_path)))
+    return _merged(_read_with_bases(base_path, seen), raw)
+
+
+def _merged(base: dict[str, Any], derived: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``derived``: mappings merge key by key (the derived value wins), anything else
+    (numbers, strings, lists) is replaced. A section left empty in the derived file keeps the base's."""
+    out = dict(base)
+    for key, value in derived.items():
+        if isinstance(out.get(key), dict) and (isinstance(value, dict) or value is None):
+            out[key] = _merged(out[key], value or {})
+        else:
+            out[key] = value
+    return out
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

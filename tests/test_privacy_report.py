@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from medstylegan2.cli import main
-from medstylegan2.config import FederationConfig, load_config
+from medstylegan2.config import FederationConfig, load_config, read_config_mapping
 from medstylegan2.privacy.engine import DPEngine
 from medstylegan2.privacy_report import (RECORD_KEYS, build_report, records_from_metrics, update_privacy_report,
                                          write_privacy_report)
@@ -121,13 +121,16 @@ def test_dp_config_is_a_private_three_site_phantom_run_at_64_px():
     assert cfg.model.resolution == 64 and cfg.federation.sites == 3 and cfg.data.source == "phantoms"
     assert cfg.privacy.target_epsilon is not None and cfg.privacy.budget_epsilon is not None
     assert cfg.privacy.noise_seed is None  # real runs draw their noise from OS entropy
-    raw = yaml.safe_load((REPO / "configs" / "dp.yaml").read_text())
+    raw = read_config_mapping(REPO / "configs" / "dp.yaml")  # with its base: merged in
     default = REPO / "configs" / "default.yaml"
     if default.is_file():  # the private run is the default run plus privacy
-        base = yaml.safe_load(default.read_text())
+        base = read_config_mapping(default)
         assert set(base["federation"]) == set(raw["federation"])
         assert {k: v for k, v in raw.items() if k not in ("name", "privacy", "model", "train")} == \
             {k: v for k, v in base.items() if k not in ("name", "model", "train")}
+        # ... and says so: the file itself states only what differs.
+        own = yaml.safe_load((REPO / "configs" / "dp.yaml").read_text())
+        assert own["base"] == "default.yaml" and set(own) <= {"base", "name", "privacy", "model", "train"}
     else:
         assert set(raw["federation"]) <= {f.name for f in dataclasses.fields(FederationConfig)}
 
