@@ -91,6 +91,18 @@ class DataConfig:
     max_per_class: Optional[int] = None
     cache_dir: Optional[str] = ".cache/medstylegan2"
     seed: int = 0
+    # --- A site's own archive (DICOM or images; see docs/data.md). A federated site takes these
+    # from its node config, never from the server.
+    # The site's label words -> one of CLASS_NAMES, or "skip" to leave a label's images out on
+    # purpose (counted). Applies to class folder names and to labels_csv; matched case-insensitively.
+    label_map: dict[str, str] = field(default_factory=dict)
+    # CSV with a header row ``file,label`` (file relative to root): labels without class folders.
+    labels_csv: Optional[str] = None
+    # DICOM: keep only frontal views (ViewPosition PA or AP; files without ViewPosition are kept).
+    frontal_only: bool = True
+    # DICOM: secret salt for hashing PatientID into the per-patient grouping key; created (0600,
+    # OS entropy) on first use. None: ~/.config/medstylegan2/patient-id.salt.
+    patient_salt_file: Optional[str] = None
 
 
 @dataclass
@@ -254,6 +266,12 @@ def _coerce(hint: Any, value: Any, key: str, where: str):
             raise ConfigError(f"{where}: '{key}' = {value!r} is not allowed; use one of: "
                               f"{', '.join(map(str, allowed))}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: '{key}' must be a mapping, got {value!r}")
+        key_type, value_type = get_args(hint)
+        return {_coerce(key_type, k, f"{key}.{k}", where): _coerce(value_type, v, f"{key}.{k}", where)
+                for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: '{key}' must be a list, got {value!r}")
@@ -302,6 +320,7 @@ def _check_semantics(cfg: RunConfig) -> None:
     need(d.source == "phantoms" or d.root is not None, "data.root",
          f"is required when data.source is '{d.source}'")
     need(d.phantoms_per_class > 0, "data.phantoms_per_class", "must be > 0")
+    check_label_map(d.label_map)
     need(f.sites > 0 and f.rounds > 0 and f.local_steps > 0, "federation.sites/rounds/local_steps",
          "must all be > 0")
     need(0 < f.fraction_train <= 1, "federation.fraction_train", "must be in (0, 1]")
@@ -337,3 +356,22 @@ def _check_semantics(cfg: RunConfig) -> None:
         need(p.budget_epsilon > 0, "privacy.budget_epsilon", "must be > 0")
     if p.noise_seed is not None:
         need(p.noise_seed >= 0, "privacy.noise_seed", "must be >= 0 (or null for OS entropy)")
+
+
+LABEL_SKIP = "skip"
+
+
+def check_label_map(label_map: dict[str, str]) -> None:
+    """Every site word maps to a class name (exact spelling) or "skip"; no word twice ignoring case."""
+    seen: dict[str, str] = {}
+    for word, target in label_map.items():
+        key = f"data.label_map.{word}"
+        if not word.strip():
+            raise ConfigError(f"'{key}': a label word must not be empty")
+        if target not in (*CLASS_NAMES, LABEL_SKIP):
+            raise ConfigError(f"'{key}' = {target!r} is not a class; use one of: {', '.join(CLASS_NAMES)}, "
+                              f"or {LABEL_SKIP!r} to leave these images out")
+        folded = word.strip().casefold()
+        if folded in seen and seen[folded] != word:
+            raise ConfigError(f"'{key}': the same word as '{seen[folded]}' (labels match ignoring case)")
+        seen[folded] = word

@@ -7,6 +7,10 @@ classifier and the metrics.
 Loading from disk decodes every file once per resolution and keeps the result in a ``.npz`` cache
 keyed by the file listing (paths, sizes, modification times): COVID-QU-Ex (33,920 PNGs) takes minutes
 to decode and a second to read back.
+
+DICOM files (a hospital's archive) sit beside or instead of PNGs: ``medstylegan2.ingest`` decodes
+every file, ``medstylegan2.dicom`` does the DICOM part, ``medstylegan2.labels`` reads a label CSV
+and the site's label words, and files left out are counted per reason (``medstylegan2.skips``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ from PIL import Image
 
 from medstylegan2.config import CLASS_NAMES, DataConfig
 from medstylegan2.errors import DataError
+# DICOM ingestion (issue 13): site files of any format, labels, counted skips.
+from medstylegan2.dicom import PatientHasher, find_dicom_files
+from medstylegan2.ingest import SiteOptions, decode_file, group_indices
+from medstylegan2.labels import LabelVocabulary, read_label_csv
+from medstylegan2.skips import SkipFile, SkipTally
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +50,7 @@ COVIDQU_NESTINGS = (
     ("Infection Segmentation Data",),
 )
 # Bump when the cache layout or decoding changes, so stale caches are never read.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 # Below this many files a progress bar is more noise than help.
 PROGRESS_MIN_FILES = 500
 
@@ -56,12 +65,18 @@ class ImageSet:
 
     ``sources`` optionally names where each image came from (a path relative to the data root, or a
     phantom seed), which is what makes a held-out split auditable.
+
+    ``groups`` optionally says which images belong to one patient: int64 [N], equal numbers = one
+    patient (numbered from the site-salted hash of the DICOM PatientID; an image without a
+    PatientID is a group of its own). It is the unit a patient-level privacy engine samples, and,
+    like the images, never leaves the site. Numbers are only comparable within one load.
     """
 
     images: np.ndarray
     labels: np.ndarray
     class_names: tuple[str, ...] = CLASS_NAMES
     sources: list[str] | None = None
+    groups: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.images, np.ndarray) or self.images.dtype != np.uint8:
@@ -84,6 +99,12 @@ class ImageSet:
             if len(self.sources) != len(self.images):
                 raise ValueError(f"sources must name every image: {len(self.sources)} names for "
                                  f"{len(self.images)} images")
+        if self.groups is not None:
+            self.groups = np.asarray(self.groups)
+            if self.groups.shape != (len(self.images),) or (len(self.groups) and self.groups.dtype.kind not in "iu"):
+                raise ValueError(f"groups must be integers of shape [{len(self.images)}], got "
+                                 f"{self.groups.dtype} {list(self.groups.shape)}")
+            self.groups = self.groups.astype(np.int64, copy=False)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -96,8 +117,9 @@ class ImageSet:
         """The images at ``indices`` (in that order), with their labels and sources."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         sources = [self.sources[i] for i in idx.tolist()] if self.sources is not None else None
+        groups = self.groups[idx] if self.groups is not None else None
         return ImageSet(images=self.images[idx], labels=self.labels[idx], class_names=self.class_names,
-                        sources=sources)
+                        sources=sources, groups=groups)
 
     def class_counts(self) -> list[int]:
         return np.bincount(self.labels, minlength=len(self.class_names)).tolist()
@@ -119,8 +141,12 @@ class ImageSet:
         sources = None
         if all(s.sources is not None for s in sets):
             sources = [name for s in sets for name in s.sources]
+        groups = None
+        if all(s.groups is not None for s in sets):
+            groups = np.concatenate([s.groups for s in sets])
         return ImageSet(images=np.concatenate([s.images for s in sets]),
-                        labels=np.concatenate([s.labels for s in sets]), class_names=names, sources=sources)
+                        labels=np.concatenate([s.labels for s in sets]), class_names=names, sources=sources,
+                        groups=groups)
 
 
 def save_png(image: np.ndarray, path: str | Path) -> None:
@@ -155,7 +181,9 @@ def _child_dir(parent: Path, name: str) -> Path | None:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """PNG/JPEG files in ``folder`` and DICOM files anywhere below it (archives nest series folders)."""
+    images = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(images + find_dicom_files(folder))
 
 
 def _spread_cap(files: list[Path], max_per_class: int | None) -> list[Path]:
@@ -181,7 +209,8 @@ def _require_root(root: str | Path) -> Path:
     return path.resolve()
 
 
-def _class_folder_files(root: Path, max_per_class: int | None) -> list[tuple[Path, int]]:
+def _class_folder_files(root: Path, max_per_class: int | None, vocabulary: LabelVocabulary = LabelVocabulary(),
+                        skipped: SkipTally | None = None) -> list[tuple[Path, int]]:
     expected = ", ".join(f"{root / name}/" for name in CLASS_NAMES)
     if find_covidqu_base(root) is not None:
         hint = " (this looks like COVID-QU-Ex: use data.source=covidqu)"
@@ -189,15 +218,23 @@ def _class_folder_files(root: Path, max_per_class: int | None) -> list[tuple[Pat
         hint = ""
     entries: list[tuple[Path, int]] = []
     for label, name in enumerate(CLASS_NAMES):
-        folder = _child_dir(root, name)
-        if folder is None:
+        # The class name, or any of the site's words for it (data.label_map).
+        folders = sorted({f for f in (_child_dir(root, word) for word in vocabulary.words_for(name)) if f})
+        if not folders:
             raise DataError(f"class folder missing: {root / name} (expected one folder of images per class: "
-                            f"{expected}){hint}")
-        files = _image_files(folder)
+                            f"{expected}, or folders named by data.label_map){hint}")
+        files = sorted(f for folder in folders for f in _image_files(folder))
         if not files:
-            raise DataError(f"no images in class folder {folder}: expected {'/'.join(IMAGE_SUFFIXES)} files")
+            raise DataError(f"no images in class folder {', '.join(map(str, folders))}: expected "
+                            f"{'/'.join(IMAGE_SUFFIXES)} or DICOM files")
         entries += [(f, label) for f in _spread_cap(files, max_per_class)]
-    known = {name.lower() for name in CLASS_NAMES}
+    for word in vocabulary.skipped_words():
+        folder = _child_dir(root, word)
+        if folder is not None and skipped is not None:
+            for f in _image_files(folder):
+                skipped.add("label-skipped", f.relative_to(root).as_posix())
+    known = {word.lower() for name in CLASS_NAMES for word in vocabulary.words_for(name)}
+    known |= {word.lower() for word in vocabulary.skipped_words()}
     for extra in sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.lower() not in known):
         if not extra.startswith("."):
             log.warning("ignoring folder %s: not one of the classes %s", root / extra, ", ".join(CLASS_NAMES))
@@ -252,50 +289,48 @@ def decode_image(path: str | Path, resolution: int) -> np.ndarray:
         return np.asarray(gray, dtype=np.uint8)
 
 
-def _decode_or_reason(path: Path, resolution: int) -> np.ndarray | str:
-    try:
-        return decode_image(path, resolution)
-    # PIL reports broken files through several exception types depending on the codec.
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-
-
 def _listing_key(*, kind: str, root: Path, splits: Sequence[str], resolution: int, max_per_class: int | None,
-                 entries: list[tuple[Path, int]]) -> str:
+                 entries: list[tuple[Path, int]], options: SiteOptions) -> str:
     listing = []
     for path, label in entries:
         st = path.stat()
         listing.append([path.relative_to(root).as_posix(), label, st.st_size, st.st_mtime_ns])
     blob = json.dumps({"version": CACHE_VERSION, "kind": kind, "root": str(root), "splits": list(splits),
-                       "resolution": resolution, "max_per_class": max_per_class, "files": listing})
+                       "resolution": resolution, "max_per_class": max_per_class, "files": listing,
+                       "options": options.decoding_key()})
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _read_cache(path: Path) -> ImageSet | None:
     try:
         with np.load(path, allow_pickle=False) as z:
-            skipped = [str(s) for s in z["skipped"]]
+            skipped = SkipTally.from_strings([str(s) for s in z["skipped"]])
             images = ImageSet(images=z["images"], labels=z["labels"],
                               class_names=tuple(str(c) for c in z["class_names"]),
-                              sources=[str(s) for s in z["sources"]])
+                              sources=[str(s) for s in z["sources"]],
+                              groups=z["groups"] if bool(z["has_groups"]) else None)
     except (OSError, KeyError, ValueError, TypeError) as exc:
         log.warning("ignoring unreadable cache %s (%s); decoding the images again", path, exc)
         return None
     log.info("loaded %d images from cache %s", len(images), path)
     if skipped:
-        log.warning("skipped %d unreadable image(s) when this cache was built: %s", len(skipped),
-                    ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+        log.warning("when this cache was built, %d file(s) were skipped:", skipped.total())
+        skipped.log_summary(str(path.name), log)
     return images
 
 
-def _write_cache(path: Path, images: ImageSet, skipped: list[str]) -> None:
+def _write_cache(path: Path, images: ImageSet, skipped: SkipTally) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target and rename: a crash or a concurrent reader never sees half a file.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
+            # groups: per-patient numbers (no PatientID, no hash); the cache stays on the site's disk.
             np.savez(fh, images=images.images, labels=images.labels, class_names=np.array(images.class_names),
-                     sources=np.array(images.sources or [], dtype=str), skipped=np.array(skipped, dtype=str))
+                     sources=np.array(images.sources or [], dtype=str),
+                     skipped=np.array(skipped.to_strings(), dtype=str),
+                     has_groups=np.array(images.groups is not None),
+                     groups=images.groups if images.groups is not None else np.zeros(0, np.int64))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -311,45 +346,59 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="img", disable=total <= PROGRESS_MIN_FILES, leave=False)
 
 
-def _decode_all(entries: list[tuple[Path, int]], *, root: Path, resolution: int,
-                desc: str) -> tuple[ImageSet, list[str]]:
+def decode_workers() -> int:
+    """Threads that decode files: PIL, numpy and the DICOM codecs release the GIL while they work."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _decode_all(entries: list[tuple[Path, int]], *, root: Path, resolution: int, desc: str,
+                options: SiteOptions) -> tuple[ImageSet, SkipTally]:
     images = np.empty((len(entries), 1, resolution, resolution), dtype=np.uint8)
     keep = np.zeros(len(entries), dtype=bool)
-    skipped: list[str] = []
+    patient_keys: list[str | None] = [None] * len(entries)
+    skipped = SkipTally()
+    hasher = PatientHasher(options.patient_salt_file)  # the salt file is read (or made) only if needed
     bar = _progress(len(entries), desc)
-    # PIL releases the GIL while decoding, so a few threads overlap file reads and inflation.
-    workers = max(1, min(8, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(lambda e: _decode_or_reason(e[0], resolution), entries)
+    with ThreadPoolExecutor(max_workers=decode_workers()) as pool:
+        results = pool.map(lambda e: decode_file(e[0], resolution, options, hasher), entries)
         for i, ((path, _), result) in enumerate(zip(entries, results)):
-            if isinstance(result, str):
-                log.warning("skipping unreadable image %s: %s", path, result)
-                skipped.append(path.relative_to(root).as_posix())
+            if isinstance(result, SkipFile):
+                if result.code == "unreadable":
+                    log.warning("skipping unreadable image %s: %s", path, result.detail)
+                else:
+                    log.debug("skipping %s: %s", path, result)
+                skipped.add(result.code, path.relative_to(root).as_posix())
             else:
-                images[i, 0] = result
+                images[i, 0] = result.pixels
+                patient_keys[i] = result.patient_key
                 keep[i] = True
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
     if skipped:
-        log.warning("skipped %d unreadable image(s) of %d under %s", len(skipped), len(entries), root)
+        log.warning("skipped %d of %d file(s) under %s:", skipped.total(), len(entries), root)
+        skipped.log_summary(str(root), log)
     labels = np.array([label for _, label in entries], dtype=np.int64)
     sources = [path.relative_to(root).as_posix() for path, _ in entries]
-    if keep.all():  # the usual case: no second copy of what may be gigabytes of pixels
-        return ImageSet(images=images, labels=labels, sources=sources), skipped
     kept = np.flatnonzero(keep)
-    return ImageSet(images=images[kept], labels=labels[kept], sources=[sources[i] for i in kept.tolist()]), skipped
+    # The salted keys become group numbers here and are dropped: no hash is stored or returned.
+    groups = group_indices([patient_keys[i] for i in kept.tolist()])
+    if keep.all():  # the usual case: no second copy of what may be gigabytes of pixels
+        return ImageSet(images=images, labels=labels, sources=sources, groups=groups), skipped
+    return ImageSet(images=images[kept], labels=labels[kept], sources=[sources[i] for i in kept.tolist()],
+                    groups=groups), skipped
 
 
 def _load_entries(entries: list[tuple[Path, int]], *, kind: str, root: Path, splits: Sequence[str],
-                  resolution: int, max_per_class: int | None, cache_dir: str | Path | None) -> ImageSet:
+                  resolution: int, max_per_class: int | None, cache_dir: str | Path | None,
+                  options: SiteOptions) -> ImageSet:
     if resolution < 1:
         raise DataError(f"resolution must be >= 1 pixel, got {resolution}")
     cache_path = None
     if cache_dir is not None:
         key = _listing_key(kind=kind, root=root, splits=splits, resolution=resolution,
-                           max_per_class=max_per_class, entries=entries)
+                           max_per_class=max_per_class, entries=entries, options=options)
         # One cache per (root, kind, resolution) is kept: the prefix names it, the suffix says
         # which listing it was built from.
         prefix = f"{kind}-{hashlib.sha256(str(root).encode()).hexdigest()[:8]}-{resolution}px-"
@@ -358,7 +407,8 @@ def _load_entries(entries: list[tuple[Path, int]], *, kind: str, root: Path, spl
             cached = _read_cache(cache_path)
             if cached is not None:
                 return cached
-    images, skipped = _decode_all(entries, root=root, resolution=resolution, desc=f"decoding {kind} {resolution}px")
+    images, skipped = _decode_all(entries, root=root, resolution=resolution, desc=f"decoding {kind} {resolution}px",
+                                  options=options)
     _check_every_class_read(images, entries, root)
     if cache_path is not None:
         _write_cache(cache_path, images, skipped)
@@ -374,8 +424,8 @@ def _check_every_class_read(images: ImageSet, entries: list[tuple[Path, int]], r
     for label, name in enumerate(CLASS_NAMES):
         if counts[label] == 0:
             folders = sorted({str(path.parent) for path, k in entries if k == label})
-            raise DataError(f"none of the images of class '{name}' could be read (under {', '.join(folders)}); "
-                            f"see the warnings above for each file")
+            raise DataError(f"none of the images of class '{name}' could be used (under {', '.join(folders)}): "
+                            f"all were unreadable or filtered out; see the warnings above")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,20 +433,41 @@ def _check_every_class_read(images: ImageSet, entries: list[tuple[Path, int]], r
 
 
 def load_folder(root: str | Path, resolution: int, *, max_per_class: int | None = None,
-                cache_dir: str | Path | None = None) -> ImageSet:
-    """Images from ``root/<class name>/*.{png,jpg,jpeg}``, one folder per class in CLASS_NAMES.
+                cache_dir: str | Path | None = None, options: SiteOptions | None = None) -> ImageSet:
+    """Images from ``root/<class name>/*.{png,jpg,jpeg}`` (and DICOM files at any depth below), one
+    folder per class in CLASS_NAMES, or the files a labels CSV names (``options``).
 
-    Class folders match case-insensitively. Files are sorted by name; ``max_per_class`` keeps an
-    evenly spaced subset of each class.
+    Class folders match case-insensitively, or by the site's words for them (``options``). Files
+    are sorted by name; ``max_per_class`` keeps an evenly spaced subset of each class.
     """
+    options = options or SiteOptions()
+    base, entries, skipped = list_site_files(root, options, max_per_class=max_per_class)
+    skipped.log_summary(str(base), log)
+    kind = "csv" if options.labels_csv else "folder"
+    return _load_entries(entries, kind=kind, root=base, splits=(), resolution=resolution,
+                         max_per_class=max_per_class, cache_dir=cache_dir, options=options)
+
+
+def list_site_files(root: str | Path, options: SiteOptions, *, max_per_class: int | None = None,
+                    covidqu: bool = False) -> tuple[Path, list[tuple[Path, int]], SkipTally]:
+    """(resolved root, [(file, class index)], files left out while listing) of a class folder, a
+    folder labelled by a CSV, or (``covidqu``) a COVID-QU-Ex root with all its splits."""
     base = _require_root(root)
-    entries = _class_folder_files(base, max_per_class)
-    return _load_entries(entries, kind="folder", root=base, splits=(), resolution=resolution,
-                         max_per_class=max_per_class, cache_dir=cache_dir)
+    skipped = SkipTally()
+    if options.labels_csv:
+        entries, skipped = read_label_csv(options.labels_csv, base, options.vocabulary)
+        capped = [(f, k) for k in range(len(CLASS_NAMES))
+                  for f in _spread_cap([f for f, label in entries if label == k], max_per_class)]
+        return base, capped, skipped
+    covidqu_base = find_covidqu_base(base) if covidqu else None
+    if covidqu_base is not None:
+        return covidqu_base, _covidqu_files(covidqu_base, COVIDQU_SPLITS, max_per_class), skipped
+    return base, _class_folder_files(base, max_per_class, options.vocabulary, skipped), skipped
 
 
 def load_covidqu(root: str | Path, resolution: int, *, splits: Sequence[str] = ("Train", "Val"),
-                 max_per_class: int | None = None, cache_dir: str | Path | None = None) -> ImageSet:
+                 max_per_class: int | None = None, cache_dir: str | Path | None = None,
+                 options: SiteOptions | None = None) -> ImageSet:
     """COVID-QU-Ex X-rays of the given splits, from the Kaggle layout.
 
     ``root`` may be the folder holding ``Train/Val/Test`` or any folder above it in the download
@@ -415,7 +486,8 @@ def load_covidqu(root: str | Path, resolution: int, *, splits: Sequence[str] = (
         raise DataError(f"COVID-QU-Ex splits must be among {', '.join(COVIDQU_SPLITS)}, got {list(wanted)}")
     entries = _covidqu_files(base, wanted, max_per_class)
     return _load_entries(entries, kind="covidqu-" + "+".join(s.lower() for s in wanted), root=base, splits=wanted,
-                         resolution=resolution, max_per_class=max_per_class, cache_dir=cache_dir)
+                         resolution=resolution, max_per_class=max_per_class, cache_dir=cache_dir,
+                         options=options or SiteOptions())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -466,14 +538,16 @@ def load_dataset(cfg: DataConfig, resolution: int) -> tuple[ImageSet, ImageSet]:
         return split_heldout(everything, cfg.heldout_fraction, cfg.seed)
     if cfg.root is None:
         raise DataError(f"data.root is required when data.source is '{cfg.source}'")
+    options = SiteOptions.from_config(cfg)
     if cfg.source == "folder":
-        everything = load_folder(cfg.root, resolution, max_per_class=cfg.max_per_class, cache_dir=cfg.cache_dir)
+        everything = load_folder(cfg.root, resolution, max_per_class=cfg.max_per_class, cache_dir=cfg.cache_dir,
+                                 options=options)
         return split_heldout(everything, cfg.heldout_fraction, cfg.seed)
     if cfg.source == "covidqu":
         train = load_covidqu(cfg.root, resolution, splits=("Train", "Val"), max_per_class=cfg.max_per_class,
-                             cache_dir=cfg.cache_dir)
+                             cache_dir=cfg.cache_dir, options=options)
         heldout = load_covidqu(cfg.root, resolution, splits=("Test",), max_per_class=cfg.max_per_class,
-                               cache_dir=cfg.cache_dir)
+                               cache_dir=cfg.cache_dir, options=options)
         _check_disjoint(train, heldout)
         return train, heldout
     raise DataError(f"unknown data.source {cfg.source!r}; use phantoms, folder or covidqu")
@@ -503,9 +577,10 @@ def resolve_data_argument(text: str, resolution: int, *, base: DataConfig | None
     else:
         path = Path(text).expanduser()
         if not path.exists():
-            raise DataError(f"--data {text}: no such folder; give 'phantoms', a folder of <class>/*.png "
-                            f"({', '.join(CLASS_NAMES)}), or a COVID-QU-Ex root")
-        source = "covidqu" if looks_like_covidqu(path) else "folder"
+            raise DataError(f"--data {text}: no such folder; give 'phantoms', a folder of <class>/*.png or "
+                            f"DICOM files ({', '.join(CLASS_NAMES)}), or a COVID-QU-Ex root")
+        # A labels CSV means the folder itself is the root, whatever it looks like.
+        source = "covidqu" if looks_like_covidqu(path) and not cfg.labels_csv else "folder"
         cfg = dataclasses.replace(cfg, source=source, root=str(path))
     log.info("data: %s (source=%s)", text, cfg.source)
     return load_dataset(cfg, resolution)
