@@ -16,6 +16,7 @@ from typing import Callable
 # (subcommand, module implementing it)
 COMMANDS: list[tuple[str, str]] = [
     ("make-phantoms", "medstylegan2.phantoms"),
+    ("inspect-data", "medstylegan2.inspect_data"),
     ("train-local", "medstylegan2.train_local"),
     ("sample", "medstylegan2.sampling"),
     ("evaluate", "medstylegan2.metrics.evaluate"),
