@@ -424,6 +424,9 @@ def _check_every_class_read(images: ImageSet, entries: list[tuple[Path, int]], r
     for label, name in enumerate(CLASS_NAMES):
         if counts[label] == 0:
             folders = sorted({str(path.parent) for path, k in entries if k == label})
+            if not folders:
+                raise DataError(f"no image of class '{name}' under {root}: the labels CSV names none (every class "
+                                f"needs images; check data.labels_csv and data.label_map)")
             raise DataError(f"none of the images of class '{name}' could be used (under {', '.join(folders)}): "
                             f"all were unreadable or filtered out; see the warnings above")
 
