@@ -398,7 +398,9 @@ def percentile_window(values: np.ndarray, percentiles: tuple[float, float] = PER
         lo, hi = float(values.min()), float(values.max())
     if hi <= lo:
         return np.zeros(values.shape, np.float32)
-    return np.clip((values - np.float32(lo)) * np.float32(1.0 / (hi - lo)), 0.0, 1.0).astype(np.float32, copy=False)
+    out = values - np.float32(lo)  # float32, one new array; the rest works in place
+    out *= np.float32(1.0 / (hi - lo))
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 # ----------------------------------------------------------------------------------------------
