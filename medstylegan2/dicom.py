@@ -224,11 +224,6 @@ def read_dicom(path: str | Path, resolution: int, *, frontal_only: bool = True,
     return DicomImage(pixels=fit_square(unit, resolution), facts=facts, patient_key=_patient_key(ds, hasher))
 
 
-def read_facts(path: str | Path) -> DicomFacts:
-    """The counted facts of a file without decoding its pixels."""
-    return _facts(_read_tags(Path(path)))
-
-
 def _read_tags(path: Path):
     import pydicom
     from pydicom.errors import InvalidDicomError

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from medstylegan2.config import CLASS_NAMES, LABEL_SKIP
@@ -35,17 +36,18 @@ class LabelVocabulary:
     def of(cls, label_map: dict[str, str] | None) -> "LabelVocabulary":
         return cls(tuple(sorted((label_map or {}).items())))
 
+    @cached_property
     def _lookup(self) -> dict[str, str]:
         table = {_fold(name): name for name in CLASS_NAMES}
         table.update({_fold(word): target for word, target in self.label_map})
         return table
 
     def knows(self, word: str) -> bool:
-        return _fold(word) in self._lookup()
+        return _fold(word) in self._lookup
 
     def class_index(self, word: str) -> int | None:
         """The class of a site word; None when the site maps it to "skip". KeyError when unknown."""
-        target = self._lookup()[_fold(word)]
+        target = self._lookup[_fold(word)]
         return None if target == LABEL_SKIP else CLASS_NAMES.index(target)
 
     def words_for(self, class_name: str) -> list[str]:
