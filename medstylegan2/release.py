@@ -328,6 +328,10 @@ def build_memorization_filter(opts: ReleaseOptions, resolution: int, eval_record
                             f"{len(train)} at {resolution} px; pass --heldout DIR to compute the threshold here")
         threshold = float(pixel["threshold"])
         source = f"the evaluator's audit of this checkpoint ({eval_file})"
+    if threshold <= 0:
+        raise UserError(f"the memorization threshold is 0 ({source}): at least the audit's percentile of the "
+                        "held-out images are exact copies of training images, so the filter would drop nothing; "
+                        "remove the duplicates from the held-out set")
     return MemorizationFilter(train_images=train.images, threshold=threshold, threshold_source=source,
                               train_dir=str(opts.train))
 

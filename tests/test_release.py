@@ -345,3 +345,28 @@ def test_a_missing_corrupt_or_foreign_checkpoint_is_one_error_line_naming_it(tmp
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and str(path) in err and err.count("\n") == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_card_says_epsilon_is_unknown_when_dp_was_on_but_no_report_exists(local_checkpoint, tmp_path):
+    ckpt = federated_checkpoint(local_checkpoint, tmp_path / "run", dp=True)
+    out = tmp_path / "release"
+    record = write_release(ReleaseOptions(checkpoint=ckpt, out=out, per_class=1, quiet=True))
+    assert record["privacy"]["differentially_private"] is True and record["privacy"]["sites"] == {}
+    assert "but epsilon is unknown" in (out / "MODEL_CARD.md").read_text()
+
+
+def test_a_local_dp_checkpoints_epsilon_is_recomputed_from_its_accountant_history(local_checkpoint, tmp_path):
+    from opacus.accountants import RDPAccountant
+
+    state = torch.load(local_checkpoint, map_location="cpu", weights_only=False)
+    state["config"]["privacy"].update(enabled=True, noise_multiplier=1.1)
+    state["config"]["model"]["mbstd_group_size"] = 0
+    state["privacy"] = {"format": "medstylegan2-privacy-v1", "accountant": "rdp", "history": [[1.1, 0.05, 120]],
+                        "noise_multiplier": 1.1, "num_examples": 320, "delta": 1e-5}
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save(state, ckpt)
+    record = write_release(ReleaseOptions(checkpoint=ckpt, out=tmp_path / "release", per_class=1, quiet=True))
+    reference = RDPAccountant()
+    reference.history = [(1.1, 0.05, 120)]
+    assert record["privacy"]["sites"]["local"]["epsilon"] == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-9)
+    assert record["privacy"]["sites"]["local"]["lifetime"] is None
