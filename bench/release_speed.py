@@ -141,7 +141,8 @@ def main() -> None:
                     s = time_release(ckpt, tmp / "out", n, device=device, format=fmt, batch=64)
                     row(f"release {res}px {fmt} {device}", f"{3 * n / s:.1f} img/s", f"({3 * n} images, {s:.1f} s)")
                 bare = time_bare_generator(ckpt, 3 * n, device)
-                row(f"G only {res}px {device}, batch 64, oneDNN on", f"{bare:.1f} img/s", "(no files, not reproducible)")
+                row(f"G only {res}px {device}, batch 64, oneDNN on", f"{bare:.1f} img/s",
+                    "(no files, not reproducible)")
 
         ckpt64 = tmp / "g64.pt"
         hashes = {}

@@ -55,11 +55,13 @@ EVAL_OVERALL = (("utility_accuracy_synthetic", "TSTR accuracy (classifier traine
 # Provenance
 
 
-def collect_provenance(checkpoint: Path, state: Mapping[str, Any], cfg: Any, sha256: str) -> dict[str, Any]:
+def collect_provenance(checkpoint: Path, state: Mapping[str, Any], cfg: Any, sha256: str,
+                       evaluation: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The ``checkpoint``, ``training``, ``privacy`` and ``evaluation`` sections for a loaded checkpoint.
 
-    ``state``: what ``read_checkpoint`` returned; ``cfg``: its ``RunConfig``. Raises ``UserError`` naming the
-    file when a report beside the checkpoint exists but cannot be read.
+    ``state``: what ``read_checkpoint`` returned; ``cfg``: its ``RunConfig``; ``evaluation``: the section from
+    ``find_evaluation`` if already read. Raises ``UserError`` naming the file when a report beside the
+    checkpoint exists but cannot be read.
     """
     checkpoint = Path(checkpoint)
     federation = state.get("federation")
@@ -78,10 +80,11 @@ def collect_provenance(checkpoint: Path, state: Mapping[str, Any], cfg: Any, sha
         training = {"mode": "local (train-local)", "rounds": None, "sites": ["local"],
                     "steps": int(state.get("step", 0))}
     training["data_source"] = cfg.data.source
-    eval_summary, _ = find_evaluation(checkpoint, round_num)
+    if evaluation is None:
+        evaluation, _ = find_evaluation(checkpoint, round_num)
     return {"checkpoint": ckpt, "training": training,
             "privacy": privacy_summary(checkpoint, state, cfg, round_num),
-            "evaluation": eval_summary}
+            "evaluation": evaluation}
 
 
 # --- privacy

@@ -48,7 +48,7 @@ import secrets
 import shutil
 import sys
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -459,7 +459,6 @@ class _Loaded:
     eval_record: Optional[dict]
     class_names: tuple[str, ...]
     resolution: int
-    counts: dict[str, ClassCount] = field(default_factory=dict)
 
 
 def load_for_release(opts: ReleaseOptions, device: torch.device) -> _Loaded:
@@ -476,8 +475,9 @@ def load_for_release(opts: ReleaseOptions, device: torch.device) -> _Loaded:
     G, _ = build_networks(cfg.model)
     load_state_dict_checked(G, state["G_ema"], what=f"{opts.checkpoint}:G_ema")
     G = G.to(device).eval().requires_grad_(False)
-    provenance = collect_provenance(opts.checkpoint, state, cfg, _sha256_file(opts.checkpoint))
-    _, eval_record = find_evaluation(opts.checkpoint, provenance["checkpoint"]["round"])
+    round_num = int(state["round"]) if "federation" in state and "round" in state else None
+    evaluation, eval_record = find_evaluation(opts.checkpoint, round_num)
+    provenance = collect_provenance(opts.checkpoint, state, cfg, _sha256_file(opts.checkpoint), evaluation)
     names = CLASS_NAMES if G.num_classes == len(CLASS_NAMES) else tuple(f"class_{k}" for k in range(G.num_classes))
     return _Loaded(G=G, cfg=cfg, provenance=provenance, eval_record=eval_record, class_names=tuple(names),
                    resolution=cfg.model.resolution)
@@ -512,8 +512,9 @@ def write_release(opts: ReleaseOptions, *, after_batch: Optional[Callable[[int],
             manifest = csv.writer(manifest_fh, lineterminator="\n")
             manifest.writerow(MANIFEST_COLUMNS)
             batches = 0
+            counts: dict[str, ClassCount] = {}
             for k, name in enumerate(loaded.class_names):
-                count = loaded.counts[name] = ClassCount()
+                count = counts[name] = ClassCount()
                 limit = opts.per_class if mem_filter is None else math.ceil(opts.per_class * opts.max_attempts)
                 next_index = 0
                 while count.images < opts.per_class:
@@ -553,7 +554,7 @@ def write_release(opts: ReleaseOptions, *, after_batch: Optional[Callable[[int],
                     if after_batch is not None:
                         after_batch(batches)
                 writer.end_class()
-        record = _release_record(opts, loaded, device, block, writer, mem_filter, root)
+        record = _release_record(opts, loaded, counts, device, block, writer, mem_filter, root)
         (root / "release.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
         (root / "MODEL_CARD.md").write_text(render_model_card(record))
         partial.commit()
@@ -567,8 +568,8 @@ def _progress(opts: ReleaseOptions, loaded: _Loaded):
                 disable=opts.quiet or not sys.stderr.isatty(), leave=False)
 
 
-def _release_record(opts: ReleaseOptions, loaded: _Loaded, device: torch.device, block: int, writer,
-                    mem_filter: Optional[MemorizationFilter], root: Path) -> dict[str, Any]:
+def _release_record(opts: ReleaseOptions, loaded: _Loaded, counts: dict[str, ClassCount], device: torch.device,
+                    block: int, writer, mem_filter: Optional[MemorizationFilter], root: Path) -> dict[str, Any]:
     invariance = (f"On the CPU the generator runs in eval mode with constant noise on fixed blocks of {block} "
                   "consecutive indices of one class, with oneDNN off: the same checkpoint, --seed, --per-class and "
                   "--truncation give byte-identical files whatever --batch and thread count (measured with torch "
@@ -587,7 +588,7 @@ def _release_record(opts: ReleaseOptions, loaded: _Loaded, device: torch.device,
         **{key: loaded.provenance[key] for key in ("checkpoint", "training", "privacy", "evaluation")},
         "generation": generation,
         "layout": writer.layout(),
-        "counts": {name: vars(c) for name, c in loaded.counts.items()},
+        "counts": {name: vars(c) for name, c in counts.items()},
         "memorization_filter": None if mem_filter is None else mem_filter.describe(),
         "files": files,
         "config": loaded.cfg.to_dict(),
