@@ -574,7 +574,8 @@ def _release_record(opts: ReleaseOptions, loaded: _Loaded, counts: dict[str, Cla
                   "consecutive indices of one class, with oneDNN off: the same checkpoint, --seed, --per-class and "
                   "--truncation give byte-identical files whatever --batch and thread count (measured with torch "
                   "2.14.1 on x86-64 for 1 to 16 threads). Another CPU type, BLAS or torch version may round a few "
-                  "pixels differently." if device.type == "cpu" else
+                  "pixels differently, and another Pillow (zlib) may compress the same pixels into other PNG "
+                  "bytes; npz manifest hashes are of the raw pixels." if device.type == "cpu" else
                   f"On the GPU the generator ran on blocks of {block} images (--batch rounded up to a multiple of "
                   f"{CPU_BLOCK}); a rerun with another --batch, GPU or software may differ in a few pixels.")
     generation = {"per_class": opts.per_class, "seed": opts.seed, "truncation": opts.truncation,
