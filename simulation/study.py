@@ -137,9 +137,11 @@ def _public_pretrain(study: sc.StudyConfig, profile: str, out: Path, arm: str) -
 
 
 def _arm_digest(study: sc.StudyConfig, profile: str, overrides: list[str]) -> str:
+    """The resolved run config and the evaluation settings: comments and key order do not count."""
     spec = study.profile(profile)
-    return sc.settings_digest(overrides, {"n_per_class": spec.n_per_class, "classifier_steps": spec.classifier_steps,
-                                          "base": study.base_config_path.read_text()})
+    resolved = json.dumps(load_config(study.base_config_path, overrides).to_dict(), sort_keys=True)
+    return sc.settings_digest([resolved], {"n_per_class": spec.n_per_class,
+                                           "classifier_steps": spec.classifier_steps})
 
 
 def _run_arm_seed(study: sc.StudyConfig, profile: str, arm: str, seed: int, *, out: Path, classifier: Path,
