@@ -228,7 +228,7 @@ def _write_outputs(study: sc.StudyConfig, profile: str, out: Path, class_names: 
                 results.append(json.loads(marker.read_text()))
         if len(results) != len(spec.seeds):
             continue
-        arms[arm] = sr.combine_seeds(arm, results)
+        arms[arm] = sr.combine_seeds(results)
         per_class = {c: sr._mean([r["cas_per_class"].get(c) for r in results]) for c in class_names}
         details[arm] = {"cas_per_class": per_class, "seeds": len(results)}
     if arms:

@@ -206,7 +206,5 @@ def check_public_differs(study: StudyConfig, private_seed: int) -> None:
                           "hold the private images; choose another seed")
 
 
-
-
 def dataclass_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)

@@ -12,7 +12,6 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-
 def classification_accuracy_score(classifier, images: np.ndarray, labels: np.ndarray,
                                   class_names: Sequence[str]) -> dict[str, Any]:
     """CAS (Ravuri & Vinyals 2019): a real-trained classifier's accuracy on generated images vs their

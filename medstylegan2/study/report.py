@@ -16,13 +16,12 @@ STUDY_FILE = "study.json"
 CONTRACT_KEYS = ("checkpoint", "epsilon", "cas", "tstr_relative", "fd_domain", "lpips_diversity", "minutes")
 
 
-
 def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
     vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     return float(np.mean(vals)) if vals else None
 
 
-def combine_seeds(arm_dir_rel: str, seed_results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def combine_seeds(seed_results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """One arm's study.json entry: contract keys, means over seeds, the first seed's checkpoint."""
     entry: dict[str, Any] = {"checkpoint": seed_results[0]["checkpoint"]}
     eps = [r.get("epsilon") for r in seed_results]
