@@ -179,6 +179,7 @@ def _run_arm_seed(study: sc.StudyConfig, profile: str, arm: str, seed: int, *, o
         started = time.perf_counter()
         simulate_fn(study.base_config_path, overrides, run_dir=run_dir, resume=resume)
         _add_seconds(run_dir, time.perf_counter() - started)
+    _drop_failed_rounds(run_dir, arm, seed)
     rounds = round_numbers_in(run_dir)
     if not rounds:
         raise UserError(f"arm {arm} seed {seed}: the run wrote no round checkpoint into {run_dir}")
@@ -198,6 +199,37 @@ def _run_arm_seed(study: sc.StudyConfig, profile: str, arm: str, seed: int, *, o
     log.info("arm %s seed %d: CAS %.3f, TSTR-rel %s, FD-domain %s, %.1f min", arm, seed, result["cas"],
              result["tstr_relative"], result["fd_domain"], result["minutes"])
     return result
+
+
+def failed_rounds(run_dir: Path) -> list[int]:
+    """Rounds of ``metrics.jsonl`` in which a site failed (an error, e.g. a worker killed for memory)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    failed = []
+    for line in path.read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if record.get("kind") != "round":
+            continue
+        statuses = [str(site.get("status", "")) for site in record.get("sites", {}).values()]
+        if any(status.startswith("error") for status in statuses):
+            failed.append(int(record["round"]))
+    return sorted(failed)
+
+
+def _drop_failed_rounds(run_dir: Path, arm: str, seed: int) -> None:
+    """A round in which a site failed does not count: the server carried on without that site's
+    update, so the arm did not get its compute. Remove that round's checkpoint and every later one
+    (the next run resumes before it) and stop with a message."""
+    failed = failed_rounds(run_dir)
+    if not failed:
+        return
+    for r in round_numbers_in(run_dir):
+        if r >= failed[0]:
+            (run_dir / f"round_{r:03d}.pt").unlink()
+    raise UserError(f"arm {arm} seed {seed}: a site failed in round(s) {', '.join(map(str, failed))} (see the log: "
+                    f"e.g. a worker killed for lack of memory); checkpoints from round {failed[0]} on were removed, "
+                    "so running the study again resumes the arm before the failure")
 
 
 def _epsilon_of(checkpoint: Path) -> Optional[float]:
