@@ -39,7 +39,8 @@ COMMANDS: dict[str, Command] = {
                       "DIR/<class>/*.png."),
     "evaluate": Command("medstylegan2.metrics.evaluate_command",
                         "Evaluate a checkpoint (sampled) or a folder of generated <class>/*.png images against real "
-                        "held-out images: FD/KID/PR, LPIPS, memorization, downstream utility."),
+                        "held-out images: FD/KID/PR, LPIPS, memorization, classification accuracy score (CAS), "
+                        "downstream utility (TSTR)."),
     "simulate": Command("simulation.cli",
                         "Run a federated simulation: N virtual hospital sites (Flower simulation engine) over "
                         "partitioned data, with round checkpoints, metrics.jsonl and sample grids."),

@@ -171,7 +171,12 @@ class MetricsConfig:
     # Folder with feature-network weights; falls back to $TORCH_HOME/hub/checkpoints.
     weights_dir: Optional[str] = None
     n_per_class: int = 200
+    # Measured at every evaluation (every federation.evaluate_every rounds and after the last); [] with
+    # no final_metrics: no evaluator at all. Names: medstylegan2.metrics.METRIC_NAMES.
     metrics: list[str] = field(default_factory=lambda: ["fd_domain", "kid_domain", "pr_domain", "lpips"])
+    # Measured in addition at the final evaluation only (after the last round, or when the run ends
+    # early): the slow ones, e.g. [fid, lpips, utility], so that a run reports them once at a small cost.
+    final_metrics: list[str] = field(default_factory=list)
     classifier_steps: int = 300
     batch_size: int = 64
 
@@ -338,6 +343,12 @@ def _check_semantics(cfg: RunConfig) -> None:
     need(f.connect_timeout_s > 0 and f.round_timeout_s > 0, "federation.connect_timeout_s/round_timeout_s",
          "must be > 0")
     need(f.keep_checkpoints >= 0, "federation.keep_checkpoints", "must be >= 0 (0 keeps every round)")
+    from medstylegan2.metrics import METRIC_NAMES  # no heavy imports: the names only
+
+    for key in ("metrics", "final_metrics"):
+        unknown = [name for name in getattr(cfg.metrics, key) if name not in METRIC_NAMES]
+        need(not unknown, f"metrics.{key}", f"has unknown metric '{unknown[0] if unknown else ''}'; "
+             f"allowed: {', '.join(METRIC_NAMES)}")
     if p.enabled:
         need((p.noise_multiplier is None) != (p.target_epsilon is None), "privacy.noise_multiplier",
              "or privacy.target_epsilon: give exactly one when privacy.enabled is true")

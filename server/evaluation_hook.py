@@ -1,5 +1,6 @@
 """The server's evaluation hook after each round: a sample grid every round, the evaluator every
-``federation.evaluate_every`` rounds and after the last (``medstylegan2.metrics.evaluate``)."""
+``federation.evaluate_every`` rounds and after the last (``medstylegan2.metrics.evaluate``), where
+``metrics.final_metrics`` join ``metrics.metrics``; no evaluator when both lists are empty."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ class EvaluationHook:
         load_state_dict_checked(G, unflatten_weights(weights)["G_ema"], what="global G_ema")
         return G.to(self.device).eval().requires_grad_(False)
 
-    def __call__(self, round_num: int, weights: dict[str, torch.Tensor], *, evaluate: bool) -> dict[str, Any]:
+    def __call__(self, round_num: int, weights: dict[str, torch.Tensor], *, evaluate: bool,
+                 final: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {}
         G = self.generator(weights)
         try:
@@ -39,18 +41,22 @@ class EvaluationHook:
         except Exception as exc:  # a grid must never end a long run
             warn("round %d: sample grid failed: %s: %s", round_num, type(exc).__name__, exc)
         if evaluate and self.heldout is not None:
-            out["eval"] = self._evaluate(G, round_num)
+            result = self._evaluate(G, round_num, final)
+            if result is not None:
+                out["eval"] = result
         return out
 
-    def _evaluate(self, G: torch.nn.Module, round_num: int) -> Optional[dict[str, Any]]:
+    def _evaluate(self, G: torch.nn.Module, round_num: int, final: bool) -> Optional[dict[str, Any]]:
         try:
-            from medstylegan2.metrics.evaluate import evaluate_generator
+            from medstylegan2.metrics.evaluate import evaluate_generator, metrics_for_evaluation
         except ImportError:
             return None
+        if not metrics_for_evaluation(self.cfg.metrics, final=final):
+            return None  # metrics.metrics: [] - sample grids only
         try:
             # Writes <run>/eval/round_XXX.json and its own "kind": "eval" line in metrics.jsonl.
             result = evaluate_generator(G, self.heldout, self.train, self.cfg.metrics, self.folder.eval_dir,
-                                        round_num, self.folder.root, str(self.device))
+                                        round_num, self.folder.root, str(self.device), final=final)
         except Exception as exc:  # an evaluation problem must never end a long run
             warn("round %d: evaluation failed: %s: %s", round_num, type(exc).__name__, exc)
             return {"error": f"{type(exc).__name__}: {exc}"}

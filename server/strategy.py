@@ -134,9 +134,9 @@ class FederatedGAN(FedAvg):
         save_round_checkpoint(self.folder, self.cfg, self.state,
                               {site.name: site.num_examples for site in self.sites.values()})
 
-        evaluate = (f.evaluate_every > 0 and round_num % f.evaluate_every == 0) or round_num >= f.rounds \
-            or self.state.stopped
-        extra = self.hook(round_num, self.state.weights, evaluate=evaluate)
+        final = round_num >= f.rounds or self.state.stopped
+        evaluate = (f.evaluate_every > 0 and round_num % f.evaluate_every == 0) or final
+        extra = self.hook(round_num, self.state.weights, evaluate=evaluate, final=final)
         seconds = time.perf_counter() - self._round_started
         aggregated = outcome.aggregated
         record = {"round": round_num, "kind": "round", "seconds": seconds, "aggregated": aggregated,

@@ -20,6 +20,7 @@ from typing import Any, Optional
 from medstylegan2.cli_support import run_reporting_user_errors, setup_logging
 from medstylegan2.config import RunConfig, load_config
 from medstylegan2.errors import UserError
+from medstylegan2.metrics.headline import format_headline, last_evaluation
 
 COMMAND_HELP = ("Run a federated simulation: N virtual hospital sites (Flower simulation engine) over "
                 "partitioned data, with round checkpoints, metrics.jsonl and sample grids.")
@@ -140,6 +141,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"the simulation wrote no round checkpoint into {run_dir}; see the log above")
     print(f"done in {time.perf_counter() - start:.0f} s: {run_dir} (last checkpoint {rounds[-1].name}, "
           f"metrics {run_dir / 'metrics.jsonl'}, grids {run_dir / 'grids'})")
+    record = last_evaluation(run_dir)
+    if record is not None:
+        print("\n" + format_headline(record), flush=True)
     return 0
 
 

@@ -7,8 +7,10 @@ One module per concern:
 - ``fidelity``: Frechet distance, KID and precision/recall, computed by torch-fidelity;
 - ``lpips_metrics``: LPIPS diversity and LPIPS to the nearest real image (lpips / ST-LPIPS);
 - ``memorization``: nearest-training-image audit;
+- ``cas``: classification accuracy score, the real-trained classifier's accuracy on the generated images;
 - ``utility``: train-on-synthetic, test-on-real classification;
 - ``plots``: sample grids, memorization pairs, metrics over rounds;
+- ``headline``: the few figures a run prints at its end;
 - ``evaluate``: the orchestrator (``evaluate_images``, ``evaluate_generator``);
 - ``evaluate_command``: the ``evaluate`` command.
 """
@@ -20,5 +22,6 @@ METRIC_NAMES: tuple[str, ...] = (
     "fid", "kid", "pr",                      # torch-fidelity with the TF-FID Inception-v3
     "lpips",                                 # diversity + distance to the nearest real image
     "memorization",                          # nearest training image in pixel / domain feature space
-    "utility",                               # train on synthetic, test on real
+    "cas",                                   # the domain classifier's accuracy on generated images
+    "utility",                               # train on synthetic, test on real (TSTR)
 )

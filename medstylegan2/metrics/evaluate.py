@@ -5,9 +5,16 @@ audit and the domain classifier, the real training split); ``evaluate_generator`
 images per class from a generator first - the federation server's hook. The ``evaluate`` command
 (``medstylegan2.metrics.evaluate_command``) does the same from a checkpoint or a folder of images.
 
-Metric names (``MetricsConfig.metrics``): see ``medstylegan2.metrics.METRIC_NAMES``. A metric that cannot
-run (a weights file absent, no training set given) is recorded under ``errors`` with the message, and the
-others still run; numbers are never made up.
+Metric names (``MetricsConfig.metrics``, plus ``MetricsConfig.final_metrics`` at a run's final evaluation,
+``final=True``): see ``medstylegan2.metrics.METRIC_NAMES``. A metric that cannot run (a weights file absent,
+no training set given) is recorded under ``errors`` with the message, and the others still run; numbers are
+never made up.
+
+Classification figures: ``overall.cas`` and ``per_class[<class>].cas`` (CAS, the domain classifier's accuracy
+on the generated images against their conditioning labels; per class its recall) with ``cas_confusion`` (rows:
+conditioning class, columns: predicted class, in ``class_names`` order); ``overall.tstr_relative`` (the
+synthetic-trained classifier's accuracy on the real held-out images over the real-trained domain classifier's
+accuracy on the same images) beside ``overall.utility_accuracy_synthetic`` / ``utility_accuracy_real``.
 
 Output files. Without ``round_num`` they go to ``out_dir``; with ``round_num`` to ``<run_dir>/eval/`` when
 ``run_dir`` is given (where ``plot_metrics`` reads them), else to ``<out_dir>/eval/``:
@@ -15,8 +22,9 @@ Output files. Without ``round_num`` they go to ``out_dir``; with ``round_num`` t
 - ``round_XXX.json`` (with a round) or ``evaluation.json``: the record ``evaluate_images`` returns;
 - ``grid_round_XXX.png`` (or ``grid.png``): per-class generated rows beside real held-out rows;
 - ``memorization_pairs_round_XXX.png`` (or ``memorization_pairs.png``): the 8 closest generated/training pairs;
-- with ``run_dir``: one line ``{"round": r, "kind": "eval", ...}`` appended to ``<run_dir>/metrics.jsonl`` and
-  ``<run_dir>/metrics.png`` redrawn from all ``eval/round_*.json``.
+- with ``run_dir``: one line ``{"round": r, "kind": "eval", "overall", "per_class", "cas_confusion" (when
+  measured), "errors", "file"}`` appended to ``<run_dir>/metrics.jsonl`` and ``<run_dir>/metrics.png`` redrawn
+  from all ``eval/round_*.json``.
 
 The domain classifier (FD-domain's feature network) is ``<run_dir>/domain_classifier.pt`` (or
 ``<out>/domain_classifier.pt``): trained on the training split the first time and reused after, so that
@@ -52,17 +60,23 @@ LPIPS_MAX_PAIRS = 1000
 LPIPS_CANDIDATES = 5
 
 
-def validate_metric_names(names: list[str] | tuple[str, ...]) -> list[str]:
+def validate_metric_names(names: list[str] | tuple[str, ...], key: str = "metrics.metrics") -> list[str]:
     """Names in order without duplicates; ``ConfigError`` listing the allowed names for an unknown one."""
     out = []
     for name in names:
         if name not in METRIC_NAMES:
-            raise ConfigError(f"unknown metric '{name}' in metrics.metrics; allowed: {', '.join(METRIC_NAMES)}")
+            raise ConfigError(f"unknown metric '{name}' in {key}; allowed: {', '.join(METRIC_NAMES)}")
         if name not in out:
             out.append(name)
-    if not out:
-        raise ConfigError(f"metrics.metrics is empty; choose from: {', '.join(METRIC_NAMES)}")
     return out
+
+
+def metrics_for_evaluation(cfg: MetricsConfig, *, final: bool) -> list[str]:
+    """``metrics.metrics``, plus ``metrics.final_metrics`` when ``final``; empty: nothing to evaluate."""
+    names = validate_metric_names(cfg.metrics)
+    if final:
+        names += [m for m in validate_metric_names(cfg.final_metrics, "metrics.final_metrics") if m not in names]
+    return names
 
 
 def _round_tag(round_num: int | None) -> str:
@@ -154,8 +168,10 @@ class _Evaluation:
 
     def run(self) -> dict[str, Any]:
         names = self.names
-        if any(m in DOMAIN_METRICS or m in ("memorization", "utility") for m in names):
+        if any(m in DOMAIN_METRICS or m in ("memorization", "cas", "utility") for m in names):
             self.step("domain classifier", ["domain_classifier"], self.domain_classifier)
+        if "cas" in names:
+            self.step("CAS", ["cas"], self.cas)
         if any(m in DOMAIN_METRICS for m in names):
             self.step("FD/KID/PR-domain", [m for m in DOMAIN_METRICS if m in names], self.fidelity_domain)
         if any(m in INCEPTION_METRICS for m in names):
@@ -168,7 +184,7 @@ class _Evaluation:
             self.step("utility", ["utility"], self.utility)
         return self.record
 
-    # --- the domain classifier (FD-domain's feature network, memorization's domain space, utility baseline)
+    # --- the domain classifier (FD-domain's feature network, memorization's domain space, CAS, utility baseline)
     def domain_classifier(self) -> None:
         model, trained_now = domain_classifier(self.classifier_path, self.train, self.cfg, device=self.device,
                                                seed=self.seed)
@@ -180,6 +196,18 @@ class _Evaluation:
         self.record["domain_classifier"] = {"path": str(self.classifier_path), "trained_now": trained_now,
                                             "heldout_accuracy": scores["accuracy"],
                                             "heldout_macro_f1": scores["macro_f1"]}
+
+    # --- classification accuracy score
+    def cas(self) -> None:
+        from medstylegan2.metrics.cas import classification_accuracy_score
+
+        if self.classifier is None:
+            raise DataError(self.errors.get("domain_classifier", "no domain classifier"))
+        res = classification_accuracy_score(self.classifier, self.fake.images, self.fake.labels, self.class_names)
+        self.overall["cas"] = res["overall"]
+        for name, value in res["per_class"].items():
+            self.per_class[name]["cas"] = value
+        self.record["cas_confusion"] = res["confusion"]
 
     # --- torch-fidelity: FD / KID / PR
     def _fidelity(self, space, network_key: str, metric_names: tuple[str, str, str], keys: tuple[str, ...]) -> None:
@@ -272,6 +300,7 @@ class _Evaluation:
         if real is not None:
             self.overall["utility_accuracy_real"] = real["accuracy"]
             self.overall["utility_macro_f1_real"] = real["macro_f1"]
+            self.overall["tstr_relative"] = res["relative_accuracy"]
         for k, name in enumerate(self.class_names):
             self.per_class[name]["utility_recall_synthetic"] = synth["per_class_recall"][k]
 
@@ -280,17 +309,21 @@ def evaluate_images(fake, real_heldout, *, train=None, cfg: MetricsConfig | None
                     out_dir: str | Path | None = None, round_num: int | None = None,
                     run_dir: str | Path | None = None, device: str = "cpu", seed: int = 0,
                     classifier_path: str | Path | None = None, use_fid_helper: bool = True,
-                    use_stlpips: bool = True) -> dict:
+                    use_stlpips: bool = True, final: bool = False) -> dict:
     """Evaluate generated images against real held-out images; returns the record written to JSON.
 
     ``fake``, ``real_heldout``, ``train``: ``ImageSet``s (uint8 [N, 1, H, W] ``images``, int ``labels``), one
-    resolution. ``cfg.metrics`` picks the metrics. ``classifier_path`` overrides where the domain classifier
-    lives. ``use_fid_helper`` / ``use_stlpips`` allow the packaged fallback weights (tests switch them off).
+    resolution. ``cfg.metrics`` picks the metrics, with ``cfg.final_metrics`` too when ``final`` (a run's last
+    evaluation). ``classifier_path`` overrides where the domain classifier lives. ``use_fid_helper`` /
+    ``use_stlpips`` allow the packaged fallback weights (tests switch them off).
     """
     from medstylegan2.metrics.plots import plot_metrics, save_sample_grid
 
     cfg = cfg or MetricsConfig()
-    names = validate_metric_names(cfg.metrics)
+    names = metrics_for_evaluation(cfg, final=final)
+    if not names:
+        lists = "metrics.metrics and metrics.final_metrics are" if final else "metrics.metrics is"
+        raise ConfigError(f"nothing to evaluate: {lists} empty; choose from: {', '.join(METRIC_NAMES)}")
     if out_dir is None and run_dir is None:
         raise ValueError("give out_dir or run_dir")
     out_dir = Path(out_dir if out_dir is not None else run_dir)
@@ -320,6 +353,8 @@ def evaluate_images(fake, real_heldout, *, train=None, cfg: MetricsConfig | None
     if run_dir is not None:
         line = {"round": round_num, "kind": "eval", "time": record["time"], "overall": record["overall"],
                 "per_class": record["per_class"], "errors": record["errors"], "file": str(json_path)}
+        if "cas_confusion" in record:
+            line["cas_confusion"] = record["cas_confusion"]
         RunFolder(run_dir).append_metrics(line)
         try:
             plot_metrics(run_dir)
@@ -333,7 +368,7 @@ def evaluate_generator(G_ema, real_heldout, train, cfg: MetricsConfig, out_dir: 
                        round_num: int | None = None, run_dir: str | Path | None = None, device: str = "cpu",
                        *, seed: int = 0, truncation_psi: float = 1.0, **kwargs) -> dict:
     """Sample ``cfg.n_per_class`` images per class from ``G_ema`` (fixed ``seed``: the same latents every
-    round) and ``evaluate_images`` them; the federation server's evaluation hook."""
+    round) and ``evaluate_images`` them (``final=True``: with ``cfg.final_metrics``); the server's hook."""
     from medstylegan2.sampling import generate_per_class
 
     fake = generate_per_class(G_ema, cfg.n_per_class, seed=seed, truncation_psi=truncation_psi,

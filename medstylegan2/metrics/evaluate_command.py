@@ -5,6 +5,10 @@ A checkpoint's EMA generator is sampled (``--n-per-class`` per class), or a fold
 (``--real``) and, for the domain classifier, the memorization audit and the utility baseline, the
 real training images (``--train``). Prints a table per class and overall and writes the evaluator's
 files into ``--out``.
+
+Which metrics: the config's ``metrics`` + ``final_metrics`` (one evaluation of a finished model), plus the
+memorization audit, CAS and TSTR when ``--train`` is given, plus CAS whenever a domain classifier exists.
+``--metrics`` or ``--set metrics.metrics=[...]`` / ``--set metrics.final_metrics=[...]`` choose exactly.
 """
 
 from __future__ import annotations
@@ -18,7 +22,13 @@ from medstylegan2.metrics import METRIC_NAMES
 from medstylegan2.metrics.evaluate import CLASSIFIER_FILE, evaluate_generator, evaluate_images, validate_metric_names
 
 COMMAND_HELP = ("Evaluate a checkpoint (sampled) or a folder of generated <class>/*.png images against real "
-                "held-out images: FD/KID/PR, LPIPS, memorization, downstream utility.")
+                "held-out images: FD/KID/PR, LPIPS, memorization, classification accuracy score (CAS), "
+                "downstream utility (TSTR).")
+
+# What `evaluate` adds to the config's metrics unless the list is chosen explicitly: everything the real
+# training images make possible, and CAS wherever a domain classifier exists.
+WITH_TRAIN_METRICS = ("memorization", "cas", "utility")
+WITH_CLASSIFIER_METRICS = ("cas",)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,7 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-per-class", type=int, help="images per class sampled from the checkpoint "
                                                    "(default: metrics.n_per_class)")
     p.add_argument("--metrics", nargs="+", metavar="NAME",
-                   help=f"metrics to run (default: metrics.metrics); any of: {', '.join(METRIC_NAMES)}")
+                   help="metrics to run, exactly (default: metrics.metrics and metrics.final_metrics, plus "
+                        f"{', '.join(WITH_TRAIN_METRICS)} with --train, plus cas when a domain classifier exists; "
+                        "--set metrics.metrics=[...] or metrics.final_metrics=[...] also choose exactly); any of: "
+                        f"{', '.join(METRIC_NAMES)}")
     p.add_argument("--weights-dir", metavar="DIR",
                    help="folder with feature-network weights files (default: metrics.weights_dir, then "
                         "$TORCH_HOME/hub/checkpoints)")
@@ -48,6 +61,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. --set metrics.classifier_steps=100 (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="sampling / pair-sampling seed (default 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+
+
+def cli_metric_names(metrics_flag: list[str] | None, overrides: list[str], cfg, *, have_train: bool,
+                     have_classifier: bool) -> list[str]:
+    """The metrics of one ``evaluate`` call (``cfg``: the ``MetricsConfig`` after ``--config`` / ``--set``).
+
+    Explicit choices win: ``--metrics`` gives the list exactly; ``--set metrics.metrics=...`` and/or
+    ``--set metrics.final_metrics=...`` give exactly the lists they set. Otherwise the config's
+    ``metrics`` + ``final_metrics``, plus ``WITH_TRAIN_METRICS`` when the training images are given and
+    ``WITH_CLASSIFIER_METRICS`` when a domain classifier file exists.
+    """
+    if metrics_flag:
+        return validate_metric_names([m for item in metrics_flag for m in item.split(",") if m], "--metrics")
+    set_keys = {item.split("=", 1)[0].strip() for item in overrides}
+    chosen = [key for key in ("metrics", "final_metrics") if f"metrics.{key}" in set_keys]
+    if chosen:
+        return validate_metric_names([m for key in chosen for m in getattr(cfg, key)],
+                                     " / ".join(f"metrics.{key}" for key in chosen))
+    names = validate_metric_names(list(cfg.metrics) + list(cfg.final_metrics))
+    extra = (WITH_TRAIN_METRICS if have_train else ()) + (WITH_CLASSIFIER_METRICS if have_classifier else ())
+    return names + [m for m in dict.fromkeys(extra) if m not in names]
 
 
 def _first_image_size(folder: Path) -> int:
@@ -67,9 +101,8 @@ def run(args: argparse.Namespace) -> int:
     if (args.checkpoint is None) == (args.fake is None):
         raise UserError("give either a CHECKPOINT or --fake DIR (exactly one)")
     cfg = load_config(args.config, args.overrides).metrics
-    if args.metrics:
-        cfg.metrics = [m for item in args.metrics for m in item.split(",") if m]
-    validate_metric_names(cfg.metrics)
+    if args.metrics:  # names checked before the slow loading
+        validate_metric_names([m for item in args.metrics for m in item.split(",") if m], "--metrics")
     if args.n_per_class is not None:
         if args.n_per_class <= 0:
             raise UserError("--n-per-class must be > 0")
@@ -102,6 +135,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.classifier and args.checkpoint and (Path(args.checkpoint).parent / CLASSIFIER_FILE).is_file():
         classifier = Path(args.checkpoint).parent / CLASSIFIER_FILE  # the run's own domain classifier
         print(f"using the run's domain classifier {classifier}", flush=True)
+    # One evaluation of a finished model: the chosen list goes into metrics.metrics, nothing is final-only.
+    cfg.metrics = cli_metric_names(args.metrics, args.overrides, cfg, have_train=train is not None,
+                                   have_classifier=classifier.is_file())
+    cfg.final_metrics = []
+    if not cfg.metrics:
+        raise UserError(f"no metrics to compute: the metric list is empty; name some with --metrics (any of: "
+                        f"{', '.join(METRIC_NAMES)})")
+    print(f"metrics: {', '.join(cfg.metrics)}", flush=True)
     common = dict(out_dir=out, round_num=args.round_num, device=device, seed=args.seed, classifier_path=classifier)
     if G is not None:
         print(f"sampling {cfg.n_per_class} images per class from {args.checkpoint} ...", flush=True)

@@ -92,13 +92,17 @@ def save_memorization_pairs(fake_images: np.ndarray, train_images: np.ndarray, p
 
 _ROUND_FILE = re.compile(r"round_(\d+)\.json$")
 
-# (panel title, result key, fallback key when the first is absent in every round, metric name for errors)
+# (panel title, record key, fallback: (title, key) used when the first key has no value in any round).
+# Each panel draws one line per class and a dashed "overall" line, wherever the record has the key.
 PANELS = (
-    ("FD-domain", "fd_domain", None, "fd_domain"),
-    ("FID (Inception)", "fid", None, "fid"),
-    ("KID (Inception)", "kid", "kid_domain", "kid"),
-    ("LPIPS diversity", "lpips_diversity", None, "lpips"),
+    ("FD-domain", "fd_domain", None),
+    ("FID (Inception)", "fid", None),
+    ("KID (Inception)", "kid", ("KID-domain", "kid_domain")),
+    ("LPIPS diversity", "lpips_diversity", None),
+    ("CAS (real-trained classifier)", "cas", None),
+    ("TSTR relative to real", "tstr_relative", None),
 )
+PANEL_COLUMNS = 3
 
 
 def read_rounds(run_dir: str | Path) -> list[dict]:
@@ -114,65 +118,66 @@ def read_rounds(run_dir: str | Path) -> list[dict]:
     return sorted(records, key=lambda r: r.get("round", 0))
 
 
+def _series(records: list[dict], key: str, name: str | None) -> tuple[list[int], list[float]]:
+    """(rounds, values) of ``key`` for class ``name`` (``None``: overall), finite values only."""
+    xs, ys = [], []
+    for r in records:
+        src = r.get("overall", {}) if name is None else r.get("per_class", {}).get(name, {})
+        v = src.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            xs.append(r.get("round", 0))
+            ys.append(float(v))
+    return xs, ys
+
+
+def measured_panels(records: list[dict]) -> list[tuple[str, str]]:
+    """(title, key) of the panels that have at least one value in ``records``; unmeasured metrics get none."""
+    class_names = list(records[-1].get("class_names", [])) if records else []
+
+    def has_values(key: str) -> bool:
+        return any(_series(records, key, name)[0] for name in class_names + [None])
+
+    panels = []
+    for title, key, fallback in PANELS:
+        if has_values(key):
+            panels.append((title, key))
+        elif fallback and has_values(fallback[1]):
+            panels.append(fallback)
+    return panels
+
+
 def plot_metrics(run_dir: str | Path, out_path: str | Path | None = None) -> Path | None:
-    """``<run_dir>/metrics.png``: per-class (and overall) FD-domain, FID, KID and LPIPS diversity vs round."""
+    """``<run_dir>/metrics.png``: per-class (and overall) figures vs round, one panel per measured metric.
+
+    Panels (``PANELS``) appear only for metrics with at least one value; returns ``None`` (and writes
+    nothing) when there is no record or nothing was measured.
+    """
     from matplotlib.ticker import MaxNLocator
 
     records = read_rounds(run_dir)
-    if not records:
+    panels = measured_panels(records)
+    if not panels:
         return None
     out_path = Path(out_path) if out_path is not None else Path(run_dir) / "metrics.png"
     class_names = list(records[-1].get("class_names", []))
-    fig = _figure(4.2 * len(PANELS), 3.4)
-    for p_i, (title, key, fallback, metric) in enumerate(PANELS):
-        ax = fig.add_subplot(1, len(PANELS), p_i + 1)
-        used_key = key
-        if fallback and not any(r.get("overall", {}).get(key) is not None for r in records):
-            used_key, title, metric = fallback, f"{title.split(' ')[0]}-domain", fallback
-        drawn = False
-        for name in class_names + ["overall"]:
-            xs, ys = [], []
-            for r in records:
-                src = r.get("overall", {}) if name == "overall" else r.get("per_class", {}).get(name, {})
-                v = src.get(used_key)
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    xs.append(r.get("round", 0))
-                    ys.append(v)
+    networks = records[-1].get("feature_networks", {})
+    network_labels = {"fid": networks.get("inception"), "kid": networks.get("inception"),
+                      "lpips_diversity": networks.get("lpips")}
+    columns = min(PANEL_COLUMNS, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig = _figure(4.2 * columns, 3.4 * rows)
+    for p_i, (title, key) in enumerate(panels):
+        ax = fig.add_subplot(rows, columns, p_i + 1)
+        for name in class_names + [None]:
+            xs, ys = _series(records, key, name)
             if xs:
-                style = dict(color="black", linestyle="--") if name == "overall" else {}
-                ax.plot(xs, ys, marker="o", markersize=3, label=name, **style)
-                drawn = True
+                style = dict(color="black", linestyle="--") if name is None else {}
+                ax.plot(xs, ys, marker="o", markersize=3, label=name or "overall", **style)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if drawn:
-            ax.legend(fontsize=7)
-            networks = records[-1].get("feature_networks", {})
-            label = {"fid": networks.get("inception"), "kid": networks.get("inception"),
-                     "lpips_diversity": networks.get("lpips")}.get(used_key)
-            if label:
-                ax.text(0.01, 0.01, label, transform=ax.transAxes, fontsize=5, va="bottom")
-        else:
-            last = records[-1]
-            requested = metric in last.get("metrics_requested", [metric])
-            reason = last.get("errors", {}).get(metric) or ("not computed" if requested else
-                                                            f"'{metric}' not in metrics.metrics")
-            ax.text(0.5, 0.5, "\n".join(_wrap(reason, 40)[:6]), transform=ax.transAxes, ha="center", va="center",
-                    fontsize=6)
-            ax.set_xticks([])
-            ax.set_yticks([])
+        ax.legend(fontsize=7)
+        if network_labels.get(key):
+            ax.text(0.01, 0.01, network_labels[key], transform=ax.transAxes, fontsize=5, va="bottom")
     fig.tight_layout()
     return save_figure(fig, out_path)
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in str(text).split():
-        if len(line) + len(word) + 1 > width and line:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    if line:
-        lines.append(line)
-    return lines
