@@ -36,6 +36,7 @@ def test_smoke_simulation_writes_checkpoints_metrics_grids_and_partition_table(t
     result = simulate("--config", "configs/smoke.yaml", "--out", str(run_dir))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "site  Normal  COVID-19  Non-COVID   total" in result.stdout  # the partition table is printed
+    assert "evaluation failed" not in result.stdout + result.stderr  # metrics: [] means no evaluator
 
     rows = (run_dir / "partition.csv").read_text().splitlines()
     assert rows[0] == "site,Normal,COVID-19,Non-COVID,total" and len(rows) == 3

@@ -10,7 +10,7 @@ import pytest
 from medstylegan2.config import ConfigError, MetricsConfig
 from medstylegan2.metrics.evaluate import CLASSIFIER_FILE, evaluate_generator, evaluate_images
 from medstylegan2.metrics.features import INCEPTION_FILE
-from medstylegan2.metrics.plots import plot_metrics
+from medstylegan2.metrics.plots import measured_panels, plot_metrics, read_rounds
 from medstylegan2.phantoms import generate_phantoms
 
 
@@ -91,7 +91,7 @@ def test_evaluate_generator_samples_n_per_class_from_the_generator(tiny_config, 
     assert isinstance(record["overall"]["fd_domain"], float)
 
 
-def test_plot_metrics_draws_every_round_and_explains_missing_panels(tmp_path):
+def test_plot_metrics_draws_every_round_and_only_panels_of_measured_metrics(tmp_path):
     (tmp_path / "eval").mkdir()
     for r, fd in ((1, 3.0), (2, 2.0), (5, 1.0)):
         rec = {"round": r, "class_names": ["Normal", "COVID-19", "Non-COVID"],
@@ -102,7 +102,15 @@ def test_plot_metrics_draws_every_round_and_explains_missing_panels(tmp_path):
         (tmp_path / "eval" / f"round_{r:03d}.json").write_text(json.dumps(rec))
     path = plot_metrics(tmp_path)
     assert path == tmp_path / "metrics.png" and path.stat().st_size > 5000
+    # FID failed and CAS / TSTR were not asked for: no empty panels for them; KID falls back to KID-domain
+    assert measured_panels(read_rounds(tmp_path)) == [("FD-domain", "fd_domain"), ("KID-domain", "kid_domain"),
+                                                      ("LPIPS diversity", "lpips_diversity")]
     assert plot_metrics(tmp_path / "empty") is None
+    nothing = tmp_path / "nothing"
+    (nothing / "eval").mkdir(parents=True)
+    (nothing / "eval" / "round_001.json").write_text(json.dumps({"round": 1, "overall": {"fid": None},
+                                                                 "errors": {"fid": "no weights"}}))
+    assert plot_metrics(nothing) is None and not (nothing / "metrics.png").exists()
 
 
 def test_cli_evaluates_image_folders(sets, tmp_path, capsys):
@@ -171,3 +179,63 @@ def test_cli_samples_a_checkpoint_and_reuses_the_runs_domain_classifier(tiny_con
     second = json.loads((tmp_path / "b" / "evaluation.json").read_text())
     assert not second["domain_classifier"]["trained_now"]
     assert second["overall"]["fd_domain"] == pytest.approx(first["overall"]["fd_domain"])
+
+
+def test_cli_with_train_runs_the_audit_cas_and_tstr_by_default(sets, tmp_path, capsys):
+    from medstylegan2.cli import main
+    from medstylegan2.images import write_image_folder
+
+    train, heldout, fake = sets
+    dirs = {name: write_image_folder(s, tmp_path / name) for name, s in
+            (("train", train), ("real", heldout), ("fake", fake))}
+    config = tmp_path / "eval.yaml"
+    config.write_text("metrics:\n  metrics: [fd_domain]\n  classifier_steps: 20\n")
+    common = ["evaluate", "--fake", str(dirs["fake"]), "--real", str(dirs["real"]), "--config", str(config)]
+    assert main(common + ["--train", str(dirs["train"]), "--out", str(tmp_path / "a")]) == 0
+    record = json.loads((tmp_path / "a" / "evaluation.json").read_text())
+    assert record["metrics_requested"] == ["fd_domain", "memorization", "cas", "utility"]
+    assert record["errors"] == {}
+    for key in ("cas", "tstr_relative", "memorization_fraction_pixel", "fd_domain"):
+        assert isinstance(record["overall"][key], float), key
+    assert "cas" in capsys.readouterr().out
+    # explicit choices win over the defaults
+    assert main(common + ["--train", str(dirs["train"]), "--out", str(tmp_path / "b"),
+                          "--set", "metrics.metrics=[fd_domain]"]) == 0
+    assert json.loads((tmp_path / "b" / "evaluation.json").read_text())["metrics_requested"] == ["fd_domain"]
+
+
+def test_cli_default_metrics_follow_what_is_available():
+    from medstylegan2.metrics.evaluate_command import cli_metric_names
+
+    cfg = _cfg("fd_domain", final_metrics=["fid", "lpips"])
+    assert cli_metric_names(None, [], cfg, have_train=False, have_classifier=False) == ["fd_domain", "fid", "lpips"]
+    assert cli_metric_names(None, [], cfg, have_train=False, have_classifier=True) == \
+        ["fd_domain", "fid", "lpips", "cas"]
+    assert cli_metric_names(None, [], cfg, have_train=True, have_classifier=True) == \
+        ["fd_domain", "fid", "lpips", "memorization", "cas", "utility"]
+    assert cli_metric_names(["kid,pr"], [], cfg, have_train=True, have_classifier=True) == ["kid", "pr"]
+    assert cli_metric_names(None, ["metrics.metrics=[fd_domain]"], cfg, have_train=True,
+                            have_classifier=True) == ["fd_domain"]
+    assert cli_metric_names(None, ["metrics.final_metrics=[fid, lpips]"], cfg, have_train=True,
+                            have_classifier=True) == ["fid", "lpips"]
+
+
+def test_the_run_headline_shows_measured_figures_per_class_and_names_failed_ones():
+    from medstylegan2.metrics.headline import format_headline
+
+    classes = ["Normal", "COVID-19", "Non-COVID"]
+    record = {"round": 8, "class_names": classes, "n_generated": {c: 100 for c in classes},
+              "overall": {"cas": 0.47, "fd_domain": 12.3, "lpips_diversity": 0.21},
+              "per_class": {c: {"cas": v, "fd_domain": 10.0 + i, "lpips_diversity": 0.2}
+                            for i, (c, v) in enumerate(zip(classes, (0.95, 0.29, 0.17)))},
+              "domain_classifier": {"heldout_accuracy": 0.997}, "feature_networks": {"lpips": "ST-LPIPS (alex)"},
+              "errors": {"fid": f"FID needs the weights file '{INCEPTION_FILE}'"}}
+    text = format_headline(record)
+    lines = text.splitlines()
+    assert "round 8" in lines[0] and "100 generated images per class" in lines[0]
+    assert lines[1].split() == classes + ["overall"]
+    assert lines[2].split() == ["CAS", "0.950", "0.290", "0.170", "0.470"]
+    assert any(line.startswith("FD-domain") for line in lines)
+    assert not any(line.startswith("FID ") for line in lines)  # not measured: no row of dashes ...
+    assert f"NOT COMPUTED FID: FID needs the weights file '{INCEPTION_FILE}'" in lines  # ... but said why
+    assert "0.997" in text and "ST-LPIPS (alex)" in text
