@@ -163,6 +163,7 @@ def plot_metrics(run_dir: str | Path, out_path: str | Path | None = None) -> Pat
     networks = records[-1].get("feature_networks", {})
     network_labels = {"fid": networks.get("inception"), "kid": networks.get("inception"),
                       "lpips_diversity": networks.get("lpips")}
+    rounds = [r.get("round", 0) for r in records]  # one x range for all: a final-only figure sits at the end
     columns = min(PANEL_COLUMNS, len(panels))
     rows = math.ceil(len(panels) / columns)
     fig = _figure(4.2 * columns, 3.4 * rows)
@@ -175,6 +176,7 @@ def plot_metrics(run_dir: str | Path, out_path: str | Path | None = None) -> Pat
                 ax.plot(xs, ys, marker="o", markersize=3, label=name or "overall", **style)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("round")
+        ax.set_xlim(min(rounds) - 0.5, max(rounds) + 0.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
         if network_labels.get(key):
