@@ -38,10 +38,14 @@ from medstylegan2.errors import UserError
 from medstylegan2.fl.aggregation import (SiteReply, aggregate_round, averaged_only_keys, make_server_optimizer,
                                          sample_sites)
 from medstylegan2.fl.partition import load_split
-from medstylegan2.fl.server_state import ServerState, load_server_state, save_round_checkpoint
+from medstylegan2.faults import fault_point
+from medstylegan2.fl.round_files import commit_round, ensure_round_files, restore_run_folder
+from medstylegan2.fl.server_state import ServerState, load_server_state
 from medstylegan2.fl.wire import (PAYLOAD_WEIGHTS, constants_digest, decode_from_transfer, encode_for_transfer,
                                   initial_weights, transferred)
+from medstylegan2.metrics.evaluate import eval_metrics_line
 from medstylegan2.runfolder import RunFolder
+from medstylegan2.trainer import resolve_device
 from server.evaluation_hook import EvaluationHook
 from server.logs import emit, info, warn
 
@@ -91,6 +95,7 @@ class FederatedGAN(FedAvg):
             return []
         if self._halted(round_num):
             return []
+        self._ensure_round_files()  # a crash or error after the last commit may have left some out
         f = self.cfg.federation
         connected = set(grid.get_node_ids())
         present = {site.name: node for node, site in self.sites.items() if node in connected}
@@ -131,21 +136,24 @@ class FederatedGAN(FedAvg):
         if outcome.all_declined:
             self.state.stopped = True
             info("round %d: every site declined (privacy budgets spent): the run ends here", round_num)
-        save_round_checkpoint(self.folder, self.cfg, self.state,
-                              {site.name: site.num_examples for site in self.sites.values()})
+        fault_point("after_aggregation", round_num=round_num)
 
         evaluate = (f.evaluate_every > 0 and round_num % f.evaluate_every == 0) or round_num >= f.rounds \
             or self.state.stopped
-        extra = self.hook(round_num, self.state.weights, evaluate=evaluate)
+        summary, eval_record = self.hook.evaluate(round_num, self.state.weights) if evaluate else ({}, None)
+        fault_point("after_evaluation", round_num=round_num)
         seconds = time.perf_counter() - self._round_started
         aggregated = outcome.aggregated
         record = {"round": round_num, "kind": "round", "seconds": seconds, "aggregated": aggregated,
                   "sites": outcome.sites,
                   "bytes_down_per_site": self._bytes_down,
                   "bytes_up": int(sum(e.get("bytes_up", 0) for e in outcome.sites.values())),
-                  "transfer_dtype": f.transfer_dtype, **extra}
-        self.folder.append_metrics(record)
-        self._write_privacy_report()
+                  "transfer_dtype": f.transfer_dtype,
+                  "grid": str(self.folder.grid(round_num).relative_to(self.folder.root)), **summary}
+        self.state.records = [record] + ([eval_metrics_line(eval_record)] if eval_record is not None else [])
+        self.state.eval_record = eval_record
+        commit_round(self.folder, self.cfg, self.state, {site.name: site.num_examples for site in self.sites.values()})
+        self._ensure_round_files()
         info("round %d: %d site(s) aggregated, loss_g %.4f, loss_d %.4f, %.1f s", round_num, outcome.contributing,
              aggregated.get("loss_g", float("nan")),
              aggregated.get("loss_d_fake", float("nan")) + aggregated.get("loss_d_real", float("nan")), seconds)
@@ -178,18 +186,13 @@ class FederatedGAN(FedAvg):
             return str(msg.content["site"]["site"])
         return f"node-{node}"
 
-    def _write_privacy_report(self) -> None:
-        """``privacy.json`` + ``privacy.png`` (the contract of ``medstylegan2.privacy_report``)."""
-        if not self.state.privacy:
-            return
-        from medstylegan2.privacy_report import write_privacy_report
-
-        p = self.cfg.privacy
+    def _ensure_round_files(self) -> None:
+        """The committed round's derived files (idempotent; after each commit and before each round)."""
         try:
-            write_privacy_report(self.folder.root, self.state.privacy, p.delta, p.accountant, budget=p.budget_epsilon,
-                                 echo=False)
-        except Exception as exc:  # a report problem must never end a run; metrics.jsonl has the figures
-            warn("privacy report not written: %s: %s", type(exc).__name__, exc)
+            ensure_round_files(self.folder, self.cfg, self.state, device=self.hook.device)
+        except Exception as exc:  # derived files must never end a run: retried next round / --resume
+            warn("round %d: writing its files failed (retried next round): %s: %s", self.state.round,
+                 type(exc).__name__, exc)
 
     def _site_reply(self, msg: Message) -> SiteReply:
         """A Flower reply as plain data for ``aggregate_round``."""
@@ -255,8 +258,10 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: str | Path, *, resume: b
     folder = RunFolder(Path(run_dir))
     if resume:
         state = load_server_state(folder, cfg)
-        folder.truncate_metrics(state.round)
         info("resuming %s after round %d of %d", folder.root, state.round, cfg.federation.rounds)
+        restored = restore_run_folder(folder, cfg, state, device=resolve_device(cfg.device))
+        if restored:
+            info("restored from the round checkpoints: %s", ", ".join(restored))
         _, buffer_keys = initial_weights(cfg)
     else:
         if folder.checkpoint_rounds():
@@ -287,4 +292,5 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: str | Path, *, resume: b
                             site_state_dir=site_state_dir, stop_after=stop_after)
     initial = ArrayRecord({k: Array(v.numpy()) for k, v in transferred(state.weights).items()})
     strategy.start(grid=grid, initial_arrays=initial, num_rounds=remaining, timeout=cfg.federation.round_timeout_s)
+    strategy._ensure_round_files()  # the last round's files, if writing them failed the first time
     return state
