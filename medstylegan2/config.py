@@ -113,6 +113,14 @@ class FederationConfig:
     # Quantity skew: site sizes drawn from a Dirichlet with this concentration.
     quantity_alpha: float = 1.0
     aggregation: Literal["fedavg", "fedavgm", "fedadam"] = "fedavg"
+    # How the sites' updates are combined before the server optimizer: the example-weighted mean,
+    # or (robust to a few hostile sites, unweighted) the coordinate-wise median or trimmed mean,
+    # which cuts int(trim_fraction * n) values off each end.
+    aggregation_rule: Literal["mean", "median", "trimmed_mean"] = "mean"
+    trim_fraction: float = 0.2
+    # Reject an update whose norm (distance to the global model) exceeds outlier_factor x the median
+    # of the round's updates; needs >= 3 valid updates; 0 disables.
+    outlier_factor: float = 10.0
     server_lr: float = 1.0
     # FedAvgM momentum; FedAdam's beta1.
     server_momentum: float = 0.9
@@ -359,6 +367,9 @@ def _check_semantics(cfg: RunConfig) -> None:
     need(f.proximal_mu >= 0, "federation.proximal_mu", "must be >= 0")
     need(f.evaluate_every >= 0, "federation.evaluate_every", "must be >= 0 (0: only at the end)")
     need(f.server_lr > 0, "federation.server_lr", "must be > 0")
+    need(0 <= f.trim_fraction < 0.5, "federation.trim_fraction", "must be in [0, 0.5)")
+    need(f.outlier_factor == 0 or f.outlier_factor > 1, "federation.outlier_factor",
+         "must be > 1 (or 0 to turn the check off)")
     need(0 <= f.server_momentum < 1, "federation.server_momentum", "must be in [0, 1)")
     need(0 <= f.server_beta2 < 1, "federation.server_beta2", "must be in [0, 1)")
     need(f.server_tau > 0, "federation.server_tau", "must be > 0")

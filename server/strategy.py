@@ -123,7 +123,9 @@ class FederatedGAN(FedAvg):
         outcome = aggregate_round([self._site_reply(msg) for msg in replies], round_num=round_num,
                                   global_weights=self.state.weights, sent=self._sent,
                                   expected_shapes=self.expected_shapes, optimizer=self.optimizer,
-                                  plain_keys=self.plain_keys, min_sites=f.min_sites, known_sites=len(self.sites))
+                                  plain_keys=self.plain_keys, min_sites=f.min_sites, known_sites=len(self.sites),
+                                  rule=f.aggregation_rule, trim_fraction=f.trim_fraction,
+                                  outlier_factor=f.outlier_factor)
         for level, text in outcome.events:
             emit(level, "%s", text)
         if outcome.weights is not None:
