@@ -14,6 +14,7 @@ bases is an error naming the chain.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,12 +220,16 @@ def read_config_mapping(path: str | Path) -> dict[str, Any]:
 
 
 def _read_yaml_mapping(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    if not _is_file(path):
         raise ConfigError(f"config file not found: {path}")
     try:
-        loaded = yaml.safe_load(path.read_text())
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read as a text file: {exc}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{path}: nested too deeply to be a config") from exc
     if loaded is None:
         loaded = {}
     if not isinstance(loaded, dict):
@@ -242,13 +247,21 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
         raise ConfigError(f"{path}: '{BASE_KEY}' must be the path of the config file this one extends "
                           f"(relative to {path.parent}), got {base!r}")
     base_path = path.parent / base
-    if not base_path.is_file():
+    if not _is_file(base_path):
         raise ConfigError(f"{path}: '{BASE_KEY}' names {base_path}, which is not a file")
     seen = (*chain, path)
     if any(base_path.resolve() == p.resolve() for p in seen):
         raise ConfigError("config files extend each other in a cycle: "
                           + " -> ".join(str(p) for p in (*seen, base_path)))
     return _merged(_read_with_bases(base_path, seen), raw)
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False for a path the OS cannot even look up (a NUL byte, a name too long)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _merged(base: dict[str, Any], derived: dict[str, Any]) -> dict[str, Any]:
@@ -267,13 +280,23 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value")
     key, text = item.split("=", 1)
-    parts = key.strip().split(".")
+    key = key.strip()
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r}: '{key}' is not a key; use section.key=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: the value of '{key}' is not valid YAML: "
+                          f"{str(exc).splitlines()[0]}") from exc
     node = raw
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+            raise ConfigError(f"override {item!r}: '{part}' is not a section")
+    node[parts[-1]] = value
 
 
 def _build(cls: type, raw: Any, prefix: str, where: str):
@@ -326,7 +349,13 @@ def _coerce(hint: Any, value: Any, key: str, where: str):
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError as exc:  # an integer too large for a float
+            raise ConfigError(f"{where}: '{key}' = {value!r} is too large") from exc
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: '{key}' must be a finite number, got {value!r}")
+        return number
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
