@@ -32,6 +32,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from medstylegan2.config import RunConfig, from_dict
+from medstylegan2.faults import fault_point
 from medstylegan2.fl.partition import load_site_data
 from medstylegan2.fl.site_round import LocalStateStore, local_state_from_bytes, local_state_to_bytes, run_site_round
 from medstylegan2.runfolder import site_state_folder
@@ -65,6 +66,7 @@ def train(message: Message, context: Context) -> Message:
     cfg, config = config_of(message)
     round_num, token = int(config["round"]), str(config["run_token"])
     data = load_site_data(cfg, context.node_config)
+    fault_point("site_train", round_num=round_num, site=data.name)  # tests crash a named site here
     store = _state_store(context, config, token, data.name)
     local_state = _previous_local_state(context, store, token, round_num)
     received = {key: array.numpy() for key, array in message.content["arrays"].items()}

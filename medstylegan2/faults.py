@@ -15,7 +15,8 @@ A spec is ``point:round[:mode][:site=NAME][:p=PROBABILITY][:once]``; ``round`` i
 Modes: ``kill`` (SIGKILL this process: nothing after it runs, no ``finally``, no flush),
 ``kill-group`` (SIGKILL this process' group: a SuperNode together with the ClientApp process it
 started), ``raise`` (``FaultInjected``, an ordinary exception), ``hang`` (block for an hour: a
-stalled site). With ``p``, whether the point fires is drawn from (point, round, site) by a hash:
+stalled site), ``sigterm`` / ``sigint`` (send that signal to this process and go on: a scheduler's
+or a user's stop arriving at a known point). With ``p``, whether the point fires is drawn from (point, round, site) by a hash:
 the same run fails in the same rounds every time.
 
 The points themselves are listed where they are called: ``medstylegan2.fl.round_files``
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 ENV_VAR = "MEDSTYLEGAN2_FAULT"
-MODES = ("kill", "kill-group", "raise", "hang")
+MODES = ("kill", "kill-group", "raise", "hang", "sigterm", "sigint")
 
 
 class FaultInjected(RuntimeError):
@@ -121,4 +122,7 @@ def _fire(spec: FaultSpec, point: str, round_num: Optional[int], site: Optional[
         os.killpg(os.getpgrp(), signal.SIGKILL)
     elif spec.mode == "hang":
         time.sleep(3600)
+    elif spec.mode in ("sigterm", "sigint"):
+        os.kill(os.getpid(), signal.SIGTERM if spec.mode == "sigterm" else signal.SIGINT)
+        return
     raise FaultInjected(f"{where}: injected failure")

@@ -76,6 +76,7 @@ class FederatedGAN(FedAvg):
         self.config_json = json.dumps(cfg.to_dict())
         self._round_started = 0.0
         self._sent: dict[str, torch.Tensor] = {}
+        self._chosen: list[str] = []
         self._bytes_down = 0
 
     # -- Flower strategy interface -----------------------------------------------------------------
@@ -111,6 +112,7 @@ class FederatedGAN(FedAvg):
             "constants_digest": self.digest, "site_state_dir": self.site_state_dir,
         })
         content = RecordDict({"arrays": record, "config": train_config})
+        self._chosen = list(chosen)
         return [Message(content=content, dst_node_id=present[name], message_type=MessageType.TRAIN)
                 for name in chosen]
 
@@ -120,7 +122,14 @@ class FederatedGAN(FedAvg):
         if self.state.stopped or self._halted(round_num):
             return None, None
         f = self.cfg.federation
-        outcome = aggregate_round([self._site_reply(msg) for msg in replies], round_num=round_num,
+        site_replies = [self._site_reply(msg) for msg in replies]
+        answered = {reply.name for reply in site_replies}
+        # A site that crashed, hung or lost its connection sends nothing before the round's timeout.
+        site_replies += [SiteReply(name=name, bytes_down=self._bytes_down,
+                                   error=f"no reply within federation.round_timeout_s={f.round_timeout_s:g} s "
+                                         "(site down, disconnected or stalled)")
+                         for name in self._chosen if name not in answered]
+        outcome = aggregate_round(site_replies, round_num=round_num,
                                   global_weights=self.state.weights, sent=self._sent,
                                   expected_shapes=self.expected_shapes, optimizer=self.optimizer,
                                   plain_keys=self.plain_keys, min_sites=f.min_sites, known_sites=len(self.sites),
