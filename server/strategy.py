@@ -22,6 +22,7 @@ rounds. No federated evaluation round: a GAN is evaluated centrally from G_ema.
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -160,7 +161,8 @@ class FederatedGAN(FedAvg):
                   "bytes_down_per_site": self._bytes_down,
                   "bytes_up": int(sum(e.get("bytes_up", 0) for e in outcome.sites.values())),
                   "transfer_dtype": f.transfer_dtype,
-                  "grid": str(self.folder.grid(round_num).relative_to(self.folder.root)), **summary}
+                  "grid": str(self.folder.grid(round_num).relative_to(self.folder.root)),
+                  "server_rss_mb": _rss_mb(), **summary}
         self.state.records = [record] + ([eval_metrics_line(eval_record)] if eval_record is not None else [])
         self.state.eval_record = eval_record
         commit_round(self.folder, self.cfg, self.state, {site.name: site.num_examples for site in self.sites.values()})
@@ -221,6 +223,15 @@ class FederatedGAN(FedAvg):
         else:
             reply.payload_kind = PAYLOAD_WEIGHTS
         return reply
+
+
+def _rss_mb() -> Optional[float]:
+    """This (server) process' resident memory in MB, for leak watching over long runs (Linux)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 # ----------------------------------------------------------------------------------------------
