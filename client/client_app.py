@@ -16,9 +16,11 @@ What stays (``Context.state``, and ``<state-dir>/<run token>/<site>/round_XXX.pt
 folder is known): optimizer moments, path-length mean, batch sampler, counters and the privacy
 accountant; see ``medstylegan2.fl.site_round.local_state_of``.
 
-Node config (deployment): ``data-dir`` (required: ``<class>/*.png`` or a COVID-QU-Ex root),
-``site-name`` (default: the folder's name), ``state-dir`` (optional: local state survives a
-restart), ``device`` (default: CUDA when present), ``num-threads`` (default: torch's, all cores).
+Node config (deployment): ``data-dir`` (required: ``<class>/*.png``, a DICOM archive, or a
+COVID-QU-Ex root), ``site-name`` (default: the folder's name), ``state-dir`` (optional: local state
+survives a restart), ``device`` (default: CUDA when present), ``num-threads`` (default: torch's,
+all cores); the archive's own settings ``labels-csv``, ``label-map``, ``frontal-only``,
+``salt-file``, ``cache-dir`` (see docs/data.md; the server's values for these are ignored).
 Simulation: ``partition-id``/``num-partitions``.
 """
 

@@ -27,6 +27,10 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "make-phantoms": Command("medstylegan2.phantoms",
                              "write procedural chest X-ray phantoms as DIR/<class>/*.png (the built-in data set)"),
+    "inspect-data": Command("medstylegan2.inspect_data",
+                            "Show what a data folder (DICOM archive or PNG class folders) holds before training: "
+                            "counts per class, modality, view, photometric interpretation and bit depth, skipped "
+                            "files and why, and a contact sheet of the preprocessed pixels"),
     "train-local": Command("medstylegan2.train_local",
                            "Train one site's class-conditional GAN on a data folder, a COVID-QU-Ex root, or "
                            "'phantoms' (the embedded default)."),

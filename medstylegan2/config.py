@@ -4,11 +4,8 @@ Every section is a dataclass with defaults; ``load_config`` reads a YAML file, r
 (naming the full dotted key and the keys that are allowed), checks types and allowed values, and
 applies ``key.path=value`` overrides from the command line before validation.
 
-A config file may extend another: ``base: other.yaml`` (a path relative to the file that names it)
-takes every key of ``other.yaml`` (which may have a base of its own) and the file's own keys win,
-section by section and key by key; a list (e.g. ``metrics.metrics``) is replaced as a whole. Each
-file's keys are checked on their own, so a mistake in a base names the base file; a cycle of
-bases is an error naming the chain.
+A config file may extend another (``base: other.yaml``); reading files, ``base:`` chains and
+overrides as plain mappings is ``medstylegan2.config_files``'s part.
 """
 
 from __future__ import annotations
@@ -20,17 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, get_args, get_origin
 
-import yaml
-
-from medstylegan2.errors import UserError
+from medstylegan2.config_files import apply_override, read_with_bases
+from medstylegan2.errors import ConfigError
 
 CLASS_NAMES: tuple[str, ...] = ("Normal", "COVID-19", "Non-COVID")
-# The key of a config file that names the file it extends.
-BASE_KEY = "base"
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration value or key is wrong; the message names the dotted key."""
 
 
 @dataclass
@@ -100,6 +90,18 @@ class DataConfig:
     max_per_class: Optional[int] = None
     cache_dir: Optional[str] = ".cache/medstylegan2"
     seed: int = 0
+    # --- A site's own archive (DICOM or images; see docs/data.md). A federated site takes these
+    # from its node config, never from the server.
+    # The site's label words -> one of CLASS_NAMES, or "skip" to leave a label's images out on
+    # purpose (counted). Applies to class folder names and to labels_csv; matched case-insensitively.
+    label_map: dict[str, str] = field(default_factory=dict)
+    # CSV with a header row ``file,label`` (file relative to root): labels without class folders.
+    labels_csv: Optional[str] = None
+    # DICOM: keep only frontal views (ViewPosition PA or AP; files without ViewPosition are kept).
+    frontal_only: bool = True
+    # DICOM: secret salt for hashing PatientID into the per-patient grouping key; created (0600,
+    # OS entropy) on first use. None: ~/.config/medstylegan2/patient-id.salt.
+    patient_salt_file: Optional[str] = None
 
 
 @dataclass
@@ -204,7 +206,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         raw = read_config_mapping(path)
     for item in overrides or []:
-        _apply_override(raw, item)
+        apply_override(raw, item)
     where = str(path) if path is not None else "config"
     cfg = from_dict(raw, where=where)
     return cfg.validate()
@@ -216,87 +218,7 @@ def from_dict(raw: dict[str, Any], where: str = "config") -> RunConfig:
 
 def read_config_mapping(path: str | Path) -> dict[str, Any]:
     """The YAML mapping of a config file with its ``base:`` chain merged in (without the ``base`` key)."""
-    return _read_with_bases(Path(path), chain=())
-
-
-def _read_yaml_mapping(path: Path) -> dict[str, Any]:
-    if not _is_file(path):
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot be read as a text file: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    except RecursionError as exc:
-        raise ConfigError(f"{path}: nested too deeply to be a config") from exc
-    if loaded is None:
-        loaded = {}
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
-    return loaded
-
-
-def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
-    raw = _read_yaml_mapping(path)
-    base = raw.pop(BASE_KEY, None)
-    _build(RunConfig, raw, prefix="", where=str(path))  # this file's own keys and types, named by this file
-    if base is None:
-        return raw
-    if not isinstance(base, str) or not base.strip():
-        raise ConfigError(f"{path}: '{BASE_KEY}' must be the path of the config file this one extends "
-                          f"(relative to {path.parent}), got {base!r}")
-    base_path = path.parent / base
-    if not _is_file(base_path):
-        raise ConfigError(f"{path}: '{BASE_KEY}' names {base_path}, which is not a file")
-    seen = (*chain, path)
-    if any(base_path.resolve() == p.resolve() for p in seen):
-        raise ConfigError("config files extend each other in a cycle: "
-                          + " -> ".join(str(p) for p in (*seen, base_path)))
-    return _merged(_read_with_bases(base_path, seen), raw)
-
-
-def _is_file(path: Path) -> bool:
-    """``path.is_file()``, False for a path the OS cannot even look up (a NUL byte, a name too long)."""
-    try:
-        return path.is_file()
-    except (OSError, ValueError):
-        return False
-
-
-def _merged(base: dict[str, Any], derived: dict[str, Any]) -> dict[str, Any]:
-    """``base`` updated by ``derived``: mappings merge key by key (the derived value wins), anything else
-    (numbers, strings, lists) is replaced. A section left empty in the derived file keeps the base's."""
-    out = dict(base)
-    for key, value in derived.items():
-        if isinstance(out.get(key), dict) and (isinstance(value, dict) or value is None):
-            out[key] = _merged(out[key], value or {})
-        else:
-            out[key] = value
-    return out
-
-
-def _apply_override(raw: dict[str, Any], item: str) -> None:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.key=value")
-    key, text = item.split("=", 1)
-    key = key.strip()
-    parts = key.split(".")
-    if not all(parts):
-        raise ConfigError(f"override {item!r}: '{key}' is not a key; use section.key=value")
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {item!r}: the value of '{key}' is not valid YAML: "
-                          f"{str(exc).splitlines()[0]}") from exc
-    node = raw
-    for part in parts[:-1]:
-        if node.get(part) is None:
-            node[part] = {}
-        node = node[part]
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: '{part}' is not a section")
-    node[parts[-1]] = value
+    return read_with_bases(Path(path), check_keys=lambda raw, where: _build(RunConfig, raw, prefix="", where=where))
 
 
 def _build(cls: type, raw: Any, prefix: str, where: str):
@@ -333,6 +255,12 @@ def _coerce(hint: Any, value: Any, key: str, where: str):
             raise ConfigError(f"{where}: '{key}' = {value!r} is not allowed; use one of: "
                               f"{', '.join(map(str, allowed))}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: '{key}' must be a mapping, got {value!r}")
+        key_type, value_type = get_args(hint)
+        return {_coerce(key_type, k, f"{key}.{k}", where): _coerce(value_type, v, f"{key}.{k}", where)
+                for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: '{key}' must be a list, got {value!r}")
@@ -387,6 +315,7 @@ def _check_semantics(cfg: RunConfig) -> None:
     need(d.source == "phantoms" or d.root is not None, "data.root",
          f"is required when data.source is '{d.source}'")
     need(d.phantoms_per_class > 0, "data.phantoms_per_class", "must be > 0")
+    check_label_map(d.label_map)
     need(f.sites > 0 and f.rounds > 0 and f.local_steps > 0, "federation.sites/rounds/local_steps",
          "must all be > 0")
     need(0 < f.fraction_train <= 1, "federation.fraction_train", "must be in (0, 1]")
@@ -425,3 +354,22 @@ def _check_semantics(cfg: RunConfig) -> None:
         need(p.budget_epsilon > 0, "privacy.budget_epsilon", "must be > 0")
     if p.noise_seed is not None:
         need(p.noise_seed >= 0, "privacy.noise_seed", "must be >= 0 (or null for OS entropy)")
+
+
+LABEL_SKIP = "skip"
+
+
+def check_label_map(label_map: dict[str, str]) -> None:
+    """Every site word maps to a class name (exact spelling) or "skip"; no word twice ignoring case."""
+    seen: dict[str, str] = {}
+    for word, target in label_map.items():
+        key = f"data.label_map.{word}"
+        if not word.strip():
+            raise ConfigError(f"'{key}': a label word must not be empty")
+        if target not in (*CLASS_NAMES, LABEL_SKIP):
+            raise ConfigError(f"'{key}' = {target!r} is not a class; use one of: {', '.join(CLASS_NAMES)}, "
+                              f"or {LABEL_SKIP!r} to leave these images out")
+        folded = word.strip().casefold()
+        if folded in seen and seen[folded] != word:
+            raise ConfigError(f"'{key}': the same word as '{seen[folded]}' (labels match ignoring case)")
+        seen[folded] = word

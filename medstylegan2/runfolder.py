@@ -8,7 +8,8 @@ data cache all write through here):
   temporary file in the target's own folder, named ``.<target name>.<random>.tmp``; it is flushed
   and fsynced, ``os.replace``d over the target, and the folder is fsynced. A reader, or a crash at
   any moment, sees the old file or the new one, never half of one; a failed write leaves no
-  temporary file behind.
+  temporary file behind. ``create_once_text`` is the same for a file that must never be replaced
+  once it exists (a secret salt).
 - **strict JSON**: ``jsonable`` (NaN/Inf become null, numpy scalars plain numbers, keys strings),
   ``json_line`` and ``append_json_line``, the appender of ``metrics.jsonl`` and ``log.jsonl``
   (one line per record, flushed and fsynced before it returns).
@@ -93,6 +94,31 @@ def save_figure(fig: Any, path: str | Path) -> Path:
     """A matplotlib ``Figure`` as an image file, atomically; the format follows the suffix (``.png``)."""
     path = Path(path)
     return atomic_write(path, lambda fh: fig.savefig(fh, format=path.suffix.lstrip(".") or "png"))
+
+
+def create_once_text(path: str | Path, text: str) -> bool:
+    """Create ``path`` holding ``text`` unless it exists; never replaces a file. True if this call made it.
+
+    For secrets (the site's patient-ID salt): the content goes to a temporary file beside the
+    target (``mkstemp``: mode 0600), is fsynced, then hard-linked to the name. A link fails when the
+    name is taken, so of two processes racing to create the file both end up reading the winner's.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    _fsync_folder(path.parent)
+    return True
 
 
 def _fsync_folder(folder: Path) -> None:

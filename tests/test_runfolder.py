@@ -10,8 +10,8 @@ import pytest
 
 from medstylegan2.errors import CheckpointError
 from medstylegan2.runfolder import (CHECKPOINT_FORMAT, RunFolder, append_json_line, atomic_write, atomic_write_json,
-                                   atomic_write_text, json_line, read_checkpoint, read_json_lines, round_numbers_in,
-                                   site_state_folder, write_checkpoint)
+                                   atomic_write_text, create_once_text, json_line, read_checkpoint, read_json_lines,
+                                   round_numbers_in, site_state_folder, write_checkpoint)
 
 
 def test_atomic_write_replaces_the_file_and_leaves_no_temporary_file(tmp_path):
@@ -34,6 +34,15 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_removes_its_temporary_file
         atomic_write(path, half_then_crash)
     assert path.read_text() == "complete"
     assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
+
+
+def test_create_once_never_replaces_an_existing_file_and_keeps_it_private(tmp_path):
+    path = tmp_path / "secret" / "salt"
+    assert create_once_text(path, "first\n") is True
+    assert create_once_text(path, "second\n") is False
+    assert path.read_text() == "first\n"
+    assert path.stat().st_mode & 0o077 == 0
+    assert [p.name for p in path.parent.iterdir()] == ["salt"]
 
 
 def test_json_is_strict_nan_and_inf_become_null_and_numpy_scalars_numbers(tmp_path):

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from medstylegan2.config import CLASS_NAMES, RunConfig
+from medstylegan2.ingest import site_data_config
 from medstylegan2.runfolder import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ class SiteData:
     name: str                 # stable site identity: seeds and state folders depend on it
     images: np.ndarray        # uint8 [N, 1, H, W]; never leaves the site
     labels: np.ndarray        # int64 [N]
+    groups: Optional[np.ndarray] = None  # int64 [N] patient numbers (ImageSet.groups); never leaves the site
 
 
 def _data_key(cfg: RunConfig) -> str:
@@ -182,14 +184,17 @@ def site_name(node_config: Mapping[str, Any]) -> str:
 def load_site_data(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteData:
     """This site's training images: its own folder (deployment) or its partition (simulation).
 
-    Deployment: ``data-dir`` is a ``<class>/*.png`` folder or a COVID-QU-Ex root, read at the model
-    resolution; the site trains on its training split (``data.heldout_fraction`` stays home).
+    Deployment: ``data-dir`` is a ``<class>/*.png`` folder, a DICOM archive or a COVID-QU-Ex root,
+    read at the model resolution; the site trains on its training split (``data.heldout_fraction``
+    stays home). Labels, filters, salt and cache folder come from the node config
+    (``ingest.site_data_config``), never from the server.
     Simulation: ``partition-id`` of ``num-partitions`` over the training split of ``cfg.data``.
     """
     name = site_name(node_config)
     if node_config.get("data-dir"):
-        train = _cached_folder(str(node_config["data-dir"]), _data_key(cfg))
-        return SiteData(name=name, images=train.images, labels=train.labels)
+        site_cfg = dataclasses.replace(cfg, data=site_data_config(cfg.data, node_config))
+        train = _cached_folder(str(node_config["data-dir"]), _data_key(site_cfg))
+        return SiteData(name=name, images=train.images, labels=train.labels, groups=train.groups)
     pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
     if num != cfg.federation.sites:
         log.warning("simulation has %d virtual sites but federation.sites is %d; partitioning over %d",
