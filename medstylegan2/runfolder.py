@@ -220,11 +220,15 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def config_from_checkpoint(state: Mapping[str, Any]):
-    """The validated ``RunConfig`` a checkpoint was written with."""
+def config_from_checkpoint(state: Mapping[str, Any], path: str | Path | None = None):
+    """The validated ``RunConfig`` a checkpoint was written with (``path`` names the file in errors)."""
     from medstylegan2.config import from_dict
 
-    return from_dict(state["config"], where="checkpoint config").validate()
+    where = f"{path} (its config)" if path is not None else "checkpoint config"
+    if not isinstance(state.get("config"), Mapping):
+        raise CheckpointError(f"{path or 'the checkpoint'} holds no config; it was not written by Med-StyleGAN2 "
+                              "(or it is damaged)")
+    return from_dict(dict(state["config"]), where=where).validate()
 
 
 def config_yaml(config: Mapping[str, Any]) -> str:

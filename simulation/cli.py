@@ -82,6 +82,11 @@ def simulate(config_path: str | Path, overrides: list[str], *, run_dir: Optional
 
     run_dir = Path(run_dir if run_dir is not None else cfg.run_dir).resolve()
     sites = cfg.federation.sites
+    if resume:  # a missing, damaged or foreign checkpoint: one clear line now, not a traceback from Ray
+        from medstylegan2.fl.server_state import load_server_state
+        from medstylegan2.runfolder import RunFolder
+
+        load_server_state(RunFolder(run_dir), cfg)
 
     train, parts = simulation_partitions(cfg, sites)
     rows = partition_table(train.labels, parts, train.class_names)

@@ -311,6 +311,11 @@ def aggregate_round(replies: Sequence[SiteReply], *, round_num: int, global_weig
         figures = {k[len(PRIVACY_PREFIX):]: float(v) for k, v in metrics.items() if k.startswith(PRIVACY_PREFIX)}
         if figures:
             outcome.privacy[name] = figures
+        if float(metrics.get("too_few_images", 0)) > 0:
+            entry["status"] = "declined: fewer training images than one batch"
+            events.append((logging.WARNING, f"round {round_num}: site {name} declined: it has fewer training "
+                                            "images than one batch (train.batch_size)"))
+            continue
         if float(metrics.get("declined", 0)) > 0:
             outcome.declined += 1
             entry["status"] = "declined"

@@ -21,7 +21,7 @@ import torch
 from medstylegan2.config import RunConfig
 from medstylegan2.errors import CheckpointError, UserError
 from medstylegan2.fl.wire import flatten_weights, unflatten_weights
-from medstylegan2.runfolder import RunFolder, read_checkpoint
+from medstylegan2.runfolder import RunFolder, config_from_checkpoint, read_checkpoint
 
 
 @dataclass
@@ -72,7 +72,8 @@ def load_server_state(folder: RunFolder, cfg: RunConfig) -> ServerState:
         raise UserError(f"--resume: no round_XXX.pt in {folder.root}; start without --resume")
     path = folder.checkpoint(rounds[-1])
     ckpt = read_round_checkpoint(path)
-    if ckpt["config"]["model"] != cfg.to_dict()["model"] or ckpt["config"]["seed"] != cfg.seed:
+    saved = config_from_checkpoint(ckpt, path).to_dict()
+    if saved["model"] != cfg.to_dict()["model"] or saved["seed"] != cfg.seed:
         raise UserError(f"--resume: {path} was written with another model config or seed than this run's; "
                         "resume with the same config (only federation.rounds and training settings may change)")
     weights = flatten_weights({name: ckpt[name] for name in ("G", "G_ema", "D")})
@@ -91,4 +92,6 @@ def read_round_checkpoint(path: Path) -> dict[str, Any]:
     fed_state = ckpt.get("federation")
     if not isinstance(fed_state, dict) or not {"run_token", "optimizer"} <= set(fed_state) or "round" not in ckpt:
         raise CheckpointError(f"{path} is not a federated round checkpoint (no 'federation' section)")
+    if not all(isinstance(ckpt.get(name), dict) for name in ("G", "G_ema", "D")):
+        raise CheckpointError(f"{path} lacks the G, G_ema or D weights (damaged?)")
     return ckpt
