@@ -74,8 +74,9 @@ def kind_of(pid: int, root: int) -> str:
             cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return "other"
-    for marker, kind in (("ClientAppActor", "site actors"), ("ray::IDLE", "site actors"), ("gcs_server", "ray gcs"),
-                         ("raylet", "ray raylet"), ("dashboard", "ray agents"), ("runtime_env", "ray agents"),
+    for marker, kind in (("ClientAppActor", "site actors"), ("ray::IDLE", "site actors"),
+                         ("default_worker.py", "site actors"), ("gcs_server", "ray gcs"),
+                         ("raylet/raylet", "ray raylet"), ("dashboard", "ray agents"), ("runtime_env", "ray agents"),
                          ("log_monitor", "ray log monitor"), ("reaper", "ray other"), ("ray", "ray other")):
         if marker in cmd:
             return kind
@@ -90,7 +91,8 @@ def watch(process: subprocess.Popen, interval: float = 0.2) -> tuple[dict[str, f
         total_rss = 0
         for pid in descendants(process.pid):
             try:
-                last[pid] = (last.get(pid, (None,))[0] or kind_of(pid, process.pid), cpu_seconds(pid))
+                # Read the kind every time: a worker renames itself (default_worker.py -> ray::...).
+                last[pid] = (kind_of(pid, process.pid), cpu_seconds(pid))
                 total_rss += rss_bytes(pid)
             except (OSError, IndexError, ValueError):
                 continue
