@@ -85,9 +85,11 @@ def train(message: Message, context: Context) -> Message:
 
     if result.local_state is not None:
         blob = local_state_to_bytes(result.local_state)
-        context.state[STATE_KEY] = ConfigRecord({"round": round_num, "run_token": token, "state": blob})
-        if store is not None:
+        if store is not None:  # on disk only: a simulation's contexts (all sites) live in the driver's memory
             store.save(round_num, blob)
+            context.state.pop(STATE_KEY, None)
+        else:
+            context.state[STATE_KEY] = ConfigRecord({"round": round_num, "run_token": token, "state": blob})
 
     content = RecordDict({"metrics": MetricRecord(result.metrics),
                           "site": ConfigRecord({"site": data.name, "payload": result.payload_kind})})

@@ -80,3 +80,25 @@ def test_killed_simulation_resumes_to_the_weights_of_an_uninterrupted_run(tmp_pa
 def _round_lines(run_dir: Path) -> list[dict]:
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [line for line in lines if line.get("kind") == "round"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,status", [("sigterm", 143), ("sigint", 130)])
+def test_a_signal_stops_the_run_with_one_line_and_a_stale_ray_address_is_never_joined(tmp_path, sig, status):
+    """SIGTERM / SIGINT arrive right after round 2 is committed (a fault point sends them: no race).
+    Ray's temp folder holds the address file of a dead ``ray start`` cluster: the run must start its
+    own Ray instead of waiting for that one."""
+    import tempfile
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")  # nothing listens there
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, MEDSTYLEGAN2_FAULT=f"after_checkpoint:2:{sig}", RAY_TMPDIR=str(ray_tmp / "ray"))
+    env.pop("RAY_ADDRESS", None)
+    result = subprocess.run([sys.executable, "-m", "simulation", "--config", "configs/smoke.yaml", "--rounds", "4",
+                             "--out", str(run_dir)], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == status, result.stderr[-3000:]
+    assert f"{sig.upper()}: stopped after round 2; continue with --resume" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert (run_dir / "round_002.pt").is_file() and not (run_dir / "round_003.pt").exists()
