@@ -99,8 +99,7 @@ class FederatedGAN(FedAvg):
             return []
         self._ensure_round_files()  # a crash or error after the last commit may have left some out
         f = self.cfg.federation
-        connected = set(grid.get_node_ids())
-        present = {site.name: node for node, site in self.sites.items() if node in connected}
+        present = self._present_sites(grid)
         chosen = sample_sites(list(present), f.fraction_train, f.min_sites, seed=self.cfg.seed, round_num=round_num)
         info("round %d: training on %d of %d site(s): %s", round_num, len(chosen), len(present), ", ".join(chosen))
 
@@ -190,6 +189,23 @@ class FederatedGAN(FedAvg):
                 info("stopping after round %d as asked (stop-after); continue with --resume", self.stop_after)
             return True
         return False
+
+    def _present_sites(self, grid: Grid) -> dict[str, int]:
+        """Known sites connected now (name -> node id); waits up to ``connect_timeout_s`` for ``min_sites``.
+
+        A site whose SuperNode died and was restarted (with SuperNode authentication it keeps its
+        node id) is back as soon as it has reconnected.
+        """
+        f = self.cfg.federation
+        deadline = time.monotonic() + f.connect_timeout_s
+        while True:
+            connected = set(grid.get_node_ids())
+            present = {site.name: node for node, site in self.sites.items() if node in connected}
+            if len(present) >= min(f.min_sites, len(self.sites)) or time.monotonic() > deadline:
+                return present
+            info("waiting for sites: %d of %d known site(s) connected, min_sites %d", len(present),
+                 len(self.sites), f.min_sites)
+            time.sleep(1.0)
 
     def _site_of(self, msg: Message) -> str:
         node = msg.metadata.src_node_id

@@ -86,7 +86,7 @@ def test_a_killed_supernode_costs_its_site_one_round_and_rejoins_after_a_restart
     """TLS + SuperNode authentication (registered keys). hospital-b's ClientApp kills its SuperNode's whole
     process group at a named point of round 2 (SuperNode, SuperExec, ClientApp: ``kill-group``); the test
     restarts that SuperNode as soon as it has exited (an event, not a timer). With authentication the
-    node keeps its id, so the server sends it round 3 as before."""
+    node keeps its id; the server waits for min_sites=2 known sites before round 3, so it is asked again."""
     import threading
 
     _need("flower-superlink", "flower-supernode", "flwr", "ssh-keygen")
@@ -111,7 +111,9 @@ def test_a_killed_supernode_costs_its_site_one_round_and_rejoins_after_a_restart
         watcher = threading.Thread(target=restart_when_dead, daemon=True)
         watcher.start()
         result = deployment.run({"config-path": str(SMOKE), "run-dir": str(run_dir), "server-data": "none",
-                                 "overrides": "federation.rounds=3 federation.round_timeout_s=90"}, timeout=900)
+                                 # min_sites=2: round 3 waits until hospital-b has reconnected
+                                 "overrides": "federation.rounds=3 federation.round_timeout_s=90 "
+                                              "federation.min_sites=2"}, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert restarted.is_set() and victim.returncode is not None
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
