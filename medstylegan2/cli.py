@@ -46,6 +46,10 @@ COMMANDS: dict[str, Command] = {
     "privacy-report": Command("medstylegan2.privacy_report",
                               "Write RUN_DIR/privacy.json and privacy.png (epsilon per site and round) and print "
                               "the table."),
+    "release": Command("medstylegan2.release",
+                       "Write a synthetic-data release: N images per class from a checkpoint, with manifest.csv "
+                       "(sha256 per image), release.json and MODEL_CARD.md (provenance, privacy, evaluation, "
+                       "intended use)."),
 }
 
 

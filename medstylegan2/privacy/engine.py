@@ -238,7 +238,7 @@ class DPEngine:
 
     def epsilon(self) -> float:
         """Epsilon spent so far at this engine's delta (all rounds), from the Opacus accountant."""
-        return _epsilon_of(self.accountant, self.delta)
+        return epsilon_of(self.accountant, self.delta)
 
     def epsilon_after(self, extra_steps: int) -> float:
         """Epsilon if ``extra_steps`` more updates were taken (the real accountant is untouched)."""
@@ -246,7 +246,7 @@ class DPEngine:
         hypothetical.history = copy.deepcopy(self.accountant.history)
         if extra_steps > 0:
             hypothetical.history.append((self.noise_multiplier, self.sample_rate, int(extra_steps)))
-        return _epsilon_of(hypothetical, self.delta)
+        return epsilon_of(hypothetical, self.delta)
 
     def would_exceed_budget(self, next_steps: int) -> bool:
         """True when ``next_steps`` more updates would take epsilon past ``budget_epsilon``."""
@@ -321,7 +321,8 @@ class DPEngine:
                 f"epsilon so far {self.epsilon():.4g} after {self.spent_steps} steps, budget {budget}")
 
 
-def _epsilon_of(accountant: Any, delta: float) -> float:
+def epsilon_of(accountant: Any, delta: float) -> float:
+    """Epsilon at ``delta`` of an Opacus accountant's history: 0 with no noised step, inf when unbounded."""
     if not accountant.history or all(steps == 0 for _, _, steps in accountant.history):
         return 0.0
     with warnings.catch_warnings():
