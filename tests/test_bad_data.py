@@ -94,12 +94,13 @@ def _bad_checkpoints(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["garbage", "foreign", "hollow"])
-def test_sample_and_evaluate_name_a_bad_checkpoint_in_one_line(kind, tmp_path, capsys):
+def test_sample_evaluate_and_release_name_a_bad_checkpoint_in_one_line(kind, tmp_path, capsys):
     from medstylegan2.cli import main
 
     path = _bad_checkpoints(tmp_path)[kind]
     for argv in (["sample", str(path), "--per-class", "1", "--out", str(tmp_path / "s")],
-                 ["evaluate", str(path), "--real", str(tmp_path), "--out", str(tmp_path / "e")]):
+                 ["evaluate", str(path), "--real", str(tmp_path), "--out", str(tmp_path / "e")],
+                 ["release", str(path), "--per-class", "1", "--out", str(tmp_path / "r")]):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         lines = [line for line in err.splitlines() if line.startswith("error:")]
