@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +54,9 @@ def run(total: int, sampled: int, rounds: int) -> tuple[float, float, float, int
         rounds_ = [line for line in lines if line.get("kind") == "round"]
         per_round = statistics.median(line["seconds"] for line in rounds_[1:]) if len(rounds_) > 1 else float("nan")
         trained = int(statistics.median(line["aggregated"]["sites"] for line in rounds_))
+        statuses = Counter(entry["status"].split(":")[0] for line in rounds_ for entry in line["sites"].values())
+        if set(statuses) != {"ok"}:
+            print(f"  ({total} sites: site statuses over all rounds: {dict(statuses)})", flush=True)
     return per_round, wall, peak / 2**30, trained
 
 

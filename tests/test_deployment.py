@@ -111,9 +111,12 @@ def test_a_killed_supernode_costs_its_site_one_round_and_rejoins_after_a_restart
         watcher = threading.Thread(target=restart_when_dead, daemon=True)
         watcher.start()
         result = deployment.run({"config-path": str(SMOKE), "run-dir": str(run_dir), "server-data": "none",
-                                 # min_sites=2: round 3 waits until hospital-b has reconnected
+                                 # min_sites=2: round 3 waits until hospital-b has reconnected; the
+                                 # SuperLink lets its node id in again once the old connection's
+                                 # heartbeat has lapsed (up to a minute, plus the node's retry back-off)
                                  "overrides": "federation.rounds=3 federation.round_timeout_s=90 "
-                                              "federation.min_sites=2"}, timeout=900)
+                                              "federation.min_sites=2 federation.connect_timeout_s=400"},
+                                timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert restarted.is_set() and victim.returncode is not None
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
