@@ -68,6 +68,9 @@ def simulate(config_path: str | Path, overrides: list[str], *, run_dir: Optional
              resume: bool = False, stop_after: int = 0, ray_address: Optional[str] = None,
              verbose: bool = False) -> Path:
     """Run the simulation; returns the run folder. Raises on failure."""
+    lean = os.environ.get("MEDSTYLEGAN2_RAY_DEFAULTS") != "1"  # "1": Ray as Flower leaves it (benchmarks)
+    if lean:
+        runtime.lean_ray_environment()  # before torch is imported here and before Ray starts
     config_path = Path(config_path).resolve()
     cfg = load_config(config_path, overrides)  # config errors first, before the slow imports
     overrides = overrides + _absolute_data_paths(cfg)
@@ -99,10 +102,7 @@ def simulate(config_path: str | Path, overrides: list[str], *, run_dir: Optional
     server_app = create_server_app({"config-path": str(config_path), "overrides": shlex.join(overrides),
                                     "run-dir": str(run_dir), "resume": resume, "site-state-dir": "auto",
                                     "server-data": "config", "stop-after": stop_after})
-    lean = os.environ.get("MEDSTYLEGAN2_RAY_DEFAULTS") != "1"  # "1": Ray as Flower leaves it (benchmarks)
     backend = runtime.backend_config(cfg, ray_address, lean=lean)
-    if lean:
-        runtime.lean_ray_environment()
     runtime.start_ray(backend)
     runtime.install_stop_handlers(run_dir)
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=sites,

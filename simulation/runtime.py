@@ -35,6 +35,10 @@ log = logging.getLogger("medstylegan2.simulation")
 
 # Ray's processes read these at start-up (they inherit the driver's environment).
 LEAN_RAY_ENV = {
+    # Idle OpenMP threads sleep instead of spinning (torch's default spins for a while): on a shared
+    # machine a spinning thread burns the core another process was waiting for. Read when torch
+    # loads, so it is set before the first torch import (driver) and inherited by the site actors.
+    "OMP_WAIT_POLICY": "PASSIVE",
     "RAY_USAGE_STATS_ENABLED": "0",           # no usage-stats thread phoning home
     "RAY_enable_metrics_collection": "0",     # no metrics agent scraping every process
     "RAY_event_stats": "0",                   # no per-event timing in the raylet and GCS
