@@ -6,7 +6,8 @@ The strategy and the ClientApp run exactly as under the simulation engine, which
 tool for fast tests (aggregation, rejection of bad updates, resume, what leaves a site) and for
 measuring what the Flower engines add on top (``bench/round_overhead.py``).
 
-``tamper`` lets a test play a faulty or malicious site: it sees each reply and may replace it.
+``tamper`` lets a test play a faulty or malicious site: it sees each reply and may replace it, or
+drop it (return None: the reply never arrives, as from a site that timed out or disconnected).
 ``outgoing`` keeps every reply a site sent, for inspection.
 """
 
@@ -37,7 +38,7 @@ def _claim_task_identity() -> None:
 
 class LoopbackGrid(Grid):
     def __init__(self, client_app: ClientApp, node_configs: Sequence[Mapping[str, object]], *,
-                 tamper: Optional[Callable[[int, Message], Message]] = None, first_node_id: int = 1000):
+                 tamper: Optional[Callable[[int, Message], Optional[Message]]] = None, first_node_id: int = 1000):
         _claim_task_identity()
         self.client_app = client_app
         self.tamper = tamper
@@ -71,7 +72,9 @@ class LoopbackGrid(Grid):
         ids = []
         for message in messages:
             message_id = f"loopback-{next(self._ids)}"
-            self._pending[message_id] = self._handle(message, message_id)
+            reply = self._handle(message, message_id)
+            if reply is not None:
+                self._pending[message_id] = reply
             ids.append(message_id)
         return ids
 
@@ -82,7 +85,7 @@ class LoopbackGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
     # -- delivery --------------------------------------------------------------------------------
-    def _handle(self, message: Message, message_id: str) -> Message:
+    def _handle(self, message: Message, message_id: str) -> Optional[Message]:
         node_id = message.metadata.dst_node_id
         context = self.contexts[node_id]
         try:
@@ -92,7 +95,8 @@ class LoopbackGrid(Grid):
             reply = Message(Error(code=ERROR_CODE_CLIENT_EXCEPTION, reason=reason), reply_to=message)
         if self.tamper is not None:
             reply = self.tamper(node_id, reply)
-        self.outgoing.append((node_id, reply))
+        if reply is not None:
+            self.outgoing.append((node_id, reply))
         return reply
 
 

@@ -105,3 +105,18 @@ def test_a_signal_stops_the_run_with_one_line_and_a_stale_ray_address_is_never_j
     # killed during a round, e.g. by Ray's memory monitor on a crowded machine; such a round is a failed
     # site and is not what this test is about.)
     assert (run_dir / "round_002.pt").is_file() and not (run_dir / "round_003.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_site_actor_that_dies_costs_its_site_one_round_and_the_run_goes_on(tmp_path):
+    """site-1's Ray actor process is SIGKILLed in the middle of its round 2 (a fault point, not a timer):
+    that round closes without it, Ray restarts the actor, and site-1 trains again in round 3."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "simulation", "--config", "configs/smoke.yaml", "--rounds", "3",
+                             "--out", str(run_dir)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, MEDSTYLEGAN2_FAULT="site_train:2:kill:site=site-1"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    status = {line["round"]: {s: v["status"] for s, v in line["sites"].items()} for line in _round_lines(run_dir)}
+    assert status[1] == {"site-0": "ok", "site-1": "ok"}
+    assert status[2]["site-0"] == "ok" and status[2]["site-1"].startswith("error")
+    assert status[3] == {"site-0": "ok", "site-1": "ok"}

@@ -61,3 +61,22 @@ def test_with_fewer_replies_than_min_sites_the_global_model_stays_as_it_was(tmp_
     after = _weights(tmp_path / "round_001.pt")
     assert all(torch.equal(after[k], before[k]) for k in before)  # no partial average
     assert "fewer than min_sites=3" in caplog.text
+
+
+def test_a_site_whose_reply_never_arrives_is_a_failed_site_of_that_round(tmp_path, caplog):
+    """A site that times out, hangs or disconnects sends nothing: the round closes without it."""
+    from client.client_app import app
+
+    cfg = load_config("configs/smoke.yaml", ["federation.sites=3", "federation.rounds=1"])
+
+    def lose_site_1s_training_reply(node_id, reply):
+        is_training = reply.has_content() and "arrays" in reply.content.array_records
+        return None if node_id == 1001 and is_training else reply
+
+    grid = LoopbackGrid(app, [{"partition-id": i, "num-partitions": 3} for i in range(3)],
+                        tamper=lose_site_1s_training_reply)
+    with caplog.at_level("WARNING"):
+        run_federation(grid, cfg, tmp_path, site_state_dir=str(tmp_path / "site_state"), server_data=False)
+    line = RunFolder(tmp_path).metrics_records()[0]
+    assert line["sites"]["site-1"]["status"].startswith("error: no reply within federation.round_timeout_s")
+    assert line["aggregated"]["sites"] == 2 and "site site-1 failed" in caplog.text
