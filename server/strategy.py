@@ -78,6 +78,7 @@ class FederatedGAN(FedAvg):
         self._round_started = 0.0
         self._sent: dict[str, torch.Tensor] = {}
         self._chosen: list[str] = []
+        self._outgoing: dict[str, Message] = {}
         self._bytes_down = 0
 
     # -- Flower strategy interface -----------------------------------------------------------------
@@ -113,8 +114,9 @@ class FederatedGAN(FedAvg):
         })
         content = RecordDict({"arrays": record, "config": train_config})
         self._chosen = list(chosen)
-        return [Message(content=content, dst_node_id=present[name], message_type=MessageType.TRAIN)
-                for name in chosen]
+        self._outgoing = {name: Message(content=content, dst_node_id=present[name], message_type=MessageType.TRAIN)
+                          for name in chosen}
+        return list(self._outgoing.values())
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
@@ -208,6 +210,11 @@ class FederatedGAN(FedAvg):
             time.sleep(1.0)
 
     def _site_of(self, msg: Message) -> str:
+        # An error the SuperLink writes for a node that went away (Node Unavailable) comes from the
+        # link, not from the node: the message it answers names the site.
+        answered = {sent.metadata.message_id: name for name, sent in self._outgoing.items() if sent.metadata.message_id}
+        if msg.metadata.reply_to_message_id and msg.metadata.reply_to_message_id in answered:
+            return answered[msg.metadata.reply_to_message_id]
         node = msg.metadata.src_node_id
         if node in self.sites:
             return self.sites[node].name
