@@ -81,6 +81,8 @@ class LocalDeployment:
         self.processes: list[tuple[str, subprocess.Popen]] = []
         self.nodes: dict[str, subprocess.Popen] = {}
         self.processes_started: dict[str, list[str]] = {}  # name -> its (last) command line
+        self.key_of: dict[str, Path] = {}
+        self.enrolments: dict[str, int] = {}
         self.node_env = node_env or {}
         self.port = 0
         self.env = dict(os.environ, FLWR_HOME=str(self.flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
@@ -125,10 +127,18 @@ class LocalDeployment:
             self.start_node(name, timeout)
         return self
 
-    def register_node(self, name: str) -> None:
-        """An ECDSA key pair for the site, its public key registered with the SuperLink (``flwr``)."""
+    def register_node(self, name: str, *, new_key: bool = False) -> None:
+        """An ECDSA key pair for the site, its public key registered with the SuperLink (``flwr``).
+
+        ``new_key``: re-enrol the site with a fresh key pair (a new node id). Flower 1.42 does not let a
+        SuperNode that was killed back in under its old key while the SuperLink still counts the old
+        connection as online."""
         self.keys.mkdir(parents=True, exist_ok=True)
         key = self.keys / name
+        if new_key:
+            self.enrolments[name] = self.enrolments.get(name, 1) + 1
+            key = self.keys / f"{name}-{self.enrolments[name]}"
+        self.key_of[name] = key
         if not key.is_file():
             subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", name, "-f", str(key)],
                            check=True, capture_output=True, timeout=60)
@@ -146,7 +156,7 @@ class LocalDeployment:
         # would leave torch its default of all cores).
         threads = str(max(1, (os.cpu_count() or 1) // max(1, len(self.sites))))
         env = dict(self.env, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, **self.node_env.get(name, {}))
-        auth = ["--auth-supernode-private-key", str(self.keys / name)] if self.auth else []
+        auth = ["--auth-supernode-private-key", str(self.key_of[name])] if self.auth else []
         node_port = free_port()
         node, node_log = self._spawn(f"supernode-{name}", [
             "flower-supernode", *self._tls_node(), *auth, "--superlink", f"127.0.0.1:{self.port}",

@@ -79,6 +79,7 @@ class FederatedGAN(FedAvg):
         self._sent: dict[str, torch.Tensor] = {}
         self._chosen: list[str] = []
         self._outgoing: dict[str, Message] = {}
+        self._left_out: set[int] = set()  # nodes whose site name another connected node already has
         self._bytes_down = 0
 
     # -- Flower strategy interface -----------------------------------------------------------------
@@ -202,12 +203,33 @@ class FederatedGAN(FedAvg):
         deadline = time.monotonic() + f.connect_timeout_s
         while True:
             connected = set(grid.get_node_ids())
+            self._welcome(grid, connected)
             present = {site.name: node for node, site in self.sites.items() if node in connected}
             if len(present) >= min(f.min_sites, len(self.sites)) or time.monotonic() > deadline:
                 return present
             info("waiting for sites: %d of %d known site(s) connected, min_sites %d", len(present),
                  len(self.sites), f.min_sites)
             time.sleep(1.0)
+
+    def _welcome(self, grid: Grid, connected: set[int]) -> None:
+        """Nodes that connected since the last round: a known site back under a new node id (a SuperNode
+        restarted, or re-enrolled with a new key) takes the place of its old node; a new site joins."""
+        unknown = sorted(connected - set(self.sites) - self._left_out)
+        if not unknown:
+            return
+        for site in ask_sites(grid, self.cfg, unknown):
+            old = next((node for node, s in self.sites.items() if s.name == site.name), None)
+            if old is not None and old in connected:
+                warn("node %d calls itself %r, which node %d already is; it is left out", site.node_id,
+                     site.name, old)
+                self._left_out.add(site.node_id)
+                continue
+            if old is not None:
+                del self.sites[old]
+                info("site %s is back (node %d, was %d)", site.name, site.node_id, old)
+            else:
+                info("site %s joins: %d training image(s)", site.name, site.num_examples)
+            self.sites[site.node_id] = site
 
     def _site_of(self, msg: Message) -> str:
         # An error the SuperLink writes for a node that went away (Node Unavailable) comes from the
@@ -261,6 +283,22 @@ def _rss_mb() -> Optional[float]:
 # A whole run
 
 
+def ask_sites(grid: Grid, cfg: RunConfig, nodes: Iterable[int]) -> list[SiteInfo]:
+    """Ask the given nodes for their site name and example count (a QUERY message each)."""
+    config = ConfigRecord({"run_config": json.dumps(cfg.to_dict())})
+    messages = [Message(content=RecordDict({"config": config}), dst_node_id=node, message_type=MessageType.QUERY)
+                for node in nodes]
+    found = []
+    for msg in grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s):
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            warn("site at node %d cannot take part: %s", node, msg.error.reason)
+            continue
+        found.append(SiteInfo(node_id=node, name=str(msg.content["site"]["site"]),
+                              num_examples=int(msg.content["metrics"]["num_examples"])))
+    return found
+
+
 def roll_call(grid: Grid, cfg: RunConfig) -> dict[int, SiteInfo]:
     """Wait for the sites, ask each for its name and example count; node id -> SiteInfo."""
     f = cfg.federation
@@ -274,22 +312,13 @@ def roll_call(grid: Grid, cfg: RunConfig) -> dict[int, SiteInfo]:
     if len(nodes) < f.min_sites:
         raise UserError(f"only {len(nodes)} site(s) connected within {f.connect_timeout_s:g} s; "
                         f"federation.min_sites is {f.min_sites}")
-    config = ConfigRecord({"run_config": json.dumps(cfg.to_dict())})
-    messages = [Message(content=RecordDict({"config": config}), dst_node_id=node, message_type=MessageType.QUERY)
-                for node in nodes]
-    replies = grid.send_and_receive(messages, timeout=f.round_timeout_s)
     sites: dict[int, SiteInfo] = {}
-    for msg in replies:
-        node = msg.metadata.src_node_id
-        if msg.has_error():
-            warn("site at node %d cannot take part: %s", node, msg.error.reason)
-            continue
-        name = str(msg.content["site"]["site"])
-        if name in {s.name for s in sites.values()}:
+    for site in ask_sites(grid, cfg, nodes):
+        if site.name in {s.name for s in sites.values()}:
             warn("two nodes call themselves %r; node %d is left out (give each SuperNode its own site-name)",
-                 name, node)
+                 site.name, site.node_id)
             continue
-        sites[node] = SiteInfo(node_id=node, name=name, num_examples=int(msg.content["metrics"]["num_examples"]))
+        sites[site.node_id] = site
     if len(sites) < f.min_sites:
         raise UserError(f"only {len(sites)} site(s) answered the roll call; federation.min_sites is {f.min_sites}")
     for site in sorted(sites.values(), key=lambda s: s.name):
