@@ -6,12 +6,13 @@
    reproducible from (seed, round): ``fl.aggregation.sample_sites``), send them the global weights
    (float32 or float16, model constants excluded: ``fl.wire``) and a ConfigRecord with the
    validated run config as JSON.
-2. ``aggregate_train``: turn every reply into a plain ``SiteReply`` and hand them to
-   ``fl.aggregation.aggregate_round`` (errors, declines under DP, zero-example sites, keys,
-   shapes, dtypes, NaN/Inf: a bad update is dropped with a log line naming the site and the key;
-   the rest averaged by examples through the server optimizer), then save ``round_XXX.pt``
-   (``fl.server_state``), run the evaluation hook (``server.evaluation_hook``) and append one
-   line to ``metrics.jsonl`` (``medstylegan2.runfolder``).
+2. ``aggregate_train``: turn every reply into a plain ``SiteReply`` (a chosen site without a reply:
+   an error entry) and hand them to ``fl.aggregation.aggregate_round`` (errors, declines, keys,
+   shapes, dtypes, NaN/Inf, outlier norms: a bad update is dropped with a log line naming the site
+   and the reason; the rest combined by ``aggregation_rule`` through the server optimizer), run the
+   evaluator when due (``server.evaluation_hook``), commit the round (``fl.round_files.commit_round``:
+   ``round_XXX.pt`` with the round's records) and write its derived files (``ensure_round_files``:
+   ``metrics.jsonl`` lines, eval record, grid, privacy report), again checked before every round.
 
 ``run_federation`` wraps a run: fresh start or resume from the last round checkpoint (global
 weights, server optimizer state, run token: the sites find their own local state by it), a roll
