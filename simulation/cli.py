@@ -15,7 +15,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from medstylegan2.cli_support import run_reporting_user_errors, setup_logging
 from medstylegan2.config import RunConfig, load_config
