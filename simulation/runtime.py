@@ -95,8 +95,13 @@ def start_ray(backend: dict[str, Any]) -> None:
         return
     pythonpath = os.pathsep.join(p for p in [*sys.path, os.environ.get("PYTHONPATH", "")] if p)
     os.environ["PYTHONPATH"] = pythonpath  # the sites import this project like the driver does
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, logging_level="WARNING",
-             **backend["init_args"])
+    if backend["init_args"].get("address", "local") == "local":
+        # Ray's processes started here inherit this environment, PYTHONPATH included: no runtime
+        # environment to build per worker (one agent round trip each, slow on a crowded machine).
+        ray.init(logging_level="WARNING", **backend["init_args"])
+    else:  # another machine's workers need the path handed over
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, logging_level="WARNING",
+                 **backend["init_args"])
 
 
 def last_committed_round(run_dir: Path) -> int:
