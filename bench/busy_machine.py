@@ -77,6 +77,7 @@ def kind_of(pid: int, root: int) -> str:
     for marker, kind in (("ClientAppActor", "site actors"), ("ray::IDLE", "site actors"),
                          ("default_worker.py", "site actors"), ("gcs_server", "ray gcs"),
                          ("raylet/raylet", "ray raylet"), ("dashboard", "ray agents"), ("runtime_env", "ray agents"),
+                         ("DashboardAgent", "ray agents"), ("RuntimeEnvAgent", "ray agents"), ("monitor.py", "ray other"),
                          ("log_monitor", "ray log monitor"), ("reaper", "ray other"), ("ray", "ray other")):
         if marker in cmd:
             return kind
