@@ -104,6 +104,8 @@ def simulate(config_path: str | Path, overrides: list[str], *, run_dir: Optional
                                     "server-data": "config", "stop-after": stop_after})
     backend = runtime.backend_config(cfg, ray_address, lean=lean)
     runtime.start_ray(backend)
+    if lean:
+        runtime.deliver_by_pending_nodes()
     runtime.install_stop_handlers(run_dir)
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=sites,
                    backend_config=backend, verbose_logging=verbose)

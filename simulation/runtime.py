@@ -12,6 +12,11 @@
   dies (``max_restarts``): that site's message fails (an error reply: a failed site for that round,
   logged by the server), and the next round goes to a fresh actor. Without it Flower would keep
   handing messages to the dead actor for the rest of the run.
+- **Many sites.** Flower's simulation engine looks for new messages every 0.1 s by asking its
+  message store once per virtual node, and each ask scans every stored message: O(total sites x
+  messages) twenty times a second, in the server's process, also for the sites that are not
+  sampled. ``deliver_by_pending_nodes`` replaces that loop with one scan per sweep that asks only
+  for the nodes that have a message waiting (Flower's own ``get_message_ins`` still delivers it).
 - **Signals.** SIGINT (Ctrl-C) and SIGTERM (a batch scheduler, ``timeout``) end the run at once with
   one line, ``stopped after round N; continue with --resume``, and exit status 130 / 143. Every
   committed round is complete on disk (``medstylegan2.fl.round_files``); the round in flight is
@@ -102,6 +107,34 @@ def start_ray(backend: dict[str, Any]) -> None:
     else:  # another machine's workers need the path handed over
         ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, logging_level="WARNING",
                  **backend["init_args"])
+
+
+def deliver_by_pending_nodes() -> None:
+    """Patch Flower's simulation engine loop ``add_messages_to_queue`` (see the module docstring).
+
+    Falls back to Flower's loop for a state store without the in-memory fields this reads.
+    """
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    original = vce_api.add_messages_to_queue
+    if getattr(original, "_medstylegan2", False):
+        return
+
+    def add_messages_to_queue(state, queue, nodes_mapping, f_stop) -> None:
+        if not (hasattr(state, "message_ins_store") and hasattr(state, "lock")):
+            return original(state, queue, nodes_mapping, f_stop)
+        nodes = set(nodes_mapping.keys())
+        while not f_stop.is_set():
+            with state.lock:
+                waiting = {m.metadata.dst_node_id for m in list(state.message_ins_store.values())
+                           if m.metadata.delivered_at == "" and m.metadata.dst_node_id in nodes}
+            for node_id in sorted(waiting):
+                for message in state.get_message_ins(node_id=node_id, limit=1):
+                    queue.put(message)
+            f_stop.wait(0.1)
+
+    add_messages_to_queue._medstylegan2 = True
+    vce_api.add_messages_to_queue = add_messages_to_queue
 
 
 def last_committed_round(run_dir: Path) -> int:
