@@ -43,6 +43,9 @@ COMMANDS: dict[str, Command] = {
     "simulate": Command("simulation.cli",
                         "Run a federated simulation: N virtual hospital sites (Flower simulation engine) over "
                         "partitioned data, with round checkpoints, metrics.jsonl and sample grids."),
+    "study": Command("simulation.study",
+                     "Run the privacy-utility study (arms central, fed-iid, fed-noniid, dp-eps10, dp-eps1): one "
+                     "run folder per arm, resumable; writes study.json, study.md, utility.png, arms.png."),
     "privacy-report": Command("medstylegan2.privacy_report",
                               "Write RUN_DIR/privacy.json and privacy.png (epsilon per site and round) and print "
                               "the table."),

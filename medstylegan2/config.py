@@ -42,6 +42,12 @@ class ModelConfig:
     mbstd_channels: int = 1
     # Dimension of the class embedding that D projects its features onto.
     cmap_dim: int = 64
+    # Auxiliary-classifier head on D's features (AC-GAN, Odena et al. 2017): D also learns to
+    # classify real images, and G is pushed to make fakes that D classifies as their conditioning
+    # class (weight: train.class_loss_weight). Projection alone learns the classes slowly.
+    d_class_head: bool = False
+    # Learning-rate multiplier of the mapping network (StyleGAN2: 0.01).
+    mapping_lr_multiplier: float = 0.01
     # Seed paper's high-pass filter weight (StarGAN v2 ``w_hpf``); 0 disables the filter branch.
     w_hpf: float = 0.0
 
@@ -70,6 +76,15 @@ class TrainConfig:
     lambda_ds: float = 0.0
     ds_decay_steps: int = 10000
     truncation_psi: float = 1.0
+    # Weight of the auxiliary classifier's cross-entropy terms (model.d_class_head): on reals in
+    # D's loss (inside the per-sample loss that DP clips and noises) and on fakes in G's loss.
+    class_loss_weight: float = 1.0
+    # D updates per G update (each on a fresh real and fake batch); more helps under DP.
+    d_steps_per_g: int = 1
+    # Warm start: a checkpoint (train-local or a federated round) whose G, G_ema and D weights
+    # replace the fresh ones before training (e.g. pretrained on public data). Optimizer state,
+    # counters and the model constants are not taken from it.
+    init_checkpoint: Optional[str] = None
     grid_every: int = 100
     checkpoint_every: int = 100
     log_every: int = 10
@@ -303,6 +318,11 @@ def _check_semantics(cfg: RunConfig) -> None:
     need(m.num_classes == len(CLASS_NAMES), "model.num_classes",
          f"must be {len(CLASS_NAMES)} ({', '.join(CLASS_NAMES)})")
     need(m.w_hpf >= 0, "model.w_hpf", "must be >= 0")
+    need(not m.d_class_head or m.arch == "stylegan2", "model.d_class_head",
+         "needs model.arch 'stylegan2' (the DCGAN baseline has no class head)")
+    need(m.mapping_lr_multiplier > 0, "model.mapping_lr_multiplier", "must be > 0")
+    need(t.class_loss_weight >= 0, "train.class_loss_weight", "must be >= 0")
+    need(t.d_steps_per_g >= 1, "train.d_steps_per_g", "must be >= 1")
     for key in ("z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max", "cmap_dim"):
         need(getattr(m, key) > 0, f"model.{key}", "must be > 0")
     need(m.mbstd_group_size >= 0, "model.mbstd_group_size", "must be >= 0 (0 disables it)")

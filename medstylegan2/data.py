@@ -14,20 +14,21 @@ and the site's label words, and files left out are counted per reason (``medstyl
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from medstylegan2 import phantoms
 from medstylegan2.config import CLASS_NAMES, DataConfig
 from medstylegan2.dicom import find_dicom_files
 from medstylegan2.errors import DataError
-from medstylegan2.image_cache import cache_file, read_cache, write_cache
+from medstylegan2.image_cache import KEY_CHARS, cache_file, read_cache, write_cache
 from medstylegan2.images import ImageSet
 from medstylegan2.ingest import SiteOptions, decode_all
 from medstylegan2.labels import LabelVocabulary, read_label_csv
-from medstylegan2.phantoms import generate_phantoms
 from medstylegan2.skips import SkipTally
 
 log = logging.getLogger(__name__)
@@ -284,6 +285,26 @@ def split_heldout(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSe
     return images.subset(np.flatnonzero(~is_held)), images.subset(held_idx)
 
 
+def _phantoms_cached(per_class: int, resolution: int, seed: int, cache_dir: str | None) -> ImageSet:
+    """``generate_phantoms`` through the ``.npz`` cache: every process of a federated run (server and
+    each site) needs the same phantoms, and thousands take tens of seconds to render. The key holds
+    the generator's source, so a changed generator never reads an old cache."""
+    if not cache_dir:
+        return phantoms.generate_phantoms(per_class, resolution, seed=seed)
+    blob = Path(phantoms.__file__).read_bytes() + f"{per_class}:{resolution}:{seed}".encode()
+    key = hashlib.sha256(blob).hexdigest()[:KEY_CHARS]
+    path = Path(cache_dir).expanduser() / f"phantoms-{resolution}px-{per_class}-seed{seed}-{key}.npz"
+    cached = read_cache(path) if path.is_file() else None
+    if cached is not None:
+        return cached
+    images = phantoms.generate_phantoms(per_class, resolution, seed=seed)
+    try:
+        write_cache(path, images, SkipTally(), root=Path("phantoms"))
+    except OSError as exc:  # a read-only cache folder only costs the rendering time
+        log.warning("could not cache phantoms at %s (%s)", path, exc)
+    return images
+
+
 def load_dataset(cfg: DataConfig, resolution: int) -> tuple[ImageSet, ImageSet]:
     """(train, heldout) for a data config. The held-out images never appear in the training set.
 
@@ -294,7 +315,7 @@ def load_dataset(cfg: DataConfig, resolution: int) -> tuple[ImageSet, ImageSet]:
       (``cfg.heldout_fraction`` does not apply).
     """
     if cfg.source == "phantoms":
-        everything = generate_phantoms(cfg.phantoms_per_class, resolution, seed=cfg.seed)
+        everything = _phantoms_cached(cfg.phantoms_per_class, resolution, cfg.seed, cfg.cache_dir)
         return split_heldout(everything, cfg.heldout_fraction, cfg.seed)
     if cfg.root is None:
         raise DataError(f"data.root is required when data.source is '{cfg.source}'")

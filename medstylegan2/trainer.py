@@ -192,15 +192,16 @@ class SiteTrainer:
         _sanitize_gradients(self.G)
         self.g_opt.step()
 
-        # D: logistic loss on fakes and reals, lazy R1 on reals.
+        # D: logistic loss on fakes and reals, lazy R1 on reals; d_steps_per_g updates per G update.
         self.G.requires_grad_(False)
         self.D.requires_grad_(True)
-        with torch.no_grad():
-            z = torch.randn(batch, self.cfg.model.z_dim, device=self.device)
-            fake_labels = self.sample_fake_labels(batch)
-            fake = self.loss.generate(z, fake_labels, update_w_avg=False)
-        r1_weight = self.loss.r1_weight(lazy=self.step % t.r1_interval == 0)
-        stats.update(self.discriminator_step(fake, fake_labels, r1_weight))
+        for d_index in range(self.step * t.d_steps_per_g, (self.step + 1) * t.d_steps_per_g):
+            with torch.no_grad():
+                z = torch.randn(batch, self.cfg.model.z_dim, device=self.device)
+                fake_labels = self.sample_fake_labels(batch)
+                fake = self.loss.generate(z, fake_labels, update_w_avg=False)
+            r1_weight = self.loss.r1_weight(lazy=d_index % t.r1_interval == 0)
+            stats.update(self.discriminator_step(fake, fake_labels, r1_weight))
         self.G.requires_grad_(True)
 
         self.update_ema()
@@ -217,7 +218,8 @@ class SiteTrainer:
         """
         if self.privacy is not None:
             idx = self.privacy.sample_batch().to(self.device)
-            self.privacy.private_real_gradient(self.real_images[idx], self.real_labels[idx], r1_weight)
+            self.privacy.private_real_gradient(self.real_images[idx], self.real_labels[idx], r1_weight,
+                                               self.loss.class_weight)
             # Fake images: G's output for noise z and uniformly drawn labels, so this term reads no
             # private data (D's current weights are already DP, and anything computed from them is
             # post-processing). Its gradient is therefore added as is: clipping bounds one person's

@@ -348,3 +348,19 @@ def test_data_argument_tells_phantoms_covidqu_and_class_folders_apart(tmp_path):
 def test_data_argument_naming_a_missing_folder_says_what_is_accepted(tmp_path):
     with pytest.raises(DataError, match="phantoms"):
         resolve_data_argument(str(tmp_path / "typo"), 16)
+
+
+def test_phantoms_are_rendered_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    from medstylegan2 import phantoms
+
+    cfg = DataConfig(source="phantoms", phantoms_per_class=4, heldout_fraction=0.25, cache_dir=str(tmp_path))
+    first_train, first_held = load_dataset(cfg, 16)
+    assert len(list(tmp_path.glob("phantoms-16px-4-seed0-*.npz"))) == 1
+
+    def no_rendering(*args, **kwargs):
+        raise AssertionError("phantoms rendered again despite the cache")
+
+    monkeypatch.setattr(phantoms, "generate_phantoms", no_rendering)
+    train, held = load_dataset(cfg, 16)
+    assert np.array_equal(train.images, first_train.images) and np.array_equal(held.labels, first_held.labels)
+    assert train.sources == first_train.sources

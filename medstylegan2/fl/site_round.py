@@ -25,6 +25,7 @@ from medstylegan2.fl.wire import (PAYLOAD_DELTA, PAYLOAD_WEIGHTS, PRIVACY_PREFIX
                                   transferred, unflatten_weights)
 from medstylegan2.runfolder import atomic_write_bytes, round_file, round_numbers_in
 from medstylegan2.trainer import ShuffleSampler, SiteTrainer
+from medstylegan2.warm_start import planned_d_steps
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def run_site_round(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, recei
     seed = site_seed(cfg.seed, round_num, site)
     engine = None
     if privacy_factory is not None:
-        planned = f.local_steps * f.rounds
+        planned = planned_d_steps(cfg, f.local_steps * f.rounds)
         engine = privacy_factory(cfg, num_examples, planned, site_seed(cfg.seed, 0, site))
     # The trainer is built from cfg.seed, as the server built the global model: the constants
     # (fixed noise buffers) are then identical and need not travel.
@@ -181,7 +182,8 @@ def run_site_round(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, recei
         nested = unflatten_weights({k: v.to(trainer.device) for k, v in full.items()})
         trainer.proximal_reference = {"G": nested["G"], "D": nested["D"]}
 
-    if engine is not None and hasattr(engine, "would_exceed_budget") and engine.would_exceed_budget(f.local_steps):
+    if engine is not None and hasattr(engine, "would_exceed_budget") and engine.would_exceed_budget(
+            planned_d_steps(cfg, f.local_steps)):
         metrics = {"num_examples": 0.0, "declined": 1.0, "steps": 0.0}
         metrics.update(_privacy_metrics(engine, round_num))
         return SiteRoundResult(payload={}, payload_kind=PAYLOAD_WEIGHTS, metrics=metrics,

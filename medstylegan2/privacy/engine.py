@@ -201,7 +201,8 @@ class DPEngine:
         """Indices of one Poisson-sampled batch (each image with probability q; may be empty)."""
         return torch.as_tensor(next(iter(self.sampler)), dtype=torch.long)
 
-    def private_real_gradient(self, real: torch.Tensor, labels: torch.Tensor, r1_weight: float) -> torch.Tensor:
+    def private_real_gradient(self, real: torch.Tensor, labels: torch.Tensor, r1_weight: float,
+                              class_weight: float = 0.0) -> torch.Tensor:
         """Set every D ``p.grad`` to the private real-data gradient and count one accountant step.
 
         That is (sum of per-sample gradients, each clipped to C, + N(0, (sigma C)^2)) / (q n).
@@ -209,7 +210,7 @@ class DPEngine:
         Returns the per-sample real losses (private: for local logs only, as ``last_private_stats``).
         """
         assert self.D is not None, "bind(D, optimizer) first"
-        grads, losses, _ = per_sample_real_gradients(self.D, real, labels, r1_weight)
+        grads, losses, _ = per_sample_real_gradients(self.D, real, labels, r1_weight, class_weight)
         self.clip_and_noise(grads)
         self.last_private_stats = {"loss_d_real": float(losses.mean()) if len(losses) else float("nan"),
                                    "real_batch_size": float(len(losses))}

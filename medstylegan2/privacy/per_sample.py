@@ -14,7 +14,7 @@ import logging
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import functional_call, grad, grad_and_value, vmap
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +23,12 @@ log = logging.getLogger(__name__)
 _LABELS_VMAP_SAFE: dict[type, bool] = {}
 
 
-def per_sample_real_gradients(D: nn.Module, images: torch.Tensor, labels: torch.Tensor, r1_weight: float
+def per_sample_real_gradients(D: nn.Module, images: torch.Tensor, labels: torch.Tensor, r1_weight: float,
+                              class_weight: float = 0.0
                               ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Exact per-sample gradients of ``softplus(-D(x)) + r1_weight * ||grad_x D(x)||^2``.
+    """Exact per-sample gradients of ``softplus(-D(x)) + r1_weight * ||grad_x D(x)||^2``
+    (+ ``class_weight * CE(head(x), y)`` with D's class head: the same loss as
+    ``losses.discriminator_real_loss_per_sample``, so the class term is clipped and noised too).
 
     Returns ``(grads, losses, order)``: ``grads[name]`` has shape ``[m, *param.shape]`` for every
     named parameter of D, ``losses`` has shape ``[m]``, and row ``i`` of both belongs to sample
@@ -46,7 +49,9 @@ def per_sample_real_gradients(D: nn.Module, images: torch.Tensor, labels: torch.
     def logit(p: dict[str, torch.Tensor], x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         return functional_call(D, p, (x.unsqueeze(0), label.view(1))).reshape(())
 
-    if r1_weight > 0:
+    if class_weight > 0:
+        loss_one = _loss_with_class_term(D, r1_weight, class_weight)
+    elif r1_weight > 0:
         def loss_one(p: dict[str, torch.Tensor], x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
             # Nested grad w.r.t. this sample's image: the R1 penalty of this sample alone.
             image_grad, value = grad_and_value(logit, argnums=1)(p, x, label)
@@ -82,3 +87,28 @@ def per_sample_real_gradients(D: nn.Module, images: torch.Tensor, labels: torch.
         return chunks_grads[0], chunks_loss[0], order
     grads = {name: torch.cat([g[name] for g in chunks_grads]) for name in params}
     return grads, torch.cat(chunks_loss), order
+
+
+def _loss_with_class_term(D: nn.Module, r1_weight: float, class_weight: float):
+    """One sample's real loss with D's class head: logistic + R1 (on the adversarial logit only)
+    + class_weight * cross-entropy of the head on the sample's label."""
+
+    def logit_and_class_loss(p: dict[str, torch.Tensor], x: torch.Tensor, label: torch.Tensor
+                             ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        value, class_logits = functional_call(D, p, (x.unsqueeze(0), label.view(1)), {"with_class_logits": True})
+        # Cross-entropy through a one-hot by comparison: vmap cannot index by a batched label.
+        target = (label.view(1) == torch.arange(class_logits.shape[1], device=label.device)).to(x.dtype)
+        class_loss = -(F.log_softmax(class_logits.reshape(-1), dim=0) * target).sum()
+        value = value.reshape(())
+        return value, (value, class_loss)
+
+    def loss_one(p: dict[str, torch.Tensor], x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        if r1_weight > 0:
+            image_grad, (value, class_loss) = grad(logit_and_class_loss, argnums=1, has_aux=True)(p, x, label)
+            r1 = r1_weight * image_grad.square().sum()
+        else:
+            _, (value, class_loss) = logit_and_class_loss(p, x, label)
+            r1 = 0.0
+        return F.softplus(-value) + r1 + class_weight * class_loss
+
+    return loss_one
