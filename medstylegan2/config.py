@@ -11,6 +11,7 @@ overrides as plain mappings is ``medstylegan2.config_files``'s part.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +131,14 @@ class FederationConfig:
     # Quantity skew: site sizes drawn from a Dirichlet with this concentration.
     quantity_alpha: float = 1.0
     aggregation: Literal["fedavg", "fedavgm", "fedadam"] = "fedavg"
+    # How the sites' updates are combined before the server optimizer: the example-weighted mean,
+    # or (robust to a few hostile sites, unweighted) the coordinate-wise median or trimmed mean,
+    # which cuts int(trim_fraction * n) values off each end.
+    aggregation_rule: Literal["mean", "median", "trimmed_mean"] = "mean"
+    trim_fraction: float = 0.2
+    # Reject an update whose norm (distance to the global model) exceeds outlier_factor x the median
+    # of the round's updates; needs >= 3 valid updates; 0 disables.
+    outlier_factor: float = 10.0
     server_lr: float = 1.0
     # FedAvgM momentum; FedAdam's beta1.
     server_momentum: float = 0.9
@@ -288,7 +297,13 @@ def _coerce(hint: Any, value: Any, key: str, where: str):
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError as exc:  # an integer too large for a float
+            raise ConfigError(f"{where}: '{key}' = {value!r} is too large") from exc
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: '{key}' must be a finite number, got {value!r}")
+        return number
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
@@ -335,6 +350,9 @@ def _check_semantics(cfg: RunConfig) -> None:
     need(f.proximal_mu >= 0, "federation.proximal_mu", "must be >= 0")
     need(f.evaluate_every >= 0, "federation.evaluate_every", "must be >= 0 (0: only at the end)")
     need(f.server_lr > 0, "federation.server_lr", "must be > 0")
+    need(0 <= f.trim_fraction < 0.5, "federation.trim_fraction", "must be in [0, 0.5)")
+    need(f.outlier_factor == 0 or f.outlier_factor > 1, "federation.outlier_factor",
+         "must be > 1 (or 0 to turn the check off)")
     need(0 <= f.server_momentum < 1, "federation.server_momentum", "must be in [0, 1)")
     need(0 <= f.server_beta2 < 1, "federation.server_beta2", "must be in [0, 1)")
     need(f.server_tau > 0, "federation.server_tau", "must be > 0")

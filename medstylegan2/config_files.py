@@ -21,14 +21,26 @@ from medstylegan2.errors import ConfigError
 BASE_KEY = "base"
 
 
+def is_file(path: Path) -> bool:
+    """``path.is_file()``, False for a path the OS cannot even look up (a NUL byte, a name too long)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """The top-level mapping of one YAML file (an empty file is an empty mapping)."""
-    if not path.is_file():
+    if not is_file(path):
         raise ConfigError(f"config file not found: {path}")
     try:
-        loaded = yaml.safe_load(path.read_text())
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read as a text file: {exc}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{path}: nested too deeply to be a config") from exc
     if loaded is None:
         loaded = {}
     if not isinstance(loaded, dict):
@@ -51,7 +63,7 @@ def read_with_bases(path: Path, check_keys: Callable[[dict[str, Any], str], Any]
         raise ConfigError(f"{path}: '{BASE_KEY}' must be the path of the config file this one extends "
                           f"(relative to {path.parent}), got {base!r}")
     base_path = path.parent / base
-    if not base_path.is_file():
+    if not is_file(base_path):
         raise ConfigError(f"{path}: '{BASE_KEY}' names {base_path}, which is not a file")
     seen = (*chain, path)
     if any(base_path.resolve() == p.resolve() for p in seen):
@@ -77,10 +89,20 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value")
     key, text = item.split("=", 1)
-    parts = key.strip().split(".")
+    key = key.strip()
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r}: '{key}' is not a key; use section.key=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: the value of '{key}' is not valid YAML: "
+                          f"{str(exc).splitlines()[0]}") from exc
     node = raw
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # a section left empty (null) in the file
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+            raise ConfigError(f"override {item!r}: '{part}' is not a section")
+    node[parts[-1]] = value

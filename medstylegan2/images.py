@@ -134,12 +134,48 @@ def write_image_folder(images: ImageSet, out_dir: str | Path) -> Path:
 # Decoding
 
 
+# Smaller than this on a side, an image holds too little to be a chest X-ray at any resolution.
+MIN_SIDE = 16
+# Pixel modes other than 8-bit grayscale that are converted, and how a log line names them.
+CONVERSIONS = {"colour": "colour image(s) converted to grayscale (luminance)",
+               "high-bit-depth": "16-bit or float image(s) rescaled to 8 bits (their own min..max)"}
+
+
 def decode_image(path: str | Path, resolution: int) -> np.ndarray:
     """uint8 [resolution, resolution] grayscale; raises OSError/ValueError for unreadable files."""
-    with Image.open(path) as img:
-        gray = img.convert("L")
-        if gray.size != (resolution, resolution):
-            # Box filtering averages every source pixel into the result: no aliasing when shrinking.
-            gray = gray.resize((resolution, resolution), Image.Resampling.BOX if min(gray.size) >= resolution
-                               else Image.Resampling.LANCZOS)
-        return np.asarray(gray, dtype=np.uint8)
+    return decode_image_noting(path, resolution)[0]
+
+
+def decode_image_noting(path: str | Path, resolution: int) -> tuple[np.ndarray, str | None]:
+    """``decode_image`` and which conversion it made (a key of ``CONVERSIONS``, or None).
+
+    Colour (RGB, RGBA, palette) becomes luminance; 16-bit and float images are rescaled from their
+    own range to 0..255 (PIL's own 8-bit conversion would clip everything above 255 to white). An
+    image under ``MIN_SIDE`` pixels on a side is ``SkipFile("too-small")``; one past PIL's
+    decompression-bomb limit ``SkipFile("too-large")``.
+    """
+    from medstylegan2.skips import SkipFile
+
+    try:
+        with Image.open(path) as img:
+            if min(img.size) < MIN_SIDE:
+                raise SkipFile("too-small", f"{img.size[0]}x{img.size[1]} pixels")
+            conversion = None
+            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                values = np.asarray(img, dtype=np.float64)
+                low, high = float(values.min()), float(values.max())
+                scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+                gray = Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
+                conversion = "high-bit-depth"
+            elif img.mode != "L":
+                conversion = None if img.mode in ("1", "LA", "La") else "colour"
+                gray = img.convert("L")
+            else:
+                gray = img.copy()
+    except Image.DecompressionBombError as exc:
+        raise SkipFile("too-large", str(exc)) from exc
+    if gray.size != (resolution, resolution):
+        # Box filtering averages every source pixel into the result: no aliasing when shrinking.
+        gray = gray.resize((resolution, resolution), Image.Resampling.BOX if min(gray.size) >= resolution
+                           else Image.Resampling.LANCZOS)
+    return np.asarray(gray, dtype=np.uint8), conversion

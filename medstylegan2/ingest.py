@@ -29,7 +29,7 @@ from PIL import Image
 
 from medstylegan2.config import ConfigError, DataConfig, check_label_map
 from medstylegan2.dicom import DicomFacts, is_dicom_file, read_dicom
-from medstylegan2.images import ImageSet, decode_image
+from medstylegan2.images import CONVERSIONS, ImageSet, decode_image_noting
 from medstylegan2.labels import LabelVocabulary
 from medstylegan2.patient_key import PatientHasher
 from medstylegan2.skips import SkipFile, SkipTally
@@ -72,6 +72,7 @@ class Decoded:
     pixels: np.ndarray               # uint8 [R, R]
     patient_key: str | None = None   # salted PatientID hash; stays in memory, never stored
     facts: DicomFacts | None = None  # None for PNG/JPEG
+    converted: str | None = None     # a key of images.CONVERSIONS (colour, 16-bit made 8-bit)
 
 
 def decode_file(path: Path, resolution: int, options: SiteOptions, hasher: PatientHasher | None) -> Decoded | SkipFile:
@@ -80,7 +81,8 @@ def decode_file(path: Path, resolution: int, options: SiteOptions, hasher: Patie
         if is_dicom_file(path):
             image = read_dicom(path, resolution, frontal_only=options.frontal_only, hasher=hasher)
             return Decoded(pixels=image.pixels, patient_key=image.patient_key, facts=image.facts)
-        return Decoded(pixels=decode_image(path, resolution))
+        pixels, converted = decode_image_noting(path, resolution)
+        return Decoded(pixels=pixels, converted=converted)
     except SkipFile as skip:
         return skip
     # PIL reports broken files through several exception types depending on the codec.
@@ -130,6 +132,7 @@ def decode_all(entries: list[tuple[Path, int]], *, root: Path, resolution: int, 
     keep = np.zeros(len(entries), dtype=bool)
     patient_keys: list[str | None] = [None] * len(entries)
     skipped = SkipTally()
+    converted: dict[str, list[str]] = {}
     hasher = PatientHasher(options.patient_salt_file)  # the salt file is read (or made) only if needed
     bar = _progress(len(entries), desc)
     with ThreadPoolExecutor(max_workers=decode_workers()) as pool:
@@ -145,10 +148,15 @@ def decode_all(entries: list[tuple[Path, int]], *, root: Path, resolution: int, 
                 images[i, 0] = result.pixels
                 patient_keys[i] = result.patient_key
                 keep[i] = True
+                if result.converted:
+                    converted.setdefault(result.converted, []).append(path.relative_to(root).as_posix())
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
+    for code, names in converted.items():
+        more = f" (+{len(names) - 3} more)" if len(names) > 3 else ""
+        log.warning("under %s: %d %s: %s%s", root, len(names), CONVERSIONS[code], ", ".join(names[:3]), more)
     if skipped:
         log.warning("skipped %d of %d file(s) under %s:", skipped.total(), len(entries), root)
         skipped.log_summary(str(root), log)

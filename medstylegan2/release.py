@@ -184,7 +184,7 @@ def load_for_release(opts: ReleaseOptions, device: torch.device) -> _Loaded:
     state = read_checkpoint(opts.checkpoint)
     if not isinstance(state.get("G_ema"), dict):
         raise CheckpointError(f"{opts.checkpoint} has no G_ema weights; it cannot be sampled")
-    cfg = config_from_checkpoint(state)
+    cfg = config_from_checkpoint(state, opts.checkpoint)
     G, _ = build_networks(cfg.model)
     load_state_dict_checked(G, state["G_ema"], what=f"{opts.checkpoint}:G_ema")
     G = G.to(device).eval().requires_grad_(False)

@@ -24,6 +24,8 @@ REASONS: dict[str, str] = {
     "colour": "not grayscale (colour or palette)",
     "unsupported-pixels": "pixel format not supported",
     "blank": "blank image (every pixel equal)",
+    "too-small": "image too small (under 16 pixels on a side)",
+    "too-large": "image too large (past the decompression-bomb limit)",
     "label-skipped": "label mapped to 'skip' in data.label_map",
     "missing": "listed in the labels CSV but not found",
 }

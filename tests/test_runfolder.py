@@ -114,3 +114,22 @@ def test_truncating_metrics_drops_the_lines_of_later_rounds(tmp_path):
     folder.truncate_metrics(2)
     assert [(line["round"], line["kind"]) for line in folder.metrics_records()] == \
         [(1, "round"), (1, "eval"), (2, "round"), (2, "eval")]
+
+
+def test_ensure_metrics_never_writes_a_round_and_kind_twice_and_keeps_round_order(tmp_path):
+    folder = RunFolder(tmp_path)
+    folder.ensure_metrics([{"round": 1, "kind": "round"}, {"round": 3, "kind": "round"}])
+    assert folder.ensure_metrics([{"round": 1, "kind": "round", "x": 2}]) == 0  # already there
+    assert folder.ensure_metrics([{"round": 2, "kind": "round"}, {"round": 2, "kind": "eval"}]) == 2
+    assert [(r["round"], r["kind"]) for r in folder.metrics_records()] == \
+        [(1, "round"), (2, "round"), (2, "eval"), (3, "round")]
+
+
+def test_repair_drops_a_torn_line_duplicates_and_uncommitted_rounds(tmp_path):
+    folder = RunFolder(tmp_path)
+    lines = [{"round": 1, "kind": "round"}, {"round": 1, "kind": "round"}, {"round": 2, "kind": "round"}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json_line(r) + "\n" for r in lines) + '{"round": 3, "ki')
+    folder.repair_metrics(1)
+    assert (tmp_path / "metrics.jsonl").read_text() == json_line({"round": 1, "kind": "round"}) + "\n"
+    (tmp_path / ".round_002.pt.abc.tmp").write_bytes(b"half")
+    assert [p.name for p in folder.remove_temporary_files()] == [".round_002.pt.abc.tmp"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import re
@@ -22,7 +23,7 @@ import numpy as np
 
 from medstylegan2.config import CLASS_NAMES, RunConfig
 from medstylegan2.ingest import site_data_config
-from medstylegan2.runfolder import atomic_write_text
+from medstylegan2.runfolder import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +149,31 @@ def load_split(cfg: RunConfig):
 def _cached_partitions(key: str, num_sites: int) -> tuple[np.ndarray, ...]:
     spec = json.loads(key)
     train, _ = _cached_split(spec["data_key"])
-    return tuple(partition_indices(train.labels, num_sites, spec["partitioner"], dirichlet_alpha=spec["dirichlet_alpha"],
-                                   quantity_alpha=spec["quantity_alpha"], seed=spec["seed"]))
+    # The driver partitions once and leaves the indices beside the decoded-image cache: every site
+    # process of a simulation then reads a small file instead of importing flwr-datasets (with HF
+    # datasets, pyarrow and pandas: ~190 MB and seconds of CPU per process on a crowded machine).
+    stored = _partition_file(spec, num_sites, train.labels)
+    if stored is not None and stored.is_file():
+        try:
+            with np.load(stored) as data:
+                return tuple(data[f"site_{i}"] for i in range(num_sites))
+        except (OSError, KeyError, ValueError):
+            pass  # damaged: partition again below and rewrite it
+    parts = tuple(partition_indices(train.labels, num_sites, spec["partitioner"], dirichlet_alpha=spec["dirichlet_alpha"],
+                                    quantity_alpha=spec["quantity_alpha"], seed=spec["seed"]))
+    if stored is not None:
+        atomic_write(stored, lambda fh: np.savez(fh, **{f"site_{i}": p for i, p in enumerate(parts)}))
+    return parts
+
+
+def _partition_file(spec: Mapping[str, Any], num_sites: int, labels: np.ndarray) -> Optional[Path]:
+    """Where the partition of ``spec`` over ``num_sites`` is kept (None without a data cache folder)."""
+    cache_dir = json.loads(spec["data_key"])["data"].get("cache_dir")
+    if not cache_dir:
+        return None
+    digest = hashlib.sha256(json.dumps({**spec, "num_sites": num_sites}, sort_keys=True).encode()
+                            + np.ascontiguousarray(labels).tobytes()).hexdigest()[:20]
+    return Path(cache_dir) / f"partition-{digest}.npz"
 
 
 def simulation_partitions(cfg: RunConfig, num_sites: int) -> tuple[Any, tuple[np.ndarray, ...]]:

@@ -29,6 +29,9 @@ from medstylegan2.warm_start import planned_d_steps
 
 log = logging.getLogger(__name__)
 
+# Reply metric of a site that declines because it has fewer training images than one batch.
+TOO_FEW_IMAGES = "too_few_images"
+
 
 # ----------------------------------------------------------------------------------------------
 # What a site keeps between rounds
@@ -146,6 +149,13 @@ def run_site_round(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, recei
             payload, kind = encode_for_transfer({k: torch.zeros_like(v) for k, v in start.items()}, dtype), PAYLOAD_DELTA
         return SiteRoundResult(payload=payload, payload_kind=kind, metrics={"num_examples": 0.0, "steps": 0.0},
                                local_state=None)
+
+    if num_examples < cfg.train.batch_size:
+        # Every batch would repeat images (and DP-SGD's sampling rate would pass 1): decline, say why.
+        log.warning("site %s: %d training image(s), fewer than one batch (train.batch_size=%d): declining round %d",
+                    site, num_examples, cfg.train.batch_size, round_num)
+        return SiteRoundResult(payload={}, payload_kind=PAYLOAD_WEIGHTS, local_state=None,
+                               metrics={"num_examples": 0.0, "declined": 1.0, TOO_FEW_IMAGES: 1.0, "steps": 0.0})
 
     seed = site_seed(cfg.seed, round_num, site)
     engine = None

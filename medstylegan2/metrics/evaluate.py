@@ -341,6 +341,7 @@ def evaluate_images(fake, real_heldout, *, train=None, cfg: MetricsConfig | None
                              round_num=round_num, device=str(device), seed=seed, use_fid_helper=use_fid_helper,
                              use_stlpips=use_stlpips)
     record = evaluation.run()
+    record["final"] = bool(final)  # the run's last evaluation, with metrics.final_metrics
     grid = save_sample_grid(fake.images, fake.labels, real_heldout.images, real_heldout.labels,
                             evaluation.class_names, eval_dir / f"grid{evaluation.tag}.png",
                             title=None if round_num is None else f"round {round_num}")
@@ -351,17 +352,24 @@ def evaluate_images(fake, real_heldout, *, train=None, cfg: MetricsConfig | None
     atomic_write_json(json_path, record)
     record["json"] = str(json_path)
     if run_dir is not None:
-        line = {"round": round_num, "kind": "eval", "time": record["time"], "overall": record["overall"],
-                "per_class": record["per_class"], "errors": record["errors"], "file": str(json_path)}
-        if "cas_confusion" in record:
-            line["cas_confusion"] = record["cas_confusion"]
-        RunFolder(run_dir).append_metrics(line)
+        RunFolder(run_dir).append_metrics(eval_metrics_line(record))
         try:
             plot_metrics(run_dir)
         except Exception:  # noqa: BLE001 - a plotting problem must not fail the server's round
             log.exception("could not draw %s", run_dir / "metrics.png")
     log.info("eval: wrote %s (%.1f s)", json_path, record["elapsed_s"])
     return record
+
+
+def eval_metrics_line(record: dict) -> dict:
+    """The ``metrics.jsonl`` line (kind ``eval``) of an evaluation record ``evaluate_images`` returned."""
+    line = {"round": record["round"], "kind": "eval", "time": record["time"], "overall": record["overall"],
+            "per_class": record["per_class"], "errors": record["errors"], "file": str(record["json"])}
+    if "cas_confusion" in record:
+        line["cas_confusion"] = record["cas_confusion"]
+    if record.get("final"):
+        line["final"] = True
+    return line
 
 
 def evaluate_generator(G_ema, real_heldout, train, cfg: MetricsConfig, out_dir: str | Path | None = None,
