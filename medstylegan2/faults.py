@@ -20,7 +20,8 @@ or a user's stop arriving at a known point). With ``p``, whether the point fires
 the same run fails in the same rounds every time.
 
 The points themselves are listed where they are called: ``medstylegan2.fl.round_files``
-(``SERVER_WRITE_POINTS``, the server's round) and ``medstylegan2.fl.site_round`` (a site's round).
+(``SERVER_WRITE_POINTS``, the server's round), ``medstylegan2.fl.site_round`` (a site's round) and
+``medstylegan2.metrics.evaluate`` (``evaluation_step``, after each metric group of an evaluation).
 """
 
 from __future__ import annotations

@@ -28,11 +28,11 @@ from server.loopback import run_in_process
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 # Three rounds, DP (privacy report; a fixed noise seed so that runs compare bit for bit) and an
-# evaluation in rounds 2 and 3 (eval records, metrics.png), kept small.
+# evaluation in rounds 2 and 3 (eval records, metrics.png), the last with a final metric (CAS), kept small.
 OVERRIDES = ["federation.rounds=3", "federation.evaluate_every=2", "federation.aggregation=fedavgm",
              "model.mbstd_group_size=0", "privacy.enabled=true", "privacy.noise_multiplier=1.0",
-             "privacy.noise_seed=1", "metrics.metrics=[memorization]", "metrics.classifier_steps=10",
-             "metrics.n_per_class=4"]
+             "privacy.noise_seed=1", "metrics.metrics=[memorization]", "metrics.final_metrics=[cas]",
+             "metrics.classifier_steps=10", "metrics.n_per_class=4"]
 EXPECTED_LINES = [(1, "round"), (2, "round"), (2, "eval"), (3, "round"), (3, "eval")]
 
 
@@ -68,6 +68,12 @@ def assert_same_complete_run(run_dir: Path, straight: Path) -> None:
     assert sorted(p.name for p in (run_dir / "grids").iterdir()) == ["round_001.png", "round_002.png",
                                                                      "round_003.png"]
     assert {p.name for p in (run_dir / "eval").glob("round_*.json")} == {"round_002.json", "round_003.json"}
+    records = {r: json.loads((run_dir / "eval" / f"round_00{r}.json").read_text()) for r in (2, 3)}
+    assert records[2]["metrics_requested"] == ["memorization"] and not records[2]["final"]
+    assert records[3]["metrics_requested"] == ["memorization", "cas"] and records[3]["final"]  # the final metric
+    reference = json.loads((straight / "eval" / "round_003.json").read_text())
+    assert records[3]["overall"]["cas"] == reference["overall"]["cas"]
+    assert [line.get("final", False) for line in lines if line["kind"] == "eval"] == [False, True]
     assert (run_dir / "metrics.png").is_file() and (run_dir / "privacy.png").is_file()
     assert json.loads((run_dir / "privacy.json").read_text()) == json.loads((straight / "privacy.json").read_text())
     assert not list(run_dir.rglob("*.tmp")), "a temporary file was left behind"
@@ -111,6 +117,25 @@ def test_an_error_at_any_write_point_loses_nothing(point, straight, tmp_path, mo
         run_in_process(SMOKE, OVERRIDES, str(run_dir), resume=True)
     else:
         run_in_process(SMOKE, OVERRIDES, str(run_dir))
+    assert_same_complete_run(run_dir, straight)
+
+
+@pytest.mark.slow
+def test_a_server_killed_during_the_final_evaluation_resumes_with_the_final_metrics_once(straight, tmp_path):
+    """The final metrics belong to the last round's record: a kill in the middle of that evaluation (between
+    its metric groups) leaves the round uncommitted, and --resume redoes it, final metrics included, once."""
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, **{ENV_VAR: "evaluation_step:3:kill"}, PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "server.loopback", "--config", SMOKE, "--out", str(run_dir)]
+    for item in OVERRIDES:
+        command += ["--set", item]
+    killed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert "fault point 'evaluation_step' (round 3): kill" in killed.stderr
+    assert RunFolder(run_dir).checkpoint_rounds() == [1, 2]
+    assert not (run_dir / "eval" / "round_003.json").exists()
+
+    run_in_process(SMOKE, OVERRIDES, str(run_dir), resume=True)
     assert_same_complete_run(run_dir, straight)
 
 

@@ -239,3 +239,18 @@ def test_the_run_headline_shows_measured_figures_per_class_and_names_failed_ones
     assert not any(line.startswith("FID ") for line in lines)  # not measured: no row of dashes ...
     assert f"NOT COMPUTED FID: FID needs the weights file '{INCEPTION_FILE}'" in lines  # ... but said why
     assert "0.997" in text and "ST-LPIPS (alex)" in text
+
+
+def test_the_headline_of_a_final_evaluation_says_so_and_names_fid_or_lpips_left_out_of_the_lists():
+    from medstylegan2.metrics.headline import format_headline
+
+    classes = ["Normal", "COVID-19", "Non-COVID"]
+    record = {"round": 10, "final": True, "class_names": classes, "n_generated": {c: 100 for c in classes},
+              "metrics_requested": ["fd_domain", "cas"], "overall": {"cas": 0.8, "fd_domain": 5.0},
+              "per_class": {c: {"cas": 0.8, "fd_domain": 5.0} for c in classes}, "errors": {}}
+    lines = format_headline(record).splitlines()
+    assert lines[0].startswith("final evaluation of round 10")
+    assert "NOT MEASURED FID: 'fid' is in neither metrics.metrics nor metrics.final_metrics" in lines
+    assert any(line.startswith("NOT MEASURED LPIPS diversity") for line in lines)
+    record["final"] = False
+    assert format_headline(record).splitlines()[0].startswith("evaluation of round 10")

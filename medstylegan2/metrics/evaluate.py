@@ -45,6 +45,7 @@ from medstylegan2.classifier import (XrayClassifier, evaluate_classifier, load_c
                                      train_classifier)
 from medstylegan2.config import ConfigError, MetricsConfig
 from medstylegan2.errors import DataError, UserError
+from medstylegan2.faults import fault_point
 from medstylegan2.metrics import METRIC_NAMES
 from medstylegan2.runfolder import RunFolder, atomic_write_json, jsonable, round_file
 
@@ -77,6 +78,16 @@ def metrics_for_evaluation(cfg: MetricsConfig, *, final: bool) -> list[str]:
     if final:
         names += [m for m in validate_metric_names(cfg.final_metrics, "metrics.final_metrics") if m not in names]
     return names
+
+
+def first_per_class(labels: np.ndarray, num_classes: int, n: int | None) -> np.ndarray:
+    """Indices of the first ``n`` images of each class, in their order (``None``: every index)."""
+    if n is None:
+        return np.arange(len(labels))
+    keep = np.zeros(len(labels), dtype=bool)
+    for k in range(num_classes):
+        keep[np.flatnonzero(labels == k)[:n]] = True
+    return np.flatnonzero(keep)
 
 
 def _round_tag(round_num: int | None) -> str:
@@ -165,6 +176,8 @@ class _Evaluation:
             log.exception("%s failed", label)
         self.record["timings_s"][label] = round(time.perf_counter() - t0, 3)
         log.info("eval: %s done in %.1f s", label, self.record["timings_s"][label])
+        # A named point between metric groups: tests crash a run in the middle of an evaluation here.
+        fault_point("evaluation_step", round_num=self.round_num)
 
     def run(self) -> dict[str, Any]:
         names = self.names
@@ -210,15 +223,22 @@ class _Evaluation:
         self.record["cas_confusion"] = res["confusion"]
 
     # --- torch-fidelity: FD / KID / PR
-    def _fidelity(self, space, network_key: str, metric_names: tuple[str, str, str], keys: tuple[str, ...]) -> None:
-        """``metric_names``: (fd, kid, pr) names of this space; ``keys``: record keys fd, kid, kid_std, p, r."""
+    def _fidelity(self, space, network_key: str, metric_names: tuple[str, str, str], keys: tuple[str, ...],
+                  n_per_class: int | None = None) -> None:
+        """``metric_names``: (fd, kid, pr) names of this space; ``keys``: record keys fd, kid, kid_std, p, r;
+        ``n_per_class``: at most that many generated and real images of each class (the first ones)."""
         from medstylegan2.metrics.fidelity import fidelity_per_class
 
         self.record["feature_networks"][network_key] = space.label
         want = [m in self.names for m in metric_names]
-        res = fidelity_per_class(self.fake.images, self.fake.labels, self.real.images, self.real.labels, space,
-                                 self.class_names, fid=want[0], kid=want[1], prc=want[2], device=self.device,
-                                 batch_size=self.cfg.batch_size, seed=self.seed)
+        fake = first_per_class(self.fake.labels, len(self.class_names), n_per_class)
+        real = first_per_class(self.real.labels, len(self.class_names), n_per_class)
+        self.record.setdefault("images_per_class", {})[network_key] = {
+            "generated": _count_per_class(self.fake.labels[fake], self.class_names),
+            "real": _count_per_class(self.real.labels[real], self.class_names)}
+        res = fidelity_per_class(self.fake.images[fake], self.fake.labels[fake], self.real.images[real],
+                                 self.real.labels[real], space, self.class_names, fid=want[0], kid=want[1],
+                                 prc=want[2], device=self.device, batch_size=self.cfg.batch_size, seed=self.seed)
         k_fd, k_kid, k_kid_std, k_p, k_r = keys
         for target, values in [(self.overall, res["overall"])] + [(self.per_class[n], v)
                                                                   for n, v in res["per_class"].items()]:
@@ -244,7 +264,8 @@ class _Evaluation:
         from medstylegan2.metrics.fidelity import FeatureSpace
 
         space = FeatureSpace.inception(self.cfg.weights_dir, use_fid_helper=self.use_fid_helper)
-        self._fidelity(space, "inception", INCEPTION_METRICS, ("fid", "kid", "kid_std", "precision", "recall"))
+        self._fidelity(space, "inception", INCEPTION_METRICS, ("fid", "kid", "kid_std", "precision", "recall"),
+                       n_per_class=self.cfg.fid_n_per_class)
 
     # --- LPIPS
     def lpips(self) -> None:

@@ -3,7 +3,8 @@
 In: a record written by the evaluator (``<run>/eval/round_XXX.json``). Out: a short text table with
 CAS, FD-domain, FID, LPIPS diversity (per class and overall) and TSTR relative to real, each row only
 when the record has a value for it; a requested headline metric that failed is named with its error,
-so a missing row is never silent.
+and FID or LPIPS (the seed paper's figures) left out of the metric lists are named too, so a missing
+row is never silent.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ HEADLINE = (
     ("LPIPS diversity", "lpips_diversity", "lpips", 3),
     ("TSTR / real", "tstr_relative", "utility", 3),
 )
+# The seed paper's figures: a run that leaves them out says so rather than printing nothing.
+MISSION_METRICS = ("fid", "lpips")
 
 
 def last_evaluation(run_dir: str | Path) -> dict | None:
@@ -36,13 +39,24 @@ def _fmt(value: Any, decimals: int = 3) -> str:
     return "-"
 
 
+def _image_counts(record: dict, key: str) -> str:
+    """`` (N generated vs M real images per class)`` for FID when the evaluator capped its images."""
+    counts = (record.get("images_per_class") or {}).get("inception") if key == "fid" else None
+    if not counts:
+        return ""
+    gen, real = (sorted(set(counts.get(side, {}).values())) for side in ("generated", "real"))
+    return (f" ({'/'.join(map(str, gen))} generated vs {'/'.join(map(str, real))} real images per class; "
+            "FID from few images is biased upwards, compare equal counts only)")
+
+
 def format_headline(record: dict) -> str:
     class_names = list(record.get("class_names", []))
     overall, per_class = record.get("overall", {}), record.get("per_class", {})
     n = record.get("n_generated", {})
     counts = sorted(set(n.values())) if isinstance(n, dict) else []
     where = "" if record.get("round") is None else f" of round {record['round']}"
-    lines = [f"evaluation{where} ({'/'.join(map(str, counts)) or '?'} generated images per class):"]
+    kind = "final evaluation" if record.get("final") else "evaluation"
+    lines = [f"{kind}{where} ({'/'.join(map(str, counts)) or '?'} generated images per class):"]
     rows = [(label, key, decimals) for label, key, _, decimals in HEADLINE
             if _fmt(overall.get(key)) != "-" or any(_fmt(per_class.get(c, {}).get(key)) != "-" for c in class_names)]
     if rows:
@@ -60,9 +74,12 @@ def format_headline(record: dict) -> str:
     for name, key, label in (("FID", "fid", networks.get("inception")),
                              ("LPIPS", "lpips_diversity", networks.get("lpips"))):
         if label and any(key == k for _, k, _ in rows):
-            lines.append(f"{name}: {label}")
+            lines.append(f"{name}: {label}{_image_counts(record, key)}")
     errors = record.get("errors", {})
-    for label, _, metric, _ in HEADLINE:
+    requested = record.get("metrics_requested", [])
+    for label, key, metric, _ in HEADLINE:
         if metric in errors:
             lines.append(f"NOT COMPUTED {label}: {errors[metric]}")
+        elif metric in MISSION_METRICS and metric not in requested and all(key != k for _, k, _ in rows):
+            lines.append(f"NOT MEASURED {label}: '{metric}' is in neither metrics.metrics nor metrics.final_metrics")
     return "\n".join(lines)
