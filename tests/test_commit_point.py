@@ -120,7 +120,6 @@ def test_an_error_at_any_write_point_loses_nothing(point, straight, tmp_path, mo
     assert_same_complete_run(run_dir, straight)
 
 
-@pytest.mark.slow
 def test_a_server_killed_during_the_final_evaluation_resumes_with_the_final_metrics_once(straight, tmp_path):
     """The final metrics belong to the last round's record: a kill in the middle of that evaluation (between
     its metric groups) leaves the round uncommitted, and --resume redoes it, final metrics included, once."""

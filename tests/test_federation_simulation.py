@@ -32,10 +32,20 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 def test_smoke_simulation_writes_checkpoints_metrics_grids_and_partition_table(tmp_path):
     run_dir = tmp_path / "smoke"
-    result = simulate("--config", "configs/smoke.yaml", "--out", str(run_dir))
+    # No evaluation every N rounds (metrics: []), one after the last round with a final metric (CAS).
+    result = simulate("--config", "configs/smoke.yaml", "--out", str(run_dir), "--set", "metrics.final_metrics=[cas]",
+                      "--set", "metrics.classifier_steps=10")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "site  Normal  COVID-19  Non-COVID   total" in result.stdout  # the partition table is printed
-    assert "evaluation failed" not in result.stdout + result.stderr  # metrics: [] means no evaluator
+    assert "evaluation failed" not in result.stdout + result.stderr
+    # The closing summary: the final evaluation's CAS per class and overall, FID/LPIPS named as not measured.
+    summary = result.stdout[result.stdout.index("final evaluation of round 2 (8 generated images per class):"):]
+    cas_row = next(line for line in summary.splitlines() if line.startswith("CAS "))
+    assert len(cas_row.split()) == 1 + 4 and all(0.0 <= float(v) <= 1.0 for v in cas_row.split()[1:])
+    assert "NOT MEASURED FID" in summary and "NOT MEASURED LPIPS diversity" in summary
+    assert [p.name for p in (run_dir / "eval").glob("round_*.json")] == ["round_002.json"]
+    final = json.loads((run_dir / "eval" / "round_002.json").read_text())
+    assert final["final"] and final["metrics_requested"] == ["cas"] and final["errors"] == {}
 
     rows = (run_dir / "partition.csv").read_text().splitlines()
     assert rows[0] == "site,Normal,COVID-19,Non-COVID,total" and len(rows) == 3
