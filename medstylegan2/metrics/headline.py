@@ -45,8 +45,8 @@ def _image_counts(record: dict, key: str) -> str:
     if not counts:
         return ""
     gen, real = (sorted(set(counts.get(side, {}).values())) for side in ("generated", "real"))
-    return (f" ({'/'.join(map(str, gen))} generated vs {'/'.join(map(str, real))} real images per class; "
-            "FID from few images is biased upwards, compare equal counts only)")
+    return (f" ({'/'.join(map(str, gen))} generated vs {'/'.join(map(str, real))} real images per class: "
+            "few images bias FID upwards, compare equal counts only)")
 
 
 def format_headline(record: dict) -> str:

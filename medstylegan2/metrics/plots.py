@@ -177,7 +177,7 @@ def plot_metrics(run_dir: str | Path, out_path: str | Path | None = None) -> Pat
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("round")
         ax.set_xlim(min(rounds) - 0.5, max(rounds) + 0.5)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # one round: one tick, not 1.5, 1.6
         ax.legend(fontsize=7)
         if network_labels.get(key):
             ax.text(0.01, 0.01, network_labels[key], transform=ax.transAxes, fontsize=5, va="bottom")
