@@ -104,3 +104,51 @@ def test_final_metrics_join_only_the_final_evaluation():
     assert metrics_for_evaluation(cfg, final=False) == ["fd_domain", "cas"]
     assert metrics_for_evaluation(cfg, final=True) == ["fd_domain", "cas", "fid", "lpips"]
     assert metrics_for_evaluation(MetricsConfig(metrics=[]), final=True) == []
+
+
+def test_the_study_scores_an_arm_with_the_evaluators_cas(planted, tiny_config, tmp_path):
+    """One CAS implementation: a study arm's CAS is ``classification_accuracy_score`` on that arm's images."""
+    from medstylegan2.classifier import load_classifier
+    from medstylegan2.sampling import generate_per_class, load_generator
+    from medstylegan2.study.evaluate import evaluate_checkpoint
+    from medstylegan2.trainer import SiteTrainer
+
+    res = tiny_config.model.resolution
+    train, heldout = generate_phantoms(8, res, seed=0), generate_phantoms(4, res, seed=1)
+    ckpt = SiteTrainer(tiny_config, train.images, train.labels, device="cpu").save_checkpoint(tmp_path / "arm.pt")
+    clf = tmp_path / "domain_classifier.pt"
+    result = evaluate_checkpoint(ckpt, train=train, heldout=heldout, classifier_path=clf, n_per_class=6,
+                                 classifier_steps=5, out_dir=tmp_path / "eval")
+    G, _ = load_generator(ckpt)
+    fake = generate_per_class(G, 6, seed=0)
+    expected = classification_accuracy_score(load_classifier(clf), fake.images, fake.labels, CLASSES)
+    assert result["errors"] == {}
+    assert result["cas"] == pytest.approx(expected["overall"])
+    assert result["cas_per_class"] == pytest.approx(expected["per_class"])
+    assert isinstance(result["tstr_relative"], float)
+
+
+def test_fid_uses_the_first_fid_n_per_class_images_of_each_class(planted, tmp_path, monkeypatch):
+    """``metrics.fid_n_per_class`` caps what goes through Inception (the slow network); the domain classifier
+    stands in for Inception here so that the test needs no Inception weights."""
+    from medstylegan2.metrics.evaluate import first_per_class
+    from medstylegan2.metrics.fidelity import FeatureSpace, extract_features, fidelity_from_features
+
+    model, train, heldout, generated, _ = planted
+    clf = save_classifier(model, tmp_path / "domain_classifier.pt")
+    monkeypatch.setattr(FeatureSpace, "inception", staticmethod(lambda *a, **k: FeatureSpace.domain(clf)))
+    cfg = MetricsConfig(metrics=["fid"], fid_n_per_class=30)
+    record = evaluate_images(generated, heldout, train=train, cfg=cfg, out_dir=tmp_path / "out", classifier_path=clf)
+    assert record["errors"] == {}
+    assert record["images_per_class"]["inception"] == {"generated": {c: 30 for c in CLASSES},
+                                                       "real": {c: 30 for c in CLASSES}}
+    space = FeatureSpace.domain(clf)
+    for k, name in enumerate(CLASSES):
+        fake = generated.images[generated.labels == k][:30]
+        real = heldout.images[heldout.labels == k][:30]
+        expected = fidelity_from_features(extract_features(fake, space), extract_features(real, space), kid=False,
+                                          prc=False)["fd"]
+        assert record["per_class"][name]["fid"] == pytest.approx(expected, rel=1e-4)
+    labels = np.array([2, 0, 0, 1, 0, 2])
+    assert first_per_class(labels, 3, 1).tolist() == [0, 1, 3]
+    assert first_per_class(labels, 3, None).tolist() == list(range(6))
