@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional, get_args, get_origin
 
 from medstylegan2.config_files import apply_override, read_with_bases
 from medstylegan2.errors import ConfigError
+from medstylegan2.metrics import check_metrics_config  # names only: no heavy imports
 
 CLASS_NAMES: tuple[str, ...] = ("Normal", "COVID-19", "Non-COVID")
 
@@ -180,16 +181,10 @@ class MetricsConfig:
     # Folder with feature-network weights; falls back to $TORCH_HOME/hub/checkpoints.
     weights_dir: Optional[str] = None
     n_per_class: int = 200
-    # Measured at every evaluation (every federation.evaluate_every rounds and after the last); [] with
-    # no final_metrics: no evaluator at all. Names: medstylegan2.metrics.METRIC_NAMES.
     metrics: list[str] = field(default_factory=lambda: ["fd_domain", "kid_domain", "pr_domain", "lpips"])
-    # Measured in addition at the final evaluation only (after the last round, or when the run ends
-    # early): the slow ones, e.g. [fid, lpips, utility], so that a run reports them once at a small cost.
+    # Also measured after the last round (the slow ones); when and what each costs: docs/evaluation.md.
     final_metrics: list[str] = field(default_factory=list)
-    # Images per class (generated and real held-out, the first of each class) that go through Inception
-    # for FID/KID/PR; None: all of them. Inception at 299 px is by far the slowest part of an evaluation
-    # on a CPU (about 0.25 CPU-s an image); FID from few images is biased upwards: compare only equal counts.
-    fid_n_per_class: Optional[int] = None
+    fid_n_per_class: Optional[int] = None  # the first N images per class go through Inception (None: all)
     classifier_steps: int = 300
     batch_size: int = 64
 
@@ -365,14 +360,7 @@ def _check_semantics(cfg: RunConfig) -> None:
     need(f.connect_timeout_s > 0 and f.round_timeout_s > 0, "federation.connect_timeout_s/round_timeout_s",
          "must be > 0")
     need(f.keep_checkpoints >= 0, "federation.keep_checkpoints", "must be >= 0 (0 keeps every round)")
-    need(cfg.metrics.fid_n_per_class is None or cfg.metrics.fid_n_per_class >= 2, "metrics.fid_n_per_class",
-         "must be >= 2 (FID needs two images per set) or null (all images)")
-    from medstylegan2.metrics import METRIC_NAMES  # no heavy imports: the names only
-
-    for key in ("metrics", "final_metrics"):
-        unknown = [name for name in getattr(cfg.metrics, key) if name not in METRIC_NAMES]
-        need(not unknown, f"metrics.{key}", f"has unknown metric '{unknown[0] if unknown else ''}'; "
-             f"allowed: {', '.join(METRIC_NAMES)}")
+    check_metrics_config(cfg.metrics)
     if p.enabled:
         need((p.noise_multiplier is None) != (p.target_epsilon is None), "privacy.noise_multiplier",
              "or privacy.target_epsilon: give exactly one when privacy.enabled is true")

@@ -39,6 +39,14 @@ def test_resolution_must_be_a_power_of_two():
         load_config(None, ["model.resolution=100"])
 
 
+def test_metric_lists_and_the_fid_image_count_are_checked_when_the_config_loads():
+    with pytest.raises(ConfigError, match=r"'metrics.final_metrics' has unknown metric 'fidd'; allowed: .*cas"):
+        load_config(None, ["metrics.final_metrics=[fid, fidd]"])
+    with pytest.raises(ConfigError, match=r"'metrics.fid_n_per_class' must be >= 2"):
+        load_config(None, ["metrics.fid_n_per_class=1"])
+    assert load_config("configs/default.yaml").metrics.fid_n_per_class == 50
+
+
 def test_command_line_overrides_win_over_the_file(tmp_path):
     cfg = load_config(write(tmp_path, "train:\n  lambda_ds: 2\n"), ["train.lambda_ds=0.5", "model.w_hpf=0"])
     assert cfg.train.lambda_ds == 0.5 and cfg.model.w_hpf == 0.0

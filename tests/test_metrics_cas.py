@@ -131,8 +131,7 @@ def test_the_study_scores_an_arm_with_the_evaluators_cas(planted, tiny_config, t
 def test_fid_uses_the_first_fid_n_per_class_images_of_each_class(planted, tmp_path, monkeypatch):
     """``metrics.fid_n_per_class`` caps what goes through Inception (the slow network); the domain classifier
     stands in for Inception here so that the test needs no Inception weights."""
-    from medstylegan2.metrics.evaluate import first_per_class
-    from medstylegan2.metrics.fidelity import FeatureSpace, extract_features, fidelity_from_features
+    from medstylegan2.metrics.fidelity import FeatureSpace, extract_features, fidelity_from_features, first_per_class
 
     model, train, heldout, generated, _ = planted
     clf = save_classifier(model, tmp_path / "domain_classifier.pt")

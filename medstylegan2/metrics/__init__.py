@@ -25,3 +25,20 @@ METRIC_NAMES: tuple[str, ...] = (
     "cas",                                   # the domain classifier's accuracy on generated images
     "utility",                               # train on synthetic, test on real (TSTR)
 )
+
+
+def check_metrics_config(cfg) -> None:
+    """``ConfigError`` naming the key for unknown metric names or a bad ``fid_n_per_class`` (a ``MetricsConfig``).
+
+    ``metrics``: measured at every evaluation (every ``federation.evaluate_every`` rounds and after the last);
+    ``final_metrics``: also measured after the last round; both empty: no evaluator at all.
+    ``fid_n_per_class``: the first N generated and N real images of each class go through Inception.
+    """
+    from medstylegan2.errors import ConfigError
+
+    for key in ("metrics", "final_metrics"):
+        unknown = [name for name in getattr(cfg, key) if name not in METRIC_NAMES]
+        if unknown:
+            raise ConfigError(f"'metrics.{key}' has unknown metric '{unknown[0]}'; allowed: {', '.join(METRIC_NAMES)}")
+    if cfg.fid_n_per_class is not None and cfg.fid_n_per_class < 2:
+        raise ConfigError("'metrics.fid_n_per_class' must be >= 2 (FID needs two images per set) or null (all images)")

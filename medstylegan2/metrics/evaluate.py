@@ -80,16 +80,6 @@ def metrics_for_evaluation(cfg: MetricsConfig, *, final: bool) -> list[str]:
     return names
 
 
-def first_per_class(labels: np.ndarray, num_classes: int, n: int | None) -> np.ndarray:
-    """Indices of the first ``n`` images of each class, in their order (``None``: every index)."""
-    if n is None:
-        return np.arange(len(labels))
-    keep = np.zeros(len(labels), dtype=bool)
-    for k in range(num_classes):
-        keep[np.flatnonzero(labels == k)[:n]] = True
-    return np.flatnonzero(keep)
-
-
 def _round_tag(round_num: int | None) -> str:
     return "" if round_num is None else f"_round_{round_num:03d}"
 
@@ -227,7 +217,7 @@ class _Evaluation:
                   n_per_class: int | None = None) -> None:
         """``metric_names``: (fd, kid, pr) names of this space; ``keys``: record keys fd, kid, kid_std, p, r;
         ``n_per_class``: at most that many generated and real images of each class (the first ones)."""
-        from medstylegan2.metrics.fidelity import fidelity_per_class
+        from medstylegan2.metrics.fidelity import fidelity_per_class, first_per_class
 
         self.record["feature_networks"][network_key] = space.label
         want = [m in self.names for m in metric_names]

@@ -180,6 +180,16 @@ def fidelity_from_features(fake: torch.Tensor, real: torch.Tensor, *, fid: bool 
     return out
 
 
+def first_per_class(labels: np.ndarray, num_classes: int, n: int | None) -> np.ndarray:
+    """Indices of the first ``n`` images of each class, in their order (``None``: every index)."""
+    if n is None:
+        return np.arange(len(labels))
+    keep = np.zeros(len(labels), dtype=bool)
+    for k in range(num_classes):
+        keep[np.flatnonzero(labels == k)[:n]] = True
+    return np.flatnonzero(keep)
+
+
 def fidelity_per_class(fake_images: np.ndarray, fake_labels: np.ndarray, real_images: np.ndarray,
                        real_labels: np.ndarray, space: FeatureSpace, class_names: tuple[str, ...], *,
                        fid: bool = True, kid: bool = True, prc: bool = True, device: str = "cpu",
