@@ -1,0 +1,173 @@
+"""The engine's options for the issue-10 trust boundary: a public nominal size (nothing released
+depends on the private image count), and patient-level privacy (Poisson sampling of patients, each
+patient's summed gradient clipped)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from opacus.accountants import create_accountant
+
+from medstylegan2.config import load_config
+from medstylegan2.losses import discriminator_real_loss_per_sample
+from medstylegan2.privacy import DPEngine, per_sample_real_gradients, sum_per_unit
+from medstylegan2.trainer import SiteTrainer
+
+TINY = ["model.resolution=16", "model.channel_base=256", "model.channel_max=32", "model.z_dim=16", "model.w_dim=16",
+        "model.mapping_layers=2", "model.cmap_dim=16", "model.mbstd_group_size=0", "train.batch_size=4",
+        "train.r1_interval=2", "train.pl_interval=2", "train.pl_weight=0", "privacy.enabled=true",
+        "privacy.noise_multiplier=1.0"]
+
+
+def site(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 1, 16, 16), dtype=np.uint8), rng.integers(0, 3, n)
+
+
+def trainer_with(engine: DPEngine, images, labels) -> SiteTrainer:
+    cfg = load_config(None, TINY)
+    return SiteTrainer(cfg, images, labels, device="cpu", privacy=engine)
+
+
+def update(trainer: SiteTrainer) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in trainer.D.parameters()]).clone()
+
+
+def opacus_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
+    accountant = create_accountant(mechanism="rdp")
+    accountant.history = [(sigma, q, steps)]
+    return float(accountant.get_epsilon(delta=delta))
+
+
+# -- a public nominal size ---------------------------------------------------------------------------
+
+
+def test_with_a_nominal_size_nothing_released_depends_on_the_image_count():
+    images, labels = site(64)
+    engines, trainers = [], []
+    for n in (24, 64):  # two sites that differ only in how many images they hold
+        engine = DPEngine(num_examples=n, batch_size=4, max_grad_norm=0.5, noise_multiplier=1.3, delta=1e-5,
+                          nominal_size=100, seed=11)
+        engines.append(engine)
+        trainers.append(trainer_with(engine, images[:n], labels[:n]))
+        assert engine.sample_rate == 4 / 100 and engine.expected_batch_size == pytest.approx(4)
+    # The same Poisson-sampled records give the same released update, noise included: the
+    # divisor and the noise scale are public constants, not functions of n.
+    torch.manual_seed(0)
+    for trainer in trainers:
+        trainer.D.load_state_dict(trainers[0].D.state_dict())
+    batch = torch.tensor([1, 5, 7])
+    released = []
+    for engine, trainer in zip(engines, trainers):
+        engine.private_real_gradient(trainer.real_images[batch], trainer.real_labels[batch], r1_weight=0.0)
+        released.append(update(trainer))
+    torch.testing.assert_close(released[0], released[1], rtol=0, atol=0)
+    # ... and the figures that leave the site (round record, images-seen counter) are the same.
+    assert engines[0].round_record(1) == engines[1].round_record(1)
+    for trainer in trainers:
+        trainer.privacy.sample_batch = lambda: torch.zeros(0, dtype=torch.long)
+        trainer.train_steps(1)
+    assert trainers[0].cur_nimg == trainers[1].cur_nimg == 4
+
+
+def test_without_a_nominal_size_the_sample_rate_and_delta_reveal_n():
+    records = [DPEngine(num_examples=n, batch_size=4, max_grad_norm=1.0, noise_multiplier=1.0, seed=0).round_record(1)
+               for n in (24, 64)]
+    assert records[0]["sample_rate"] != records[1]["sample_rate"] and records[0]["delta"] != records[1]["delta"]
+
+
+def test_the_noise_of_an_empty_batch_is_sigma_c_over_the_public_batch_size():
+    images, labels = site(30)
+    engine = DPEngine(num_examples=30, batch_size=4, max_grad_norm=0.5, noise_multiplier=2.0, delta=1e-5,
+                      nominal_size=1000, seed=1)
+    trainer = trainer_with(engine, images, labels)
+    empty = torch.zeros(0, dtype=torch.long)
+    draws = []
+    for _ in range(40):
+        engine.private_real_gradient(trainer.real_images[empty], trainer.real_labels[empty], 0.0)
+        draws.append(update(trainer))
+    measured = torch.stack(draws).std(dim=0).mean().item()
+    assert abs(measured / (2.0 * 0.5 / 4) - 1) < 0.03
+
+
+# -- patient-level privacy -------------------------------------------------------------------------------
+
+
+def test_sum_per_unit_equals_the_gradient_of_each_patients_summed_loss():
+    torch.manual_seed(0)
+    images, labels = site(7)
+    engine = DPEngine(num_examples=7, batch_size=4, max_grad_norm=1.0, noise_multiplier=1.0, seed=0)
+    D = trainer_with(engine, images, labels).D.double()
+    x = torch.randn(7, 1, 16, 16, dtype=torch.float64)
+    y = torch.tensor([2, 0, 1, 1, 0, 2, 2])
+    patients = torch.tensor([30, 10, 30, 20, 10, 30, 40])
+    grads, _, order = per_sample_real_gradients(D, x, y, r1_weight=0.5)
+    summed = sum_per_unit(grads, patients[order])
+    for row, patient in enumerate(torch.unique(patients).tolist()):
+        mine = (patients == patient).nonzero().flatten()
+        D.zero_grad()
+        discriminator_real_loss_per_sample(D, x[mine], y[mine], 0.5).sum().backward()
+        for name, p in D.named_parameters():
+            torch.testing.assert_close(summed[name][row], p.grad, rtol=1e-6, atol=1e-9)
+
+
+def test_patients_are_poisson_sampled_with_all_their_images():
+    groups = np.repeat(np.arange(50), 3)  # 50 patients, 3 images each
+    engine = DPEngine(num_examples=150, batch_size=5, max_grad_norm=1.0, noise_multiplier=1.0, groups=groups, seed=2)
+    assert engine.num_units == 50 and engine.sample_rate == 5 / 50
+    sizes = []
+    for _ in range(300):
+        idx = engine.sample_batch()
+        units = engine.units_of(idx)
+        for patient in torch.unique(units).tolist():
+            assert set(idx[units == patient].tolist()) == set(np.flatnonzero(groups == patient).tolist())
+        sizes.append(len(torch.unique(units)))
+    assert abs(np.mean(sizes) - 5) < 0.5 and np.std(sizes) > 1
+
+
+def test_a_patient_with_most_images_changes_the_update_by_at_most_c_over_b():
+    clip, batch = 1e-3, 4
+    images, labels = site(24)
+    groups = np.array([0] * 18 + [1, 2, 3, 4, 5, 6])  # patient 0 owns 18 of the 24 images
+    engine = DPEngine(num_examples=24, batch_size=batch, max_grad_norm=clip, noise_multiplier=0.0, groups=groups,
+                      delta=1e-5, seed=0)
+    trainer = trainer_with(engine, images, labels)
+    everyone = torch.arange(24)
+    without = torch.arange(18, 24)
+
+    def released(idx: torch.Tensor) -> torch.Tensor:
+        engine.private_real_gradient(trainer.real_images[idx], trainer.real_labels[idx], 0.1, engine.units_of(idx))
+        return update(trainer)
+
+    change = (released(everyone) - released(without)).norm().item()
+    assert change <= clip / engine.expected_batch_size * (1 + 1e-4)
+    # For contrast, per-image clipping lets the same 18 images move the update far more.
+    per_image = DPEngine(num_examples=24, batch_size=batch, max_grad_norm=clip, noise_multiplier=0.0, delta=1e-5,
+                         seed=0)
+    trainer.privacy, per_image.trainer = per_image, None
+    per_image.attach(trainer)
+    per_image.private_real_gradient(trainer.real_images, trainer.real_labels, 0.1)
+    with_all = update(trainer)
+    per_image.private_real_gradient(trainer.real_images[without], trainer.real_labels[without], 0.1)
+    assert (with_all - update(trainer)).norm().item() > 5 * clip / per_image.expected_batch_size
+
+
+def test_patient_level_epsilon_equals_opacus_for_the_patient_sampling_rate():
+    images, labels = site(40)
+    groups = np.arange(40) // 4  # 10 patients of 4 images
+    engine = DPEngine(num_examples=40, batch_size=4, max_grad_norm=1.0, noise_multiplier=1.0, groups=groups,
+                      delta=1e-5, seed=5)
+    trainer = trainer_with(engine, images, labels)
+    trainer.train_steps(3)
+    assert engine.sample_rate == 4 / 10
+    assert engine.accountant.history == [(1.0, 0.4, 3)]
+    assert abs(engine.epsilon() - opacus_epsilon(1.0, 0.4, 3, 1e-5)) < 1e-6
+    assert "unit=patient (10 patients)" in engine.describe()
+
+
+def test_patient_ids_must_name_every_image():
+    from medstylegan2.privacy import PrivacyError
+
+    with pytest.raises(PrivacyError, match="3 ids for 4 images"):
+        DPEngine(num_examples=4, batch_size=2, max_grad_norm=1.0, noise_multiplier=1.0, groups=[0, 0, 1])
