@@ -21,6 +21,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("evaluate", "medstylegan2.metrics.evaluate"),
     ("simulate", "simulation.cli"),
     ("privacy-report", "medstylegan2.privacy_report"),
+    ("audit-privacy", "medstylegan2.privacy_audit"),
 ]
 
 

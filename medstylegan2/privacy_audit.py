@@ -1,0 +1,464 @@
+"""``medstylegan2 audit-privacy``: membership-inference attacks on what a run released.
+
+Given a run's checkpoint, images the site trained on (members) and images from the same
+distribution it never saw (non-members), each attack gives every candidate image a score, higher
+meaning "more likely a member", and the audit reports the attack's ROC: its AUC and its TPR at a
+low FPR (1%, and 0.1% when there are at least 1000 non-members; a rate below 1/n_non_members is
+not measurable).
+
+- **White-box, discriminator** (LOGAN, Hayes et al. 2019): the score is D's logit for the candidate
+  with its own label. An overfitted D gives its training images higher logits. (D's real loss
+  ``softplus(-logit)`` is a decreasing function of it: the same ROC.)
+- **Black-box, generator** (GAN-Leaks, Chen et al. 2020): the score is minus the distance from the
+  candidate to its nearest among M images the generator (G_ema) made for the candidate's class, in
+  pixel space (RMS, [0, 1] scale) and, when the run has its domain classifier, in that
+  classifier's feature space.
+
+Under (epsilon, delta)-DP every membership test obeys TPR <= e^eps FPR + delta and
+1 - FPR <= e^eps (1 - TPR) + delta (Kairouz et al. 2015); ``audit.png`` draws the empirical ROC
+curves beside that bound, with epsilon from ``--epsilon`` or, for a private run, from the
+checkpoint's accountant history or the run's ``privacy.json``.
+
+Writes ``OUT/audit.json`` and ``OUT/audit.png`` (OUT defaults to ``RUN_DIR/audit``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from medstylegan2.errors import DataError, UserError
+
+log = logging.getLogger(__name__)
+
+COMMAND_HELP = ("Membership-inference audit of a run: white-box on the discriminator, black-box on the generator; "
+                "ROC AUC, TPR at low FPR, and the (epsilon, delta) bound (audit.json, audit.png).")
+AUDIT_JSON = "audit.json"
+AUDIT_PNG = "audit.png"
+FPR_TARGETS = (0.01, 0.001)
+
+
+# ----------------------------------------------------------------------------------------------
+# ROC statistics
+
+
+def roc_curve(member_scores: np.ndarray, non_member_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds) of the test "member if score >= threshold", one point per distinct score.
+
+    Starts at (0, 0) (threshold +inf) and ends at (1, 1). Tied scores form one point, so the area
+    under the curve counts a tied member/non-member pair as one half.
+    """
+    pos = np.asarray(member_scores, dtype=np.float64).reshape(-1)
+    neg = np.asarray(non_member_scores, dtype=np.float64).reshape(-1)
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError("an ROC needs at least one member and one non-member score")
+    if not (np.isfinite(pos).all() and np.isfinite(neg).all()):
+        raise ValueError("attack scores must be finite")
+    scores = np.concatenate([pos, neg])
+    is_member = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
+    order = np.argsort(-scores, kind="mergesort")
+    scores, is_member = scores[order], is_member[order]
+    last_of_each = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
+    tps = np.cumsum(is_member)[last_of_each]
+    fps = (last_of_each + 1) - tps
+    fpr = np.r_[0.0, fps / len(neg)]
+    tpr = np.r_[0.0, tps / len(pos)]
+    return fpr, tpr, np.r_[np.inf, scores[last_of_each]]
+
+
+def roc_auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
+    return float(np.trapezoid(tpr, fpr))
+
+
+def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
+    """The best TPR of any threshold whose FPR is at most ``target``."""
+    return float(tpr[fpr <= target + 1e-12].max())
+
+
+def attack_summary(member_scores: np.ndarray, non_member_scores: np.ndarray,
+                   fpr_targets: tuple[float, ...] = FPR_TARGETS) -> dict[str, Any]:
+    """AUC, TPR at each measurable FPR target (None where there are fewer than 1/target non-members),
+    and the membership advantage max(TPR - FPR)."""
+    fpr, tpr, _ = roc_curve(member_scores, non_member_scores)
+    n_neg = len(np.asarray(non_member_scores).reshape(-1))
+    return {"auc": roc_auc(fpr, tpr),
+            "tpr_at_fpr": {f"{t:g}": (tpr_at_fpr(fpr, tpr, t) if n_neg * t >= 1 else None) for t in fpr_targets},
+            "advantage": float((tpr - fpr).max()),
+            "n_members": int(len(np.asarray(member_scores).reshape(-1))), "n_non_members": int(n_neg)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The (epsilon, delta) bound on any membership test
+
+
+def dp_tpr_bound(fpr: np.ndarray, epsilon: float, delta: float) -> np.ndarray:
+    """Largest TPR any test can reach at ``fpr`` against an (epsilon, delta)-DP mechanism."""
+    fpr = np.asarray(fpr, dtype=np.float64)
+    if not math.isfinite(epsilon):
+        return np.ones_like(fpr)
+    e = math.exp(min(epsilon, 700.0))
+    return np.clip(np.minimum.reduce([np.ones_like(fpr), e * fpr + delta, 1.0 - (1.0 - delta - fpr) / e]), 0.0, 1.0)
+
+
+def dp_auc_bound(epsilon: float, delta: float) -> float:
+    grid = np.linspace(0.0, 1.0, 20001)
+    return float(np.trapezoid(dp_tpr_bound(grid, epsilon, delta), grid))
+
+
+def bound_summary(epsilon: float, delta: float, fpr_targets: tuple[float, ...] = FPR_TARGETS) -> dict[str, Any]:
+    return {"epsilon": epsilon, "delta": delta, "auc_max": dp_auc_bound(epsilon, delta),
+            "tpr_at_fpr": {f"{t:g}": float(dp_tpr_bound(np.array([t]), epsilon, delta)[0]) for t in fpr_targets}}
+
+
+# ----------------------------------------------------------------------------------------------
+# The attacks
+
+
+@torch.no_grad()
+def white_box_scores(D: torch.nn.Module, images_uint8: np.ndarray, labels: np.ndarray, *, batch_size: int = 256,
+                     device: torch.device | str = "cpu") -> np.ndarray:
+    """D's logit for each (image, label). One image at a time when D mixes a batch (minibatch-stddev),
+    so that no candidate's score depends on the others."""
+    from medstylegan2.trainer import images_to_float
+
+    if getattr(D, "mbstd_group_size", 0):
+        batch_size = 1
+    was_training = D.training
+    D.eval()
+    out = []
+    for start in range(0, len(images_uint8), batch_size):
+        x = images_to_float(images_uint8[start:start + batch_size], device)
+        c = torch.as_tensor(np.asarray(labels[start:start + batch_size]), dtype=torch.long, device=device)
+        out.append(D(x, c).reshape(-1).double().cpu())
+    D.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def nearest_same_class_distance(candidates: np.ndarray, candidate_labels: np.ndarray, generated: np.ndarray,
+                                generated_labels: np.ndarray) -> np.ndarray:
+    """Distance from each candidate vector to its nearest generated vector of the same class."""
+    from medstylegan2.metrics.memorization import nearest
+
+    out = np.full(len(candidates), np.nan)
+    for k in np.unique(candidate_labels):
+        mine, theirs = candidate_labels == k, generated_labels == k
+        if not theirs.any():
+            raise ValueError(f"no generated images of class {int(k)} to compare with")
+        out[mine] = nearest(candidates[mine], generated[theirs])[0]
+    return out
+
+
+def black_box_scores(candidates_uint8: np.ndarray, labels: np.ndarray, generated_uint8: np.ndarray,
+                     generated_labels: np.ndarray, features: Optional[Callable[[np.ndarray], np.ndarray]] = None
+                     ) -> np.ndarray:
+    """Minus the distance to the nearest same-class generated image (pixel RMS, or in ``features`` space)."""
+    from medstylegan2.metrics.memorization import pixel_vectors
+
+    if features is None:
+        scale = 1.0 / math.sqrt(candidates_uint8[0].size) if len(candidates_uint8) else 1.0
+        a, b = pixel_vectors(candidates_uint8), pixel_vectors(generated_uint8)
+    else:
+        scale = 1.0
+        a, b = features(candidates_uint8), features(generated_uint8)
+    return -scale * nearest_same_class_distance(a, np.asarray(labels), b, np.asarray(generated_labels))
+
+
+# ----------------------------------------------------------------------------------------------
+# The audit of one checkpoint
+
+
+def audit(D: torch.nn.Module, G: torch.nn.Module, members, non_members, *, samples_per_class: int = 1000,
+          classifier: Any = None, epsilon: Optional[float] = None, delta: Optional[float] = None, seed: int = 0,
+          device: torch.device | str = "cpu") -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Run every attack on ``members`` vs ``non_members`` (``ImageSet``s); (report, ROC curves by attack)."""
+    from medstylegan2.sampling import generate_images
+
+    attacks: dict[str, dict[str, Any]] = {}
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def record(name: str, description: str, pos: np.ndarray, neg: np.ndarray, **extra: Any) -> None:
+        attacks[name] = {"score": description, **attack_summary(pos, neg), **extra}
+        fpr, tpr, _ = roc_curve(pos, neg)
+        curves[name] = (fpr, tpr)
+        if epsilon is not None:
+            attacks[name]["max_excess_over_bound"] = float((tpr - dp_tpr_bound(fpr, epsilon, delta or 0.0)).max())
+
+    record("white_box_discriminator", "D logit of (candidate, its label); higher = member (LOGAN)",
+           white_box_scores(D, members.images, members.labels, device=device),
+           white_box_scores(D, non_members.images, non_members.labels, device=device))
+
+    classes = np.unique(np.concatenate([members.labels, non_members.labels]))
+    gen_labels = np.repeat(classes, samples_per_class)
+    generated = generate_images(G, gen_labels, seed=seed, device=device)
+    description = (f"minus the distance to the nearest of {samples_per_class} generated images of the candidate's "
+                   "class (GAN-Leaks)")
+    record("black_box_generator_pixel", description + ", pixel RMS",
+           black_box_scores(members.images, members.labels, generated, gen_labels),
+           black_box_scores(non_members.images, non_members.labels, generated, gen_labels),
+           generated_per_class=samples_per_class)
+    if classifier is not None:
+        from medstylegan2.classifier import extract_features
+
+        def features(images: np.ndarray) -> np.ndarray:
+            return extract_features(classifier, images)
+
+        record("black_box_generator_domain", description + ", domain-classifier features",
+               black_box_scores(members.images, members.labels, generated, gen_labels, features),
+               black_box_scores(non_members.images, non_members.labels, generated, gen_labels, features),
+               generated_per_class=samples_per_class)
+    report = {"attacks": attacks,
+              "bound": None if epsilon is None else bound_summary(epsilon, delta or 0.0)}
+    return report, curves
+
+
+# ----------------------------------------------------------------------------------------------
+# Where epsilon comes from
+
+
+def run_epsilon(run_dir: Path, checkpoint_state: dict[str, Any]) -> tuple[Optional[float], Optional[float], str]:
+    """(epsilon, delta, where from) of the run that wrote the checkpoint; (None, None, why) for a non-DP run.
+
+    A site checkpoint (train-local) carries its accountant history: epsilon is recomputed from it.
+    A federated run has per-site figures in ``privacy.json``: the largest epsilon of any site's
+    last round is used (a bound that holds for every site's records).
+    """
+    privacy = checkpoint_state.get("privacy")
+    config = checkpoint_state.get("config", {}).get("privacy", {})
+    if isinstance(privacy, dict) and privacy.get("history"):
+        from medstylegan2.privacy_policy import epsilon_of_history
+
+        delta = float(privacy["delta"])
+        history = [(float(s), float(q), int(n)) for s, q, n in privacy["history"]]
+        return epsilon_of_history(history, delta, privacy["accountant"]), delta, "checkpoint accountant history"
+    report_path = run_dir / "privacy.json"
+    if report_path.is_file():
+        from medstylegan2.privacy_report import read_privacy_report
+
+        report = read_privacy_report(run_dir)
+        last = [rows[-1] for rows in report["sites"].values() if rows]
+        if last:
+            worst = max(last, key=lambda row: float(row["epsilon"]))
+            return float(worst["epsilon"]), float(worst["delta"]), f"{report_path} (largest epsilon of any site)"
+    if config.get("enabled"):
+        return None, None, "the run is private but neither its checkpoint nor privacy.json gives its epsilon"
+    return None, None, "the run was trained without differential privacy: no bound"
+
+
+def find_checkpoint(run_dir: Path, name: Optional[str]) -> Path:
+    """``--checkpoint`` (absolute, or relative to RUN_DIR), else checkpoint.pt, else the newest round_XXX.pt."""
+    if name is not None:
+        path = Path(name)
+        path = path if path.is_absolute() or path.is_file() else run_dir / name
+        if not path.is_file():
+            raise UserError(f"checkpoint not found: {path}")
+        return path
+    if (run_dir / "checkpoint.pt").is_file():
+        return run_dir / "checkpoint.pt"
+    from medstylegan2.federation import round_numbers_in
+
+    rounds = round_numbers_in(run_dir)
+    if not rounds:
+        raise UserError(f"{run_dir} has no checkpoint.pt and no round_XXX.pt; give --checkpoint FILE")
+    return run_dir / f"round_{rounds[-1]:03d}.pt"
+
+
+def _check_disjoint(members, non_members) -> None:
+    def digests(images: np.ndarray) -> set[str]:
+        return {hashlib.sha256(np.ascontiguousarray(im).tobytes()).hexdigest() for im in images}
+
+    shared = digests(members.images) & digests(non_members.images)
+    if shared:
+        raise DataError(f"{len(shared)} image(s) appear in both --members and --non-members: a non-member must be "
+                        "an image the site never trained on")
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value
+
+
+def write_audit_json(path: Path, report: dict[str, Any]) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_json_value(report), indent=2, allow_nan=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def plot_audit(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, *, epsilon: Optional[float],
+               delta: Optional[float], title: str = "") -> Path:
+    """Two panels, linear and log-log: each attack's ROC, chance, and the (epsilon, delta) bound."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10.0, 4.4), dpi=120)
+    FigureCanvasAgg(fig)
+    grid = np.logspace(-4, 0, 400)
+    for i, log_scale in enumerate((False, True)):
+        ax = fig.add_subplot(1, 2, i + 1)
+        xs = grid if log_scale else np.linspace(0, 1, 400)
+        ax.plot(xs, xs, color="grey", linestyle=":", linewidth=1, label="chance")
+        if epsilon is not None:
+            ax.plot(xs, dp_tpr_bound(xs, epsilon, delta or 0.0), color="black", linestyle="--", linewidth=1.2,
+                    label=f"DP bound (eps={epsilon:.3g}, delta={delta or 0:.1g})")
+        for name, (fpr, tpr) in curves.items():
+            auc = roc_auc(fpr, tpr)
+            if log_scale:
+                keep = fpr > 0
+                ax.step(fpr[keep], tpr[keep], where="post", label=f"{name} (AUC {auc:.3f})")
+            else:
+                ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})")
+        if log_scale:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlim(1e-3, 1)
+            ax.set_ylim(1e-3, 1)
+        else:
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1)
+        ax.set_xlabel("false positive rate (non-members called members)")
+        ax.set_ylabel("true positive rate (members found)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize="x-small")
+    if title:
+        fig.suptitle(title, fontsize="medium")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp)
+    tmp.replace(path)
+    return path
+
+
+def format_table(report: dict[str, Any]) -> str:
+    header = ["attack", "AUC"] + [f"TPR@{t:g} FPR" for t in FPR_TARGETS] + ["advantage"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = list(report["attacks"].items())
+    if report.get("bound"):
+        rows.append(("(epsilon, delta) bound", {"auc": report["bound"]["auc_max"],
+                                                "tpr_at_fpr": report["bound"]["tpr_at_fpr"], "advantage": None}))
+    for name, a in rows:
+        cells = [name, f"{a['auc']:.3f}"]
+        cells += ["-" if a["tpr_at_fpr"].get(f"{t:g}") is None else f"{a['tpr_at_fpr'][f'{t:g}']:.3f}"
+                  for t in FPR_TARGETS]
+        cells.append("-" if a["advantage"] is None else f"{a['advantage']:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (train-local or federated)")
+    p.add_argument("--members", metavar="DIR", required=True,
+                   help="images the site trained on, DIR/<class>/*.png")
+    p.add_argument("--non-members", metavar="DIR", required=True,
+                   help="images from the same distribution never trained on (e.g. the held-out split)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default RUN_DIR/audit)")
+    p.add_argument("--checkpoint", metavar="FILE",
+                   help="checkpoint to attack (default: RUN_DIR/checkpoint.pt, else the newest round_XXX.pt)")
+    p.add_argument("--samples-per-class", type=int, default=1000,
+                   help="generated images per class for the black-box attack (default 1000)")
+    p.add_argument("--classifier", metavar="FILE",
+                   help="domain classifier for the feature-space black-box attack (default: "
+                        "RUN_DIR/domain_classifier.pt when present)")
+    p.add_argument("--max-per-class", type=int, help="read at most this many images per class from each folder")
+    p.add_argument("--epsilon", type=float, help="epsilon for the bound (default: from the run)")
+    p.add_argument("--delta", type=float, help="delta for the bound (default: from the run)")
+    p.add_argument("--seed", type=int, default=0, help="latent seed of the generated images (default 0)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from medstylegan2.data import class_summary, load_folder
+    from medstylegan2.metrics.evaluate import CLASSIFIER_FILE
+    from medstylegan2.networks import build_networks
+    from medstylegan2.trainer import config_from_checkpoint, load_state_dict_checked, read_checkpoint, resolve_device
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder not found: {run_dir}")
+    if args.samples_per_class <= 0:
+        raise UserError("--samples-per-class must be > 0")
+    if (args.epsilon is None) != (args.delta is None):
+        raise UserError("give --epsilon and --delta together")
+    if args.epsilon is not None and not (args.epsilon >= 0 and 0 <= args.delta < 1):
+        raise UserError("--epsilon must be >= 0 and --delta in [0, 1)")
+    device = resolve_device(args.device)
+    ckpt_path = find_checkpoint(run_dir, args.checkpoint)
+    state = read_checkpoint(ckpt_path)
+    cfg = config_from_checkpoint(state)
+    G, D = build_networks(cfg.model)
+    load_state_dict_checked(G, state["G_ema"], what=f"{ckpt_path}:G_ema")
+    load_state_dict_checked(D, state["D"], what=f"{ckpt_path}:D")
+    G, D = G.to(device).eval().requires_grad_(False), D.to(device).eval().requires_grad_(False)
+
+    resolution = cfg.model.resolution
+    members = load_folder(args.members, resolution, max_per_class=args.max_per_class)
+    non_members = load_folder(args.non_members, resolution, max_per_class=args.max_per_class)
+    _check_disjoint(members, non_members)
+    print(f"members: {len(members)} ({class_summary(members)}); non-members: {len(non_members)} "
+          f"({class_summary(non_members)})", flush=True)
+
+    if args.epsilon is not None:
+        epsilon, delta, source = args.epsilon, args.delta, "--epsilon/--delta"
+    else:
+        epsilon, delta, source = run_epsilon(run_dir, state)
+    classifier, classifier_info = None, None
+    clf_path = Path(args.classifier) if args.classifier else run_dir / CLASSIFIER_FILE
+    if clf_path.is_file():
+        from medstylegan2.classifier import classifier_meta, load_classifier
+
+        classifier = load_classifier(clf_path, device=str(device))
+        meta = classifier_meta(clf_path)
+        classifier_info = {"path": str(clf_path), "trained_on": meta.get("trained_on")}
+        if "train" in str(meta.get("trained_on", "")):
+            log.warning("the domain classifier %s was trained on the training split: its feature space may itself "
+                        "tell members apart, so the feature-space attack overstates what the generator leaks", clf_path)
+    elif args.classifier:
+        raise UserError(f"classifier file not found: {clf_path}")
+
+    print(f"attacking {ckpt_path} ({len(members)} members, {len(non_members)} non-members, "
+          f"{args.samples_per_class} generated images per class) ...", flush=True)
+    report, curves = audit(D, G, members, non_members, samples_per_class=args.samples_per_class,
+                           classifier=classifier, epsilon=epsilon, delta=delta, seed=args.seed, device=device)
+    report = {
+        "kind": "privacy-audit",
+        "time": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "run_dir": str(run_dir), "checkpoint": str(ckpt_path), "resolution": resolution,
+        "members": {"dir": str(args.members), "n": len(members), "per_class": members.class_counts()},
+        "non_members": {"dir": str(args.non_members), "n": len(non_members), "per_class": non_members.class_counts()},
+        "privacy": {"dp": epsilon is not None, "epsilon": epsilon, "delta": delta, "source": source},
+        "domain_classifier": classifier_info,
+        **report,
+    }
+    out = Path(args.out) if args.out else run_dir / "audit"
+    out.mkdir(parents=True, exist_ok=True)
+    write_audit_json(out / AUDIT_JSON, report)
+    plot_audit(curves, out / AUDIT_PNG, epsilon=epsilon, delta=delta,
+               title=f"membership inference on {ckpt_path.name} ({len(members)} members, "
+                     f"{len(non_members)} non-members)")
+    print(format_table(report))
+    print(f"epsilon: {'none' if epsilon is None else f'{epsilon:.4g} at delta {delta:.3g}'} ({source})")
+    print(f"wrote {out / AUDIT_JSON} and {out / AUDIT_PNG}")
+    return 0
