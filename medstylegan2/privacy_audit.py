@@ -79,6 +79,13 @@ def roc_auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
     return float(np.trapezoid(tpr, fpr))
 
 
+def auc_stderr(auc: float, n_members: int, n_non_members: int) -> float:
+    """Standard error of an empirical AUC (Hanley and McNeil 1982): how far chance alone moves it."""
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    var = (auc * (1 - auc) + (n_members - 1) * (q1 - auc * auc) + (n_non_members - 1) * (q2 - auc * auc))
+    return float(math.sqrt(max(var, 0.0) / (n_members * n_non_members)))
+
+
 def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
     """The best TPR of any threshold whose FPR is at most ``target``."""
     return float(tpr[fpr <= target + 1e-12].max())
@@ -89,11 +96,11 @@ def attack_summary(member_scores: np.ndarray, non_member_scores: np.ndarray,
     """AUC, TPR at each measurable FPR target (None where there are fewer than 1/target non-members),
     and the membership advantage max(TPR - FPR)."""
     fpr, tpr, _ = roc_curve(member_scores, non_member_scores)
-    n_neg = len(np.asarray(non_member_scores).reshape(-1))
-    return {"auc": roc_auc(fpr, tpr),
+    n_pos, n_neg = len(np.asarray(member_scores).reshape(-1)), len(np.asarray(non_member_scores).reshape(-1))
+    auc = roc_auc(fpr, tpr)
+    return {"auc": auc, "auc_stderr": auc_stderr(auc, n_pos, n_neg),
             "tpr_at_fpr": {f"{t:g}": (tpr_at_fpr(fpr, tpr, t) if n_neg * t >= 1 else None) for t in fpr_targets},
-            "advantage": float((tpr - fpr).max()),
-            "n_members": int(len(np.asarray(member_scores).reshape(-1))), "n_non_members": int(n_neg)}
+            "advantage": float((tpr - fpr).max()), "n_members": int(n_pos), "n_non_members": int(n_neg)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,14 +356,14 @@ def plot_audit(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, *, 
 
 
 def format_table(report: dict[str, Any]) -> str:
-    header = ["attack", "AUC"] + [f"TPR@{t:g} FPR" for t in FPR_TARGETS] + ["advantage"]
+    header = ["attack", "AUC (+- s.e.)"] + [f"TPR@{t:g} FPR" for t in FPR_TARGETS] + ["advantage"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rows = list(report["attacks"].items())
     if report.get("bound"):
         rows.append(("(epsilon, delta) bound", {"auc": report["bound"]["auc_max"],
                                                 "tpr_at_fpr": report["bound"]["tpr_at_fpr"], "advantage": None}))
     for name, a in rows:
-        cells = [name, f"{a['auc']:.3f}"]
+        cells = [name, f"{a['auc']:.3f}" + (f" +- {a['auc_stderr']:.3f}" if a.get("auc_stderr") is not None else "")]
         cells += ["-" if a["tpr_at_fpr"].get(f"{t:g}") is None else f"{a['tpr_at_fpr'][f'{t:g}']:.3f}"
                   for t in FPR_TARGETS]
         cells.append("-" if a["advantage"] is None else f"{a['advantage']:.3f}")

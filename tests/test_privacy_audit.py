@@ -41,6 +41,8 @@ def test_random_scores_are_at_chance_and_separated_scores_are_perfect():
     rng = np.random.default_rng(0)
     summary = attack_summary(rng.normal(size=3000), rng.normal(size=3000))
     assert abs(summary["auc"] - 0.5) < 0.03
+    # Hanley-McNeil at chance equals the Mann-Whitney null: sqrt((m + n + 1) / (12 m n)).
+    assert summary["auc_stderr"] == pytest.approx(np.sqrt(6001 / (12 * 3000**2)), rel=0.05)
     assert summary["tpr_at_fpr"]["0.01"] < 0.03 and summary["tpr_at_fpr"]["0.001"] < 0.01
     perfect = attack_summary(np.array([5.0, 6.0]), np.array([1.0, 2.0, 3.0]))
     assert perfect["auc"] == 1.0 and perfect["advantage"] == 1.0
