@@ -176,26 +176,32 @@ class PrivacyLedger:
     ``record_release`` takes the lock itself too (the lock is re-entrant within this object).
     """
 
-    def __init__(self, ledger_dir: str | Path, fingerprint: str, *, expected_head: Optional[LedgerHead] = None):
+    def __init__(self, ledger_dir: str | Path, fingerprint: Optional[str], *,
+                 expected_head: Optional[LedgerHead] = None):
         self.dir = Path(ledger_dir).expanduser()
-        self.fingerprint = str(fingerprint)
+        # None: open to read (reports); recording a release needs the data set's fingerprint.
+        self.fingerprint = None if fingerprint is None else str(fingerprint)
         self.expected_head = expected_head
         self.path = self.dir / LEDGER_FILE
         self.head_path = self.dir / HEAD_FILE
         self._lock_fd: Optional[int] = None
         self._lock_depth = 0
-        try:
-            created = _make_dirs_durably(self.dir)
-        except OSError as exc:
-            raise LedgerError(f"cannot create the privacy ledger folder {self.dir}: {exc.strerror or exc}; "
-                              "under DP a site with nowhere to keep its ledger does not train") from exc
-        if created:
-            log.info("created privacy ledger folder %s", self.dir)
-        if not os.access(self.dir, os.W_OK | os.X_OK):
-            raise LedgerError(f"the privacy ledger folder {self.dir} is not writable; under DP a site with nowhere "
-                              "to keep its ledger does not train")
+        if self.fingerprint is None:
+            if not self.dir.is_dir():
+                raise LedgerError(f"no privacy ledger folder at {self.dir}")
+        else:
+            try:
+                created = _make_dirs_durably(self.dir)
+            except OSError as exc:
+                raise LedgerError(f"cannot create the privacy ledger folder {self.dir}: {exc.strerror or exc}; "
+                                  "under DP a site with nowhere to keep its ledger does not train") from exc
+            if created:
+                log.info("created privacy ledger folder %s", self.dir)
+            if not os.access(self.dir, os.W_OK | os.X_OK):
+                raise LedgerError(f"the privacy ledger folder {self.dir} is not writable; under DP a site with "
+                                  "nowhere to keep its ledger does not train")
         entries = self.entries()  # verify now: a damaged ledger stops the site before anything else
-        if entries and entries[-1]["fingerprint"] != self.fingerprint:
+        if self.fingerprint is not None and entries and entries[-1]["fingerprint"] != self.fingerprint:
             log.warning("the data set changed since the last release recorded in %s (fingerprint %s..., was %s...): "
                         "lifetime epsilon keeps composing over all releases of this ledger",
                         self.path, self.fingerprint[:12], entries[-1]["fingerprint"][:12])
@@ -308,6 +314,8 @@ class PrivacyLedger:
         """Append one release and return its entry once it is on disk (fsync). Call it before replying."""
         if release.steps < 1:
             raise ValueError("a release has at least one step")
+        if self.fingerprint is None:
+            raise ValueError("this ledger was opened to read (no data set fingerprint); it cannot record")
         with self.lock():
             entries = self.entries()
             units = {e["unit"] for e in entries}

@@ -12,6 +12,7 @@ import yaml
 
 from medstylegan2.cli import main
 from medstylegan2.config import FederationConfig, load_config
+from medstylegan2.errors import UserError
 from medstylegan2.privacy import DPEngine
 from medstylegan2.privacy_report import (RECORD_KEYS, build_report, records_from_metrics, update_privacy_report,
                                          write_privacy_report)
@@ -139,3 +140,56 @@ def test_cli_normalizes_a_privacy_json_that_lacks_the_top_level_keys(tmp_path):
     assert_contract(report)
     assert [r["round"] for r in report["sites"]["site-0"]] == [1, 2]
     assert report["accountant"] == "rdp" and report["delta"] == 1e-3
+
+
+# -- issue 10: infinite epsilon, steps going backwards, the lifetime ledger ---------------------------
+
+
+def test_infinite_epsilon_survives_privacy_json_and_a_rebuild_from_metrics_jsonl(tmp_path, capsys):
+    write_privacy_report(tmp_path, {"0": [record(1, float("inf"), 50)]}, 1e-5, "rdp", echo=False)
+    text = (tmp_path / "privacy.json").read_text()
+    assert "Infinity" not in text and "null" not in text and "1e999" in text
+    assert json.loads(text)["sites"]["0"][0]["epsilon"] == float("inf")
+    # The server's metrics.jsonl writes inf as null; a rebuilt report keeps the row, as infinity.
+    line = json.dumps({"round": 1, "sites": {"0": {"status": "ok", "dp-epsilon": None, "dp-delta": 1e-5,
+                                                   "dp-sample_rate": 0.1, "dp-steps": 50,
+                                                   "dp-noise_multiplier": 0.0, "dp-max_grad_norm": 1.0}}})
+    rebuilt = tmp_path / "rebuilt"
+    rebuilt.mkdir()
+    (rebuilt / "metrics.jsonl").write_text(line + "\n")
+    assert main(["privacy-report", str(rebuilt)]) == 0
+    assert json.loads((rebuilt / "privacy.json").read_text())["sites"]["0"][0]["epsilon"] == float("inf")
+    assert "| 0 | 1 | 1 | inf |" in capsys.readouterr().out
+
+
+def test_steps_that_go_backwards_fail_loudly_instead_of_being_dropped(tmp_path, capsys):
+    rows = [record(1, 1.0, 50), record(2, 1.5, 100), record(3, 1.0, 50)]  # round 3: a reset accountant
+    with pytest.raises(UserError, match=r"site a: cumulative DP steps went backwards from 100 \(round 2\) to 50"):
+        build_report({"a": rows}, 1e-5, "rdp")
+    (tmp_path / "privacy.json").write_text(json.dumps({"delta": 1e-5, "accountant": "rdp", "sites": {"a": rows}}))
+    assert main(["privacy-report", str(tmp_path)]) == 2
+    assert "went backwards" in capsys.readouterr().err
+
+
+def test_the_ledger_table_shows_per_run_and_lifetime_epsilon_and_a_rewind_fails(tmp_path, capsys):
+    from opacus.accountants import create_accountant
+
+    from medstylegan2.privacy_ledger import LEDGER_FILE, PrivacyLedger, Release
+
+    ledger = PrivacyLedger(tmp_path / "ledger", "f" * 64)
+    for run, round_num in (("run-a", 1), ("run-a", 2), ("run-b", 1)):
+        ledger.record_release(Release(run=run, round=round_num, noise_multiplier=1.0, sample_rate=0.02, steps=50,
+                                      accountant="rdp", unit="image", max_grad_norm=0.25, delta=1e-5))
+    accountant = create_accountant(mechanism="rdp")
+    accountant.history = [(1.0, 0.02, 50)] * 3
+    lifetime = accountant.get_epsilon(delta=1e-5)
+    assert main(["privacy-report", "--ledger", str(tmp_path / "ledger")]) == 0
+    out = capsys.readouterr().out
+    assert "| run-a | 2 | 1,2 | 100 |" in out and "| run-b | 1 | 1 | 50 |" in out
+    assert f"| **lifetime** | 3 | | 150 | {lifetime:.4g} |" in out
+    path = tmp_path / "ledger" / LEDGER_FILE
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:2]))  # an older copy
+    assert main(["privacy-report", "--ledger", str(tmp_path / "ledger")]) == 2
+    assert "steps went backwards" in capsys.readouterr().err
+    assert main(["privacy-report"]) == 2
+    assert "give a RUN_DIR, a --ledger DIR, or both" in capsys.readouterr().err
