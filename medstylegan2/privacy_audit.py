@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import hashlib
-import json
 import logging
 import math
 from pathlib import Path
@@ -292,21 +291,22 @@ def _check_disjoint(members, non_members) -> None:
 # Output
 
 
-def _json_value(value: Any) -> Any:
+def _plain(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _json_value(v) for k, v in value.items()}
+        return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_value(v) for v in value]
+        return [_plain(v) for v in value]
     if isinstance(value, (np.floating, np.integer)):
-        value = value.item()
-    if isinstance(value, float) and math.isinf(value):
-        return "inf" if value > 0 else "-inf"
+        return value.item()
     return value
 
 
 def write_audit_json(path: Path, report: dict[str, Any]) -> Path:
+    """Strict JSON; an infinite epsilon is written as 1e999, as in privacy.json."""
+    from medstylegan2.privacy_report import dumps_with_infinity
+
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_json_value(report), indent=2, allow_nan=False) + "\n")
+    tmp.write_text(dumps_with_infinity(_plain(report)) + "\n")
     tmp.replace(path)
     return path
 
