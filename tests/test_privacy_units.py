@@ -171,3 +171,21 @@ def test_patient_ids_must_name_every_image():
 
     with pytest.raises(PrivacyError, match="3 ids for 4 images"):
         DPEngine(num_examples=4, batch_size=2, max_grad_norm=1.0, noise_multiplier=1.0, groups=[0, 0, 1])
+
+
+def test_patient_ids_are_read_from_a_csv_naming_problems_by_line(tmp_path):
+    from medstylegan2.errors import DataError
+    from medstylegan2.patient_ids import read_patient_ids
+
+    path = tmp_path / "patients.csv"
+    path.write_text("image,patient_id\nNormal/a.png,P7\nNormal/b.png,P3\nCOVID-19/c.png,P7\nTest/x.png,P9\n")
+    groups = read_patient_ids(path, ["COVID-19/c.png", "Normal/b.png", "Normal/a.png"])
+    assert groups.tolist() == [0, 1, 0]
+    with pytest.raises(DataError, match="no patient_id for 1 training image"):
+        read_patient_ids(path, ["Normal/a.png", "Normal/zzz.png"])
+    path.write_text("image,patient_id\nNormal/a.png,P7\nNormal/a.png,P8\n")
+    with pytest.raises(DataError, match=r"patients.csv:3: image 'Normal/a.png' is listed twice"):
+        read_patient_ids(path, ["Normal/a.png"])
+    path.write_text("file,patient\n")
+    with pytest.raises(DataError, match="needs the columns image, patient_id"):
+        read_patient_ids(path, ["Normal/a.png"])
