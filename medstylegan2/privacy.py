@@ -296,6 +296,7 @@ class DPEngine:
         self.planned_steps = planned_steps
         self._noise_multiplier = None if noise_multiplier is None else float(noise_multiplier)
 
+        self._debug_seed = seed
         self.sampling_generator, self._noise_seed = fresh_generator_seeds(seed)
         self.sampler = UniformWithReplacementSampler(num_samples=self.num_units, sample_rate=self.sample_rate,
                                                      generator=self.sampling_generator, steps=1)
@@ -503,6 +504,14 @@ class DPEngine:
             self.optimizer.noise_multiplier = self._noise_multiplier
         # Generator states in an older state (keys sampling_generator/noise_generator) are ignored
         # on purpose: see state_dict.
+        if self._debug_seed is not None:
+            # A debugging seed stays reproducible, but a later round must not replay the streams of
+            # an earlier one: mix in how many steps the restored history already holds.
+            generator, self._noise_seed = fresh_generator_seeds((self._debug_seed * 1_000_003 + self.spent_steps)
+                                                                % (2**62))
+            self.sampling_generator.set_state(generator.get_state())
+            if self.noise_generator is not None:
+                self.noise_generator.manual_seed(self._noise_seed)
 
     def to_bytes(self) -> bytes:
         """``state_dict()`` as bytes (e.g. for a Flower ``ConfigRecord`` in ``Context.state``)."""

@@ -309,7 +309,7 @@ def test_a_state_with_saved_generators_loads_and_its_generators_are_ignored():
     legacy = {**engine.state_dict(), "history": [[1.0, 0.1, 7]],
               "sampling_generator": torch.Generator().manual_seed(0).get_state(), "noise_device": "seed",
               "noise_generator": torch.tensor([5])}
-    fresh = DPEngine(num_examples=50, batch_size=5, max_grad_norm=1.0, noise_multiplier=1.0, seed=3)
+    fresh = DPEngine(num_examples=50, batch_size=5, max_grad_norm=1.0, noise_multiplier=1.0)  # OS entropy
     before = fresh.sampling_generator.get_state()
     fresh.load_state_dict(legacy)
     assert fresh.spent_steps == 7
@@ -321,3 +321,16 @@ def test_engines_without_a_seed_draw_different_batches():
                for _ in range(2)]
     first, second = ([engine.sample_batch() for _ in range(3)] for engine in engines)
     assert any(len(a) != len(b) or not torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_a_debugging_seed_gives_each_round_its_own_streams():
+    def engine_after(steps: int) -> DPEngine:
+        engine = DPEngine(num_examples=1000, batch_size=100, max_grad_norm=1.0, noise_multiplier=1.0, seed=4)
+        if steps:
+            engine.load_state_dict({**engine.state_dict(), "history": [[1.0, 0.1, steps]]})
+        return engine
+
+    first_round, second_round, second_again = engine_after(0), engine_after(40), engine_after(40)
+    a, b, c = (torch.cat([e.sample_batch() for _ in range(3)]) for e in (first_round, second_round, second_again))
+    assert not torch.equal(a, b)   # round 2 does not replay round 1's batches
+    assert torch.equal(b, c)       # but a debugging run is reproducible
