@@ -189,3 +189,38 @@ def test_patient_ids_are_read_from_a_csv_naming_problems_by_line(tmp_path):
     path.write_text("file,patient\n")
     with pytest.raises(DataError, match="needs the columns image, patient_id"):
         read_patient_ids(path, ["Normal/a.png"])
+
+
+# -- what a reply may carry under DP ------------------------------------------------------------------
+
+
+def test_a_dp_reply_carries_no_count_timing_or_real_loss_whatever_the_site_size():
+    from medstylegan2.privacy_reply import DP_REPLY_KEYS, reply_metrics
+
+    replies = []
+    for n in (24, 40):
+        images, labels = site(n)
+        engine = DPEngine(num_examples=n, batch_size=4, max_grad_norm=0.5, noise_multiplier=1.1, delta=1e-5,
+                          nominal_size=100)
+        trainer = trainer_with(engine, images, labels)
+        stats = trainer.train_steps(2)
+        assert {"seconds", "images_per_second", "real_images_seen"} <= set(stats)
+        # What the site round assembles today, plus a real-data loss a later change might add.
+        metrics = {"num-examples": float(n), "steps": 2.0, **stats, "loss_d_real": 0.7,
+                   **{f"dp-{k}": float(v) for k, v in engine.round_record(1).items() if k != "round"}}
+        replies.append(reply_metrics(metrics, dp=True, nominal_size=100))
+    for reply in replies:
+        assert reply["num-examples"] == 100.0
+        assert not {"seconds", "images_per_second", "real_images_seen", "loss_d_real"} & set(reply)
+        assert set(reply) <= set(DP_REPLY_KEYS) | {"num-examples"} | {k for k in reply if k.startswith("dp-")}
+    public = [{k: v for k, v in r.items() if not k.startswith("loss")} for r in replies]
+    assert public[0] == public[1]  # counts and privacy figures do not depend on n
+    assert reply_metrics({"num-examples": 24.0, "seconds": 3.0}, dp=False) == {"num-examples": 24.0, "seconds": 3.0}
+
+
+def test_errors_under_dp_reach_the_server_as_a_generic_text():
+    from medstylegan2.privacy_reply import GENERIC_ERROR, reply_error_text
+
+    oom = RuntimeError("CUDA out of memory while computing per-sample gradients of 517 images")
+    assert reply_error_text(oom, dp=True) == GENERIC_ERROR and "517" not in GENERIC_ERROR
+    assert "517" in reply_error_text(oom, dp=False)
