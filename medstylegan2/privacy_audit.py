@@ -16,8 +16,9 @@ not measurable).
 
 Under (epsilon, delta)-DP every membership test obeys TPR <= e^eps FPR + delta and
 1 - FPR <= e^eps (1 - TPR) + delta (Kairouz et al. 2015); ``audit.png`` draws the empirical ROC
-curves beside that bound, with epsilon from ``--epsilon`` or, for a private run, from the
-checkpoint's accountant history or the run's ``privacy.json``.
+curves beside that bound, with epsilon from ``--epsilon``, from a site's lifetime ledger
+(``--ledger``) or, for a private run, from the checkpoint's accountant history or the run's
+``privacy.json``.
 
 Writes ``OUT/audit.json`` and ``OUT/audit.png`` (OUT defaults to ``RUN_DIR/audit``).
 """
@@ -390,6 +391,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="domain classifier for the feature-space black-box attack (default: "
                         "RUN_DIR/domain_classifier.pt when present)")
     p.add_argument("--max-per-class", type=int, help="read at most this many images per class from each folder")
+    p.add_argument("--ledger", metavar="DIR",
+                   help="take epsilon for the bound from a site's lifetime ledger (all its releases)")
     p.add_argument("--epsilon", type=float, help="epsilon for the bound (default: from the run)")
     p.add_argument("--delta", type=float, help="delta for the bound (default: from the run)")
     p.add_argument("--seed", type=int, default=0, help="latent seed of the generated images (default 0)")
@@ -429,6 +432,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.epsilon is not None:
         epsilon, delta, source = args.epsilon, args.delta, "--epsilon/--delta"
+    elif args.ledger:
+        from medstylegan2.privacy_report import ledger_report
+
+        summary = ledger_report(args.ledger)
+        epsilon, delta, source = summary["epsilon"], summary["delta"], f"lifetime ledger {summary['ledger']}"
     else:
         epsilon, delta, source = run_epsilon(run_dir, state)
     classifier, classifier_info = None, None

@@ -147,6 +147,15 @@ def test_audit_privacy_writes_json_and_png_for_a_run(tmp_path, tiny_config, caps
     bounded = json.loads((tmp_path / "with_bound" / "audit.json").read_text())
     assert bounded["bound"]["auc_max"] == pytest.approx(dp_auc_bound(2.0, 1e-5))
     assert "max_excess_over_bound" in bounded["attacks"]["white_box_discriminator"]
+    # ... or from a site's lifetime ledger.
+    from medstylegan2.privacy_ledger import PrivacyLedger, Release
+
+    ledger = PrivacyLedger(tmp_path / "ledger", "f" * 64)
+    ledger.record_release(Release("r", 1, 1.0, 0.05, 100, "rdp", "image", 1.0, 1e-5))
+    assert main(argv + ["--ledger", str(tmp_path / "ledger"), "--out", str(tmp_path / "from_ledger")]) == 0
+    from_ledger = json.loads((tmp_path / "from_ledger" / "audit.json").read_text())
+    assert from_ledger["privacy"]["epsilon"] == pytest.approx(ledger.lifetime_epsilon(1e-5))
+    assert from_ledger["privacy"]["source"].startswith("lifetime ledger")
     capsys.readouterr()
     assert main(["audit-privacy", str(run_dir), "--members", str(tmp_path / "members"), "--non-members",
                  str(tmp_path / "members")]) == 2
