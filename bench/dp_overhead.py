@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from medstylegan2.config import load_config
-from medstylegan2.privacy import make_privacy_engine
+from medstylegan2.privacy.engine import make_privacy_engine
 from medstylegan2.trainer import SiteTrainer
 
 
@@ -47,15 +47,7 @@ def d_step(trainer: SiteTrainer, fake: torch.Tensor, fake_labels: torch.Tensor, 
     """Exactly the D half of ``SiteTrainer.train_step``, private or not."""
     t = trainer.cfg.train
     r1_weight = trainer.loss.r1_weight(lazy=step % t.r1_interval == 0)
-    if trainer.privacy is not None:
-        trainer.privacy.discriminator_step(trainer, fake, fake_labels, r1_weight)
-        return
-    real, real_labels = trainer.real_batch()
-    trainer.d_opt.zero_grad(set_to_none=True)
-    loss = trainer.loss.discriminator_fake(fake, fake_labels) + trainer.loss.discriminator_real(real, real_labels,
-                                                                                                r1_weight)
-    loss.backward()
-    trainer.d_opt.step()
+    trainer.discriminator_step(fake, fake_labels, r1_weight)
 
 
 def measure(cfg, device: str, steps: int, warmup: int, n: int) -> dict[str, dict[str, float]]:

@@ -30,7 +30,8 @@ import torch
 
 from medstylegan2.classifier import save_classifier, train_classifier
 from medstylegan2.config import MetricsConfig, load_config
-from medstylegan2.data import load_folder, write_image_folder
+from medstylegan2.data import load_folder
+from medstylegan2.images import write_image_folder
 from medstylegan2.errors import MissingWeightsError
 from medstylegan2.metrics.evaluate import evaluate_images
 from medstylegan2.metrics.fidelity import FeatureSpace, calculate_metrics_dirs, clear_feature_cache, extract_features

@@ -7,7 +7,7 @@ trains long enough to overfit; the rest of the phantom set is held out (the non-
 runs start from the same weights and data; the private one uses DP-SGD with sigma set so that
 epsilon reaches ``--epsilon`` (delta 1e-5) after ``--steps`` steps. Every ``--every`` steps the
 white-box (D logit) and black-box (nearest generated image, pixel RMS) attacks of
-``medstylegan2.privacy_audit`` are run on both; prints one table row per checkpoint and run.
+``medstylegan2.privacy.audit`` are run on both; prints one table row per checkpoint and run.
 Takes hours on a shared 2-core CPU at the defaults; ``--steps 20 --every 10 --resolution 16``
 checks that it runs.
 """
@@ -21,8 +21,8 @@ import torch
 
 from medstylegan2.config import DataConfig, load_config
 from medstylegan2.data import load_dataset
-from medstylegan2.privacy import make_privacy_engine
-from medstylegan2.privacy_audit import audit
+from medstylegan2.privacy.engine import make_privacy_engine
+from medstylegan2.privacy.audit import audit
 from medstylegan2.trainer import SiteTrainer
 
 

@@ -39,10 +39,10 @@ def _round_lines(run_dir: Path) -> list[dict]:
 def bench_local(cfg, steps: int) -> float:
     import torch
 
-    from medstylegan2 import federation as fed
+    from medstylegan2.fl.partition import simulation_partitions
     from medstylegan2.trainer import SiteTrainer
 
-    train, parts = fed.simulation_partitions(cfg, cfg.federation.sites)
+    train, parts = simulation_partitions(cfg, cfg.federation.sites)
     idx = parts[0]
     trainer = SiteTrainer(cfg, train.images[idx], train.labels[idx], device="cpu", seed=cfg.seed)
     trainer.train_steps(2)  # warm-up
@@ -79,13 +79,13 @@ def bench_simulation(config: str, overrides: list[str], out: Path) -> tuple[list
 def transfer_bytes(cfg) -> dict[str, int]:
     from flwr.app import Array, ArrayRecord
 
-    from medstylegan2 import federation as fed
+    from medstylegan2.fl.wire import encode_for_transfer, initial_weights, transferred
 
-    weights, _ = fed.initial_weights(cfg)
-    sent = fed.transferred(weights)
+    weights, _ = initial_weights(cfg)
+    sent = transferred(weights)
     out = {}
     for dtype in ("float32", "float16"):
-        arrays = fed.encode_for_transfer(sent, dtype)
+        arrays = encode_for_transfer(sent, dtype)
         out[dtype] = ArrayRecord({k: Array(v) for k, v in arrays.items()}).count_bytes()
     out["parameters"] = int(sum(v.numel() for v in sent.values()))
     return out

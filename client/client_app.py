@@ -1,23 +1,26 @@
 """The hospital site: a Flower ClientApp that trains the global GAN for K steps on local images.
 
-Thin by design: records in, records out. Everything else is in ``medstylegan2.federation``.
+Thin by design: records in, records out. The site's round itself is ``medstylegan2.fl.site_round``
+(``run_site_round``), its data ``medstylegan2.fl.partition`` (``load_site_data``).
 
 What arrives (from the ServerApp): the global G, G_ema and D weights as the ArrayRecord
 ``arrays`` (float32 or float16, model constants excluded) and the ConfigRecord ``config`` with
-the run's validated configuration (``run-config``, JSON), the round, the run token and the
+the run's validated configuration (``run_config``, JSON), the round, the run token and the
 digest of the model constants.
 
 What leaves: the ArrayRecord ``arrays`` (new weights, or the float16 update), the MetricRecord
-``metrics`` (num-examples, losses, images/s, privacy figures under DP) and the ConfigRecord
+``metrics`` (num_examples, losses, images/s, privacy figures ``dp_*`` under DP) and the ConfigRecord
 ``site`` (site name, payload kind). Never images, labels per image or anything of image shape.
 
-What stays (``Context.state``, and ``<state-dir>/<run-token>/<site>/round_XXX.pt`` when a state
+What stays (``Context.state``, and ``<state-dir>/<run token>/<site>/round_XXX.pt`` when a state
 folder is known): optimizer moments, path-length mean, batch sampler, counters and the privacy
-accountant; see ``federation.local_state_of``.
+accountant; see ``medstylegan2.fl.site_round.local_state_of``.
 
-Node config (deployment): ``data-dir`` (required: ``<class>/*.png`` or a COVID-QU-Ex root),
-``site-name`` (default: the folder's name), ``state-dir`` (optional: local state survives a
-restart), ``device`` (default: CUDA when present), ``num-threads`` (default: torch's, all cores).
+Node config (deployment): ``data-dir`` (required: ``<class>/*.png``, a DICOM archive, or a
+COVID-QU-Ex root), ``site-name`` (default: the folder's name), ``state-dir`` (optional: local state
+survives a restart), ``device`` (default: CUDA when present), ``num-threads`` (default: torch's,
+all cores); the archive's own settings ``labels-csv``, ``label-map``, ``frontal-only``,
+``salt-file``, ``cache-dir`` (see docs/data.md; the server's values for these are ignored).
 Simulation: ``partition-id``/``num-partitions``.
 """
 
@@ -25,26 +28,28 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from medstylegan2 import federation as fed
 from medstylegan2.config import RunConfig, from_dict
+from medstylegan2.faults import fault_point
+from medstylegan2.fl.partition import load_site_data
+from medstylegan2.fl.site_round import LocalStateStore, local_state_from_bytes, local_state_to_bytes, run_site_round
+from medstylegan2.runfolder import site_state_folder
 from medstylegan2.trainer import resolve_device
 
 log = logging.getLogger(__name__)
 
-STATE_KEY = "medstylegan2-local"
+STATE_KEY = "medstylegan2_local_state"
 
 app = ClientApp()
 
 
 def config_of(message: Message) -> tuple[RunConfig, ConfigRecord]:
     record = message.content["config"]
-    cfg = from_dict(json.loads(str(record["run-config"])), where="run-config from the server").validate()
+    cfg = from_dict(json.loads(str(record["run_config"])), where="run_config from the server").validate()
     return cfg, record
 
 
@@ -52,17 +57,18 @@ def config_of(message: Message) -> tuple[RunConfig, ConfigRecord]:
 def roll_call(message: Message, context: Context) -> Message:
     """Say who this site is and how many training images it has (a count, nothing else)."""
     cfg, _ = config_of(message)
-    data = fed.load_site_data(cfg, context.node_config)
+    data = load_site_data(cfg, context.node_config)
     content = RecordDict({"site": ConfigRecord({"site": data.name}),
-                          "metrics": MetricRecord({"num-examples": int(len(data.labels))})})
+                          "metrics": MetricRecord({"num_examples": int(len(data.labels))})})
     return Message(content=content, reply_to=message)
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
     cfg, config = config_of(message)
-    round_num, token = int(config["round"]), str(config["run-token"])
-    data = fed.load_site_data(cfg, context.node_config)
+    round_num, token = int(config["round"]), str(config["run_token"])
+    data = load_site_data(cfg, context.node_config)
+    fault_point("site_train", round_num=round_num, site=data.name)  # tests crash a named site here
     store = _state_store(context, config, token, data.name)
     local_state = _previous_local_state(context, store, token, round_num)
     received = {key: array.numpy() for key, array in message.content["arrays"].items()}
@@ -70,18 +76,20 @@ def train(message: Message, context: Context) -> Message:
     _set_threads(cfg, context.node_config)
     privacy_factory = None
     if cfg.privacy.enabled:
-        from medstylegan2.privacy import make_privacy_engine
+        from medstylegan2.privacy.engine import make_privacy_engine
         privacy_factory = make_privacy_engine
     device = str(context.node_config.get("device", "")) or str(resolve_device(cfg.device))
-    result = fed.run_site_round(cfg, data.images, data.labels, received, round_num=round_num, site=data.name,
+    result = run_site_round(cfg, data.images, data.labels, received, round_num=round_num, site=data.name,
                                 local_state=local_state, privacy_factory=privacy_factory, device=device,
-                                constants_check=str(config["constants-digest"]))
+                                constants_check=str(config["constants_digest"]))
 
     if result.local_state is not None:
-        blob = fed.local_state_to_bytes(result.local_state)
-        context.state[STATE_KEY] = ConfigRecord({"round": round_num, "run-token": token, "state": blob})
-        if store is not None:
+        blob = local_state_to_bytes(result.local_state)
+        if store is not None:  # on disk only: a simulation's contexts (all sites) live in the driver's memory
             store.save(round_num, blob)
+            context.state.pop(STATE_KEY, None)
+        else:
+            context.state[STATE_KEY] = ConfigRecord({"round": round_num, "run_token": token, "state": blob})
 
     content = RecordDict({"metrics": MetricRecord(result.metrics),
                           "site": ConfigRecord({"site": data.name, "payload": result.payload_kind})})
@@ -105,31 +113,31 @@ def _set_threads(cfg: RunConfig, node_config: Mapping[str, Any]) -> None:
         torch.set_num_threads(threads)
 
 
-def _state_store(context: Context, config: ConfigRecord, token: str, site: str) -> Optional[fed.LocalStateStore]:
+def _state_store(context: Context, config: ConfigRecord, token: str, site: str) -> Optional[LocalStateStore]:
     """The site's own state folder: node config ``state-dir``; in a simulation, the run's folder.
 
-    A real site never writes where the server says: the server's ``site-state-dir`` is used only
+    A real site never writes where the server says: the server's ``site_state_dir`` is used only
     by simulated sites (``partition-id`` and no ``data-dir`` in the node config).
     """
     node = context.node_config
     root = str(node.get("state-dir", ""))
     if not root and "partition-id" in node and "data-dir" not in node:
-        root = str(config.get("site-state-dir", ""))
+        root = str(config.get("site_state_dir", ""))
     if not root:
         return None
-    return fed.LocalStateStore(Path(root) / token / site)
+    return LocalStateStore(site_state_folder(root, token, site))
 
 
-def _previous_local_state(context: Context, store: Optional[fed.LocalStateStore], token: str,
+def _previous_local_state(context: Context, store: Optional[LocalStateStore], token: str,
                           round_num: int) -> Optional[dict[str, Any]]:
     """This site's state after its latest earlier round of this run: memory first, then disk."""
     if STATE_KEY in context.state:
         saved = context.state[STATE_KEY]
-        if str(saved["run-token"]) == token and int(saved["round"]) < round_num:
-            return fed.local_state_from_bytes(bytes(saved["state"]))
+        if str(saved["run_token"]) == token and int(saved["round"]) < round_num:
+            return local_state_from_bytes(bytes(saved["state"]))
     if store is not None:
         found = store.latest_before(round_num)
         if found is not None:
             log.info("round %d: restoring local state of round %d from %s", round_num, found[0], store.folder)
-            return fed.local_state_from_bytes(found[1])
+            return local_state_from_bytes(found[1])
     return None

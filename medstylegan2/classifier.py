@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medstylegan2.errors import CheckpointError
+from medstylegan2.runfolder import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -235,10 +236,7 @@ def save_classifier(model: XrayClassifier, path: str | Path, meta: dict[str, Any
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": dict(meta or {}),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    return path
+    return atomic_torch_save(path, payload)
 
 
 def load_classifier(path: str | Path, device: str = "cpu") -> XrayClassifier:

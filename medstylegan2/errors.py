@@ -7,6 +7,10 @@ class UserError(Exception):
     """Bad input from the user: a file, a folder, a config key. The message says which and what to do."""
 
 
+class ConfigError(UserError, ValueError):
+    """A configuration value or key is wrong; the message names the dotted key."""
+
+
 class DataError(UserError):
     """A data folder or image file is missing, empty or unreadable."""
 
@@ -17,3 +21,7 @@ class CheckpointError(UserError):
 
 class MissingWeightsError(UserError):
     """A pretrained feature network's weights file is absent (no internet to download it)."""
+
+
+class PrivacyError(UserError):
+    """A model or setting is incompatible with differential privacy; the message says what to change."""

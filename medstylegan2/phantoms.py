@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from medstylegan2.config import CLASS_NAMES
-from medstylegan2.data import ImageSet, save_png
+from medstylegan2.images import ImageSet, save_png
 
 log = logging.getLogger(__name__)
 

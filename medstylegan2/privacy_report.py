@@ -15,10 +15,11 @@ delta, i.e. the weakest site's.
 
 The server calls ``update_privacy_report`` after every round; ``medstylegan2 privacy-report RUN_DIR``
 re-renders the plot and prints the table from ``privacy.json`` (or rebuilds it from the per-site
-``dp-*`` figures in ``metrics.jsonl`` when it is missing). A site whose cumulative steps go
+``dp_*`` figures in ``metrics.jsonl`` when it is missing; runs written before keys were snake_case
+carry them as ``dp-*``, and are read too). A site whose cumulative steps go
 backwards from one round to a later one is an error, never a dropped row: its privacy state was
 reset or rewound, and the epsilon after it would undercount. ``--ledger DIR`` also shows a site's
-lifetime ledger (``medstylegan2.privacy_ledger``): epsilon per run token and over the data set's
+lifetime ledger (``medstylegan2.privacy.ledger``): epsilon per run token and over the data set's
 lifetime, and fails on a damaged, edited or rewound ledger.
 """
 
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 from medstylegan2.errors import UserError
+from medstylegan2.runfolder import atomic_write_text, save_figure
 
 COMMAND_HELP = "Write RUN_DIR/privacy.json and privacy.png (epsilon per site and round) and print the table."
 REPORT_JSON = "privacy.json"
@@ -105,10 +107,8 @@ def write_privacy_report(run_dir: str | Path, records: Mapping[str, Iterable[Map
     report = build_report(records, delta, accountant)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / REPORT_JSON
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(dumps_with_infinity(report) + "\n")
-    tmp.replace(path)  # readers never see half a file
+    # Not atomic_write_json: it writes infinity as null, and this contract keeps it (1e999).
+    atomic_write_text(run_dir / REPORT_JSON, dumps_with_infinity(report) + "\n")  # never half a file
     plot_privacy(report, run_dir / REPORT_PNG, budget=budget)
     if echo:
         print(format_table(report, budget=budget))
@@ -164,7 +164,7 @@ def update_privacy_report(run_dir: str | Path, site: str, record: Mapping[str, A
 
 
 def records_from_metrics(lines: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
-    """Per-site records from ``metrics.jsonl`` lines whose sites carry ``dp-*`` figures."""
+    """Per-site records from ``metrics.jsonl`` lines whose sites carry ``dp_*`` (or, older runs, ``dp-*``) figures."""
     records: dict[str, list[dict[str, Any]]] = {}
     for line in lines:
         if not line.strip():
@@ -173,7 +173,7 @@ def records_from_metrics(lines: Iterable[str]) -> dict[str, list[dict[str, Any]]
         for site, figures in (entry.get("sites") or {}).items():
             if not isinstance(figures, dict) or figures.get("status", "ok") != "ok":
                 continue
-            row = {k: figures.get(f"dp-{k}") for k in RECORD_KEYS if k != "round"}
+            row = {k: figures.get(f"dp_{k}", figures.get(f"dp-{k}")) for k in RECORD_KEYS if k != "round"}
             if row["epsilon"] is None and all(v is not None for k, v in row.items() if k != "epsilon"):
                 # metrics.jsonl writes non-finite numbers as null; a DP round's epsilon is never NaN
                 # (the engine maps every non-finite value to inf), so null here means infinity.
@@ -232,11 +232,7 @@ def plot_privacy(report: Mapping[str, Any], path: str | Path, *, budget: Optiona
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,7 +259,7 @@ def ledger_report(ledger_dir: str | Path, *, delta: Optional[float] = None, acco
     ``delta``: default the largest delta the ledger's releases were made at (the policy's);
     ``accountant``: default the one of its last release.
     """
-    from medstylegan2.privacy_ledger import PrivacyLedger
+    from medstylegan2.privacy.ledger import PrivacyLedger
 
     ledger = PrivacyLedger(ledger_dir, None)
     entries = ledger.entries()
@@ -330,7 +326,7 @@ def run_report(args: argparse.Namespace) -> None:
     elif (run_dir / "metrics.jsonl").is_file():
         records = records_from_metrics((run_dir / "metrics.jsonl").read_text().splitlines())
         if not records:
-            raise UserError(f"{run_dir}/metrics.jsonl has no per-site privacy figures (dp-*): was the run "
+            raise UserError(f"{run_dir}/metrics.jsonl has no per-site privacy figures (dp_*): was the run "
                             "trained with privacy.enabled: true?")
         delta = cfg.privacy.delta if cfg is not None else None
         accountant = cfg.privacy.accountant if cfg is not None else "rdp"

@@ -1,4 +1,4 @@
-"""Sampling from a trained generator (G_ema of a checkpoint), and the ``sample`` command."""
+"""Sampling from a trained generator (G_ema of a checkpoint), class grids, and the ``sample`` command."""
 
 from __future__ import annotations
 
@@ -10,8 +10,12 @@ import numpy as np
 import torch
 
 from medstylegan2.config import CLASS_NAMES, RunConfig
+from medstylegan2.images import ImageSet, write_image_folder
 from medstylegan2.networks import build_networks
-from medstylegan2.trainer import config_from_checkpoint, float_to_images, load_state_dict_checked, read_checkpoint
+from medstylegan2.errors import CheckpointError
+from medstylegan2.runfolder import config_from_checkpoint, read_checkpoint
+from medstylegan2.tiling import save_image, tile_rows
+from medstylegan2.trainer import float_to_images, load_state_dict_checked
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +26,13 @@ def load_generator(checkpoint_path: str | Path, device: torch.device | str = "cp
                    which: str = "G_ema") -> tuple[torch.nn.Module, RunConfig]:
     """The EMA generator (or ``which``) of a checkpoint, in eval mode, and the run's config."""
     state = read_checkpoint(checkpoint_path)
-    cfg = config_from_checkpoint(state)
+    cfg = config_from_checkpoint(state, checkpoint_path)
     G, _ = build_networks(cfg.model)
-    load_state_dict_checked(G, state[which], what=f"{checkpoint_path}:{which}")
+    weights = state.get(which)
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"{checkpoint_path} holds no {which} weights (damaged, or not a generator "
+                              "checkpoint)")
+    load_state_dict_checked(G, weights, what=f"{checkpoint_path}:{which}")
     return G.to(device).eval().requires_grad_(False), cfg
 
 
@@ -52,12 +60,26 @@ def generate_images(G: torch.nn.Module, labels: np.ndarray, *, seed: int = 0, tr
 def generate_per_class(G: torch.nn.Module, n_per_class: int, *, seed: int = 0, truncation_psi: float = 1.0,
                        batch_size: int = 64, device: torch.device | str = "cpu"):
     """An ImageSet with ``n_per_class`` generated images of every class, grouped by class."""
-    from medstylegan2.data import ImageSet
-
     labels = np.repeat(np.arange(G.num_classes, dtype=np.int64), n_per_class)
     images = generate_images(G, labels, seed=seed, truncation_psi=truncation_psi, batch_size=batch_size,
                              device=device)
     return ImageSet(images=images, labels=labels)
+
+
+def save_class_grid(G: torch.nn.Module, path: str | Path, *, per_class: int = 8, seed: int = 0,
+                    truncation_psi: float = 1.0, device: torch.device | str = "cpu",
+                    real_rows: list[np.ndarray] | None = None) -> Path:
+    """Generate ``per_class`` images of every class (fixed seed) and save one row per class.
+
+    ``real_rows`` (uint8 [n,1,H,W] per class) are interleaved under each generated row for comparison.
+    """
+    fake = generate_per_class(G, per_class, seed=seed, truncation_psi=truncation_psi, device=device)
+    rows = []
+    for k in range(G.num_classes):
+        rows.append(fake.images[fake.labels == k])
+        if real_rows is not None:
+            rows.append(real_rows[k][:per_class])
+    return save_image(tile_rows(rows), path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,9 +98,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medstylegan2.data import write_image_folder
     from medstylegan2.errors import UserError
-    from medstylegan2.grid import save_image, tile_rows
     from medstylegan2.trainer import resolve_device
 
     if args.per_class <= 0:

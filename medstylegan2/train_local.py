@@ -7,18 +7,19 @@ checkpoint} until the requested total number of steps.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
 
-import yaml
 from tqdm import tqdm
 
 from medstylegan2.config import RunConfig, load_config
 from medstylegan2.errors import UserError
-from medstylegan2.grid import save_class_grid
-from medstylegan2.trainer import SiteTrainer, config_from_checkpoint, read_checkpoint, resolve_device
+from medstylegan2.runfolder import (append_json_line, atomic_write_text, config_from_checkpoint, config_yaml,
+                                   read_checkpoint)
+from medstylegan2.sampling import save_class_grid
+from medstylegan2.trainer import SiteTrainer, resolve_device
+from medstylegan2.warm_start import load_init_weights, planned_d_steps
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=None,
                    help="steps between checkpoints (train.checkpoint_every)")
     p.add_argument("--seed", type=int, default=None, help="run seed (default: config, 0)")
+    p.add_argument("--init", default=None, metavar="CKPT",
+                   help="warm start from a checkpoint's G, G_ema and D (train.init_checkpoint), "
+                        "e.g. one pretrained on public data")
 
 
 def _build_config(args: argparse.Namespace) -> RunConfig:
     overrides = list(args.overrides)
     flag_overrides = {"model.resolution": args.resolution, "train.batch_size": args.batch, "model.arch": args.arch,
                       "device": args.device, "train.grid_every": args.grid_every,
-                      "train.checkpoint_every": args.checkpoint_every, "seed": args.seed}
+                      "train.checkpoint_every": args.checkpoint_every, "seed": args.seed,
+                      "train.init_checkpoint": args.init}
     overrides += [f"{k}={v}" for k, v in flag_overrides.items() if v is not None]
     return load_config(args.config, overrides)
 
@@ -79,16 +84,18 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(cfg.device)
     privacy = None
     if cfg.privacy.enabled:
-        from medstylegan2.privacy import make_privacy_engine
+        from medstylegan2.privacy.engine import make_privacy_engine
 
         # Planned for the whole run, so a target epsilon is met after --steps steps.
-        privacy = make_privacy_engine(cfg, len(train_set), args.steps, seed=cfg.seed)
+        privacy = make_privacy_engine(cfg, len(train_set), planned_d_steps(cfg, args.steps), seed=cfg.seed)
     trainer = SiteTrainer(cfg, train_set.images, train_set.labels, device=device, privacy=privacy)
+    if state is None and cfg.train.init_checkpoint:
+        load_init_weights(trainer, cfg.train.init_checkpoint)
     if state is not None:
         trainer.load_state_dict(state)
         print(f"resumed from {ckpt_path} at step {trainer.step}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(out / "config.yaml", config_yaml(cfg.to_dict()))
     train_loop(trainer, total_steps=args.steps, out=out)
     return 0
 
@@ -98,7 +105,6 @@ def train_loop(trainer: SiteTrainer, *, total_steps: int, out: Path) -> None:
     if trainer.step >= total_steps:
         print(f"already at step {trainer.step} >= {total_steps}; nothing to do")
         return
-    log_file = (out / "log.jsonl").open("a")
     bar = tqdm(total=total_steps, initial=trainer.step, unit="step", dynamic_ncols=True)
     start = time.perf_counter()
     try:
@@ -113,8 +119,7 @@ def train_loop(trainer: SiteTrainer, *, total_steps: int, out: Path) -> None:
             record = {"step": trainer.step, "kimg": kimg, "elapsed_s": time.perf_counter() - start, **stats}
             if trainer.privacy is not None:
                 record["epsilon"] = trainer.privacy.epsilon()
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
+            append_json_line(out / "log.jsonl", record)
             done = trainer.step >= total_steps
             if done or trainer.step % t.grid_every < tick:
                 save_class_grid(trainer.G_ema, out / f"grid_{trainer.step:06d}.png", device=trainer.device,
@@ -123,7 +128,6 @@ def train_loop(trainer: SiteTrainer, *, total_steps: int, out: Path) -> None:
                 trainer.save_checkpoint(out / CHECKPOINT_NAME)
     finally:
         bar.close()
-        log_file.close()
     print(f"done: step {trainer.step}, checkpoint {out / CHECKPOINT_NAME}, "
           f"last grid {out / f'grid_{trainer.step:06d}.png'}")
     if trainer.privacy is not None:

@@ -14,20 +14,23 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from medstylegan2.config import RunConfig, from_dict
+from medstylegan2.config import RunConfig
 from medstylegan2.errors import CheckpointError, UserError
 from medstylegan2.losses import StyleGAN2Loss
 from medstylegan2.networks import build_networks
+from medstylegan2.runfolder import write_checkpoint
+
+if TYPE_CHECKING:
+    from medstylegan2.privacy.engine import DPEngine
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "medstylegan2-checkpoint-v1"
 NETWORK_NAMES = ("G", "G_ema", "D")
 
 
@@ -100,7 +103,7 @@ class SiteTrainer:
 
     def __init__(self, cfg: RunConfig, images: np.ndarray, labels: np.ndarray, *,
                  device: torch.device | str | None = None, seed: Optional[int] = None,
-                 privacy: Optional[Any] = None):
+                 privacy: Optional["DPEngine"] = None):
         self.cfg = cfg
         self.device = torch.device(device) if device is not None else resolve_device(cfg.device)
         self.seed = cfg.seed if seed is None else seed
@@ -123,14 +126,16 @@ class SiteTrainer:
         self.cur_nimg = 0      # real images shown to D
         # Set by federation for a FedProx-style proximal term: {"G": {...}, "D": {...}} of tensors.
         self.proximal_reference: Optional[dict[str, dict[str, torch.Tensor]]] = None
-        # The differential-privacy engine (medstylegan2.privacy) takes over D's real-data step.
+        # The differential-privacy engine (medstylegan2.privacy.engine) supplies D's real-data
+        # gradient; this trainer still owns the whole D step.
         self.privacy = privacy
         if privacy is not None:
-            privacy.attach(self)
+            # Validates D before any training; fails here if D or this site does not fit DP-SGD.
+            privacy.bind(self.D, self.d_opt, num_examples=self.num_examples, batch_size=cfg.train.batch_size)
         elif cfg.privacy.enabled and self.num_examples > 0:
             # Never train on real images without DP when the config promises it.
             raise UserError("privacy.enabled is true but no privacy engine was given: pass "
-                            "privacy=medstylegan2.privacy.make_privacy_engine(cfg, num_examples, planned_steps)")
+                            "privacy=medstylegan2.privacy.engine.make_privacy_engine(cfg, num_examples, planned_steps)")
 
     # -- construction helpers --------------------------------------------------------------------
     def _make_optimizer(self, module: nn.Module, lr: float, reg_interval: Optional[int]) -> torch.optim.Adam:
@@ -187,32 +192,61 @@ class SiteTrainer:
         _sanitize_gradients(self.G)
         self.g_opt.step()
 
-        # D: logistic loss on fakes and reals, lazy R1 on reals.
+        # D: logistic loss on fakes and reals, lazy R1 on reals; d_steps_per_g updates per G update.
         self.G.requires_grad_(False)
         self.D.requires_grad_(True)
-        with torch.no_grad():
-            z = torch.randn(batch, self.cfg.model.z_dim, device=self.device)
-            fake_labels = self.sample_fake_labels(batch)
-            fake = self.loss.generate(z, fake_labels, update_w_avg=False)
-        r1_weight = self.loss.r1_weight(lazy=self.step % t.r1_interval == 0)
+        for d_index in range(self.step * t.d_steps_per_g, (self.step + 1) * t.d_steps_per_g):
+            with torch.no_grad():
+                z = torch.randn(batch, self.cfg.model.z_dim, device=self.device)
+                fake_labels = self.sample_fake_labels(batch)
+                fake = self.loss.generate(z, fake_labels, update_w_avg=False)
+            r1_weight = self.loss.r1_weight(lazy=d_index % t.r1_interval == 0)
+            stats.update(self.discriminator_step(fake, fake_labels, r1_weight))
+        self.G.requires_grad_(True)
+
+        self.update_ema()
+        self.step += 1
+        return stats
+
+    def discriminator_step(self, fake: torch.Tensor, fake_labels: torch.Tensor, r1_weight: float) -> dict[str, float]:
+        """One D update on ``fake`` and a batch of real images (DP-SGD under privacy); shareable stats.
+
+        Without privacy: a shuffled batch of reals, the mean loss over fakes and reals, backward.
+        Under privacy the engine draws a Poisson batch and sets D's gradients to the clipped and
+        noised gradient of its real-data loss; the fake term is added here as is. Either way this
+        trainer adds the proximal term, sanitizes, steps D's optimizer and counts the images.
+        """
         if self.privacy is not None:
-            s = self.privacy.discriminator_step(self, fake, fake_labels, r1_weight)
-            stats.update(s)
+            idx = self.privacy.sample_batch()
+            units = self.privacy.units_of(idx)  # with patient-level privacy: each row's patient
+            idx = idx.to(self.device)
+            self.privacy.private_real_gradient(self.real_images[idx], self.real_labels[idx], r1_weight,
+                                               self.loss.class_weight, units=units)
+            # Fake images: G's output for noise z and uniformly drawn labels, so this term reads no
+            # private data (D's current weights are already DP, and anything computed from them is
+            # post-processing). Its gradient is therefore added as is: clipping bounds one person's
+            # influence and noise hides it, and no person influences this term. Its 1/B mean matches
+            # the 1/(q*n) scaling Opacus applied to the real term, as in the non-private loss.
+            loss_fake = self.loss.discriminator_fake(fake, fake_labels)
+            loss_fake.backward()
+            # The real loss stays local (engine.last_private_stats): it was computed without noise.
+            stats = {"loss_d_fake": loss_fake.item()}
+            # Count the expected number of real images, not the drawn one: the actual Poisson batch
+            # size is not part of what the accountant releases.
+            seen = int(round(self.privacy.expected_batch_size))
         else:
             real, real_labels = self.real_batch()
             self.d_opt.zero_grad(set_to_none=True)
             loss_fake = self.loss.discriminator_fake(fake, fake_labels)
             loss_real = self.loss.discriminator_real(real, real_labels, r1_weight)
             (loss_fake + loss_real).backward()
-            self._add_proximal_gradient("D", self.D)
-            _sanitize_gradients(self.D)
-            self.d_opt.step()
-            self.cur_nimg += real.shape[0]
-            stats.update({"loss_d_fake": loss_fake.item(), "loss_d_real": loss_real.item()})
-        self.G.requires_grad_(True)
-
-        self.update_ema()
-        self.step += 1
+            stats = {"loss_d_fake": loss_fake.item(), "loss_d_real": loss_real.item()}
+            seen = real.shape[0]
+        # The FedProx pull towards the global weights is data-independent: it needs no noise.
+        self._add_proximal_gradient("D", self.D)
+        _sanitize_gradients(self.D)
+        self.d_opt.step()
+        self.cur_nimg += seen
         return stats
 
     def _add_proximal_gradient(self, name: str, module: nn.Module) -> None:
@@ -275,7 +309,6 @@ class SiteTrainer:
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = {
-            "format": CHECKPOINT_FORMAT,
             "config": self.cfg.to_dict(),
             **self.get_weights(),
             "g_opt": self.g_opt.state_dict(),
@@ -302,33 +335,12 @@ class SiteTrainer:
         _set_rng_state(state["rng"])
 
     def save_checkpoint(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint
-        return path
+        """Everything above in one checkpoint file (``medstylegan2.runfolder.write_checkpoint``: atomic)."""
+        return write_checkpoint(path, self.state_dict())
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoint I/O shared by the trainer, the sampler and the server
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises many types for truncated/corrupt files
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a Med-StyleGAN2 checkpoint (expected format {CHECKPOINT_FORMAT!r})")
-    return state
-
-
-def config_from_checkpoint(state: dict[str, Any]) -> RunConfig:
-    return from_dict(state["config"], where="checkpoint config").validate()
+# Loading weights
 
 
 def load_state_dict_checked(module: nn.Module, state: dict[str, torch.Tensor], *, what: str) -> None:

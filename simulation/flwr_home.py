@@ -25,6 +25,7 @@ from typing import Any, Optional
 import tomli_w
 
 from medstylegan2.config import RunConfig, load_config
+from medstylegan2.runfolder import atomic_write_text
 
 DEFAULT_HOME = ".cache/flwr-home"
 
@@ -52,10 +53,7 @@ def federation_config_args(cfg: RunConfig, sites: Optional[int] = None) -> str:
 
 
 def write_flower_config(home: str | Path, config: dict[str, Any]) -> Path:
-    path = Path(home) / "config.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomli_w.dumps(config))
-    return path
+    return atomic_write_text(Path(home) / "config.toml", tomli_w.dumps(config))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -71,6 +69,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.deployment and not (args.root_certificates or args.insecure):
         p.error("--deployment needs --root-certificates CA.crt (TLS) or --insecure")
+    if args.deployment and args.insecure:
+        print("WARNING: --insecure: the connection to the SuperLink is not encrypted; for local trials only",
+              file=sys.stderr)
     cfg = load_config(args.config)
     config = flower_config(deployment=args.deployment, root_certificates=args.root_certificates,
                            insecure=args.insecure)

@@ -1,10 +1,11 @@
-"""Configuration: YAML in, typed dataclasses out, every mistake named by its dotted key."""
+"""Configuration: YAML in, typed dataclasses out, every mistake named by its dotted key (and its file);
+files extend each other through ``base:``."""
 
 from __future__ import annotations
 
 import pytest
 
-from medstylegan2.config import ConfigError, RunConfig, load_config
+from medstylegan2.config import ConfigError, RunConfig, load_config, read_config_mapping
 
 
 def write(tmp_path, text: str):
@@ -51,3 +52,57 @@ def test_privacy_requires_minibatch_stddev_off():
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="config file not found: .*absent.yaml"):
         load_config(tmp_path / "absent.yaml")
+
+
+# -- base: ------------------------------------------------------------------------------------------
+
+
+def test_base_is_a_path_relative_to_the_file_that_names_it(tmp_path, monkeypatch):
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "common.yaml").write_text("train:\n  batch_size: 8\n  lambda_ds: 2\n")
+    (tmp_path / "runs").mkdir()
+    derived = tmp_path / "runs" / "mine.yaml"
+    derived.write_text("base: ../shared/common.yaml\ntrain:\n  lambda_ds: 0.5\n")
+    monkeypatch.chdir(tmp_path / "shared")  # not where the derived file is
+    cfg = load_config(derived)
+    assert cfg.train.batch_size == 8 and cfg.train.lambda_ds == 0.5
+
+
+def test_bases_nest_and_the_derived_file_wins_key_by_key(tmp_path):
+    (tmp_path / "a.yaml").write_text("name: a\nseed: 1\nmodel:\n  resolution: 32\n  z_dim: 16\n"
+                                     "metrics:\n  metrics: [fd_domain, lpips]\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nname: b\nmodel:\n  z_dim: 24\n")
+    (tmp_path / "c.yaml").write_text("base: b.yaml\nmodel:\n  w_dim: 40\nmetrics:\n  metrics: [lpips]\n")
+    cfg = load_config(tmp_path / "c.yaml", ["seed=3"])
+    assert (cfg.name, cfg.seed) == ("b", 3)
+    assert (cfg.model.resolution, cfg.model.z_dim, cfg.model.w_dim) == (32, 24, 40)
+    assert cfg.metrics.metrics == ["lpips"]  # a list is replaced, not merged
+    assert "base" not in read_config_mapping(tmp_path / "c.yaml")
+
+
+def test_a_cycle_of_bases_is_an_error_naming_the_chain(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_an_unknown_key_in_a_base_names_the_base_file(tmp_path):
+    (tmp_path / "base.yaml").write_text("train:\n  batchsize: 8\n")
+    (tmp_path / "run.yaml").write_text("base: base.yaml\n")
+    with pytest.raises(ConfigError, match=r"base\.yaml: unknown key 'train\.batchsize'"):
+        load_config(tmp_path / "run.yaml")
+
+
+def test_a_missing_or_malformed_base_names_the_file_that_names_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"run\.yaml: 'base' names .*nope\.yaml, which is not a file"):
+        load_config(write_named(tmp_path, "run.yaml", "base: nope.yaml\n"))
+    with pytest.raises(ConfigError, match=r"run\.yaml: 'base' must be the path"):
+        load_config(write_named(tmp_path, "run.yaml", "base: [a.yaml]\n"))
+
+
+def write_named(tmp_path, name: str, text: str):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+

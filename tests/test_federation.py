@@ -16,9 +16,16 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from medstylegan2 import federation as fed
 from medstylegan2.config import load_config
-from medstylegan2.trainer import read_checkpoint
+from medstylegan2.fl.aggregation import (ServerOptimizer, SiteReply, aggregate_round, sample_sites, site_update,
+                                         weighted_average)
+from medstylegan2.fl.partition import load_split, partition_indices, partition_table
+from medstylegan2.fl.seeds import site_seed
+from medstylegan2.fl.site_round import LocalStateStore, run_site_round
+from medstylegan2.fl.wire import (PAYLOAD_DELTA, PAYLOAD_WEIGHTS, as_received, decode_from_transfer,
+                                  encode_for_transfer, flatten_weights, initial_weights, is_constant, nbytes,
+                                  transferred, validate_update)
+from medstylegan2.runfolder import read_checkpoint
 from server.loopback import LoopbackGrid
 from server.strategy import run_federation
 
@@ -47,7 +54,7 @@ def metrics_lines(run_dir) -> list[dict]:
 
 def global_weights(path) -> dict[str, torch.Tensor]:
     state = read_checkpoint(path)
-    return fed.flatten_weights({name: state[name] for name in ("G", "G_ema", "D")})
+    return flatten_weights({name: state[name] for name in ("G", "G_ema", "D")})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -63,7 +70,7 @@ def scripted_sites(plan: dict[int, dict]) -> ClientApp:
     def roll_call(message: Message, context) -> Message:
         pid = int(context.node_config["partition-id"])
         return Message(RecordDict({"site": ConfigRecord({"site": f"site-{pid}"}),
-                                   "metrics": MetricRecord({"num-examples": plan[pid]["n"]})}), reply_to=message)
+                                   "metrics": MetricRecord({"num_examples": plan[pid]["n"]})}), reply_to=message)
 
     @app.train()
     def train(message: Message, context) -> Message:
@@ -72,8 +79,8 @@ def scripted_sites(plan: dict[int, dict]) -> ClientApp:
         if "corrupt" in plan[pid]:
             plan[pid]["corrupt"](arrays)
         content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                              "metrics": MetricRecord({"num-examples": plan[pid]["n"], "loss_g": 1.0}),
-                              "site": ConfigRecord({"site": f"site-{pid}", "payload": fed.PAYLOAD_WEIGHTS})})
+                              "metrics": MetricRecord({"num_examples": plan[pid]["n"], "loss_g": 1.0}),
+                              "site": ConfigRecord({"site": f"site-{pid}", "payload": PAYLOAD_WEIGHTS})})
         return Message(content, reply_to=message)
 
     return app
@@ -85,11 +92,11 @@ def test_server_weights_are_the_example_weighted_average_of_site_weights(tmp_pat
             2: {"n": 0, "offset": 1000.0}}  # no examples: must not move the average
     run_federation(LoopbackGrid(scripted_sites(plan), sim_nodes(3)), cfg, tmp_path, server_data=False)
 
-    before, _ = fed.initial_weights(cfg)
+    before, _ = initial_weights(cfg)
     after = global_weights(tmp_path / "round_001.pt")
     expected_shift = (10 * 0.1 + 30 * 0.5) / 40
     for key, value in before.items():
-        if fed.is_constant(key):
+        if is_constant(key):
             assert torch.equal(after[key], value), key  # constants never travel and never change
         else:
             torch.testing.assert_close(after[key], value + expected_shift, rtol=1e-6, atol=1e-5, msg=key)
@@ -113,9 +120,9 @@ def test_nan_and_misshapen_updates_are_rejected_naming_site_and_key_and_the_roun
     with caplog.at_level("WARNING"):
         run_federation(LoopbackGrid(scripted_sites(plan), sim_nodes(3)), cfg, tmp_path, server_data=False)
 
-    before, _ = fed.initial_weights(cfg)
+    before, _ = initial_weights(cfg)
     after = global_weights(tmp_path / "round_001.pt")
-    for key in fed.transferred(before):
+    for key in transferred(before):
         torch.testing.assert_close(after[key], before[key] + 0.25, rtol=1e-6, atol=1e-5, msg=key)
     sites = metrics_lines(tmp_path)[0]["sites"]
     assert sites["site-1"]["status"].startswith("rejected") and "NaN/Inf" in sites["site-1"]["status"]
@@ -136,7 +143,7 @@ def test_a_round_with_fewer_valid_updates_than_min_sites_keeps_the_weights(tmp_p
 
     plan = {0: {"n": 5, "offset": 0.3}, 1: {"n": 5, "offset": 0.3, "corrupt": poison}}
     run_federation(LoopbackGrid(scripted_sites(plan), sim_nodes(2)), cfg, tmp_path, server_data=False)
-    before, _ = fed.initial_weights(cfg)
+    before, _ = initial_weights(cfg)
     after = global_weights(tmp_path / "round_001.pt")
     assert all(torch.equal(after[k], before[k]) for k in before)
 
@@ -145,9 +152,35 @@ def test_weighted_average_skips_zero_weights_and_is_none_without_any():
     a = {"w": torch.tensor([1.0, 2.0])}
     b = {"w": torch.tensor([3.0, 6.0])}
     poison = {"w": torch.tensor([float("nan"), 1e30])}
-    avg = fed.weighted_average([a, b, poison], [1, 3, 0])
+    avg = weighted_average([a, b, poison], [1, 3, 0])
     torch.testing.assert_close(avg["w"], torch.tensor([2.5, 5.0]))
-    assert fed.weighted_average([a], [0]) is None
+    assert weighted_average([a], [0]) is None
+
+
+def test_aggregate_round_is_a_plain_call_that_gives_every_site_a_status():
+    weights = {"G/x": torch.zeros(2), "D/y": torch.ones(3)}
+    expected = {k: tuple(v.shape) for k, v in weights.items()}
+
+    def shifted(shift: float) -> dict:
+        return {k: (v + shift).numpy() for k, v in weights.items()}
+
+    broken = shifted(0.0)
+    broken["G/x"][0] = np.nan
+    replies = [SiteReply("b", {"num_examples": 3, "loss_g": 2.0}, shifted(1.0)),
+               SiteReply("a", {"num_examples": 1, "loss_g": 1.0}, shifted(3.0)),
+               SiteReply("c", error="ValueError: boom"),
+               SiteReply("d", {"num_examples": 5, "declined": 1, "dp_epsilon": 4.0}),
+               SiteReply("e", {"num_examples": 2}, broken)]
+    out = aggregate_round(replies, round_num=3, global_weights=weights, sent=weights, expected_shapes=expected,
+                          optimizer=ServerOptimizer("fedavg"), plain_keys=set(), min_sites=1, known_sites=5)
+
+    torch.testing.assert_close(out.weights["G/x"], torch.full((2,), (3 * 1.0 + 1 * 3.0) / 4))
+    status = {name: entry["status"] for name, entry in out.sites.items()}
+    assert status == {"a": "ok", "b": "ok", "c": "error: ValueError: boom", "d": "declined",
+                      "e": "rejected: key 'G/x' holds 1 NaN/Inf value(s)"}
+    assert out.aggregated["loss_g"] == (3 * 2.0 + 1 * 1.0) / 4 and out.aggregated["sites"] == 2
+    assert out.privacy == {"d": {"epsilon": 4.0}} and out.declined == 1 and not out.all_declined
+    assert any("site e" in text and "'G/x'" in text for _, text in out.events)
 
 
 def test_server_momentum_and_adam_follow_their_update_rules():
@@ -155,18 +188,18 @@ def test_server_momentum_and_adam_follow_their_update_rules():
     u = {"G/x": torch.tensor([1.0, -2.0, 0.5]), "G_ema/x": torch.tensor([1.0, 1.0, 1.0])}
     plain = {"G_ema/x"}
 
-    m = fed.ServerOptimizer("fedavgm", lr=0.5, momentum=0.9)
+    m = ServerOptimizer("fedavgm", lr=0.5, momentum=0.9)
     w1 = m.step(w, u, plain)
     w2 = m.step(w1, u, plain)
     torch.testing.assert_close(w2["G/x"], 0.5 * u["G/x"] + 0.5 * (0.9 * u["G/x"] + u["G/x"]))
     torch.testing.assert_close(w2["G_ema/x"], 2 * u["G_ema/x"])  # G_ema: plain average, no momentum
 
-    adam = fed.ServerOptimizer("fedadam", lr=0.1, momentum=0.9, beta2=0.99, tau=1e-3)
+    adam = ServerOptimizer("fedadam", lr=0.1, momentum=0.9, beta2=0.99, tau=1e-3)
     w1 = adam.step(w, u, plain)
     mt, vt = 0.1 * u["G/x"], 0.01 * u["G/x"] ** 2
     torch.testing.assert_close(w1["G/x"], 0.1 * mt / (vt.sqrt() + 1e-3))
 
-    restored = fed.ServerOptimizer("fedadam", lr=0.1, momentum=0.9, beta2=0.99, tau=1e-3)
+    restored = ServerOptimizer("fedadam", lr=0.1, momentum=0.9, beta2=0.99, tau=1e-3)
     restored.load_state_dict(adam.state_dict())
     torch.testing.assert_close(restored.step(w1, u, plain)["G/x"], adam.step(w1, u, plain)["G/x"])
 
@@ -178,46 +211,46 @@ def test_server_momentum_and_adam_follow_their_update_rules():
 def test_validate_update_names_the_key_of_each_problem():
     expected = {"G/a": (2, 2), "D/b": (3,)}
     ok = {"G/a": np.zeros((2, 2), np.float32), "D/b": np.ones(3, np.float16)}
-    assert fed.validate_update(ok, expected) == []
-    problems = fed.validate_update({"G/a": np.full((2, 2), np.inf, np.float32), "D/c": np.zeros(3, np.float32)},
+    assert validate_update(ok, expected) == []
+    problems = validate_update({"G/a": np.full((2, 2), np.inf, np.float32), "D/c": np.zeros(3, np.float32)},
                                    expected)
     text = " | ".join(problems)
     assert "missing key 'D/b'" in text and "unexpected key 'D/c'" in text and "'G/a' holds 4 NaN/Inf" in text
-    assert "dtype uint8" in fed.validate_update({"G/a": np.zeros((2, 2), np.uint8), "D/b": ok["D/b"]},
+    assert "dtype uint8" in validate_update({"G/a": np.zeros((2, 2), np.uint8), "D/b": ok["D/b"]},
                                                 expected)[0]
 
 
 def test_float16_transfer_halves_the_bytes_and_keeps_the_update_precise(tiny_config):
-    weights, _ = fed.initial_weights(tiny_config)
-    sent = fed.transferred(weights)
-    fp32, fp16 = fed.encode_for_transfer(sent, "float32"), fed.encode_for_transfer(sent, "float16")
-    assert fed.nbytes(fp16) * 2 == fed.nbytes(fp32)
+    weights, _ = initial_weights(tiny_config)
+    sent = transferred(weights)
+    fp32, fp16 = encode_for_transfer(sent, "float32"), encode_for_transfer(sent, "float16")
+    assert nbytes(fp16) * 2 == nbytes(fp32)
     assert all(a.dtype == np.float16 for a in fp16.values())
 
-    start = fed.as_received(sent, "float16")
+    start = as_received(sent, "float16")
     rng = torch.Generator().manual_seed(0)
     new = {k: v + 1e-3 * torch.randn(v.shape, generator=rng) for k, v in start.items()}
-    delta = fed.encode_for_transfer({k: new[k] - start[k] for k in new}, "float16")
-    update = fed.site_update(fed.decode_from_transfer(delta), fed.PAYLOAD_DELTA, start)
+    delta = encode_for_transfer({k: new[k] - start[k] for k in new}, "float16")
+    update = site_update(decode_from_transfer(delta), PAYLOAD_DELTA, start)
     for key in new:
         torch.testing.assert_close(start[key] + update[key], new[key], rtol=0, atol=2e-6)
 
 
 def test_site_seeds_depend_on_seed_round_and_site_only():
-    s = fed.site_seed(0, 3, "site-1")
-    assert s == fed.site_seed(0, 3, "site-1")
-    assert len({s, fed.site_seed(1, 3, "site-1"), fed.site_seed(0, 4, "site-1"), fed.site_seed(0, 3, "site-2")}) == 4
-    picked = fed.sample_sites(["c", "a", "b", "d"], 0.5, 1, seed=0, round_num=2)
-    assert picked == fed.sample_sites(["d", "b", "a", "c"], 0.5, 1, seed=0, round_num=2) and len(picked) == 2
-    assert fed.sample_sites(["a", "b", "c"], 0.1, 2, seed=0, round_num=1).__len__() == 2
+    s = site_seed(0, 3, "site-1")
+    assert s == site_seed(0, 3, "site-1")
+    assert len({s, site_seed(1, 3, "site-1"), site_seed(0, 4, "site-1"), site_seed(0, 3, "site-2")}) == 4
+    picked = sample_sites(["c", "a", "b", "d"], 0.5, 1, seed=0, round_num=2)
+    assert picked == sample_sites(["d", "b", "a", "c"], 0.5, 1, seed=0, round_num=2) and len(picked) == 2
+    assert sample_sites(["a", "b", "c"], 0.1, 2, seed=0, round_num=1).__len__() == 2
 
 
 def test_a_site_without_images_returns_the_weights_unchanged(tiny_config):
-    weights, _ = fed.initial_weights(tiny_config)
-    received = fed.encode_for_transfer(fed.transferred(weights), "float32")
+    weights, _ = initial_weights(tiny_config)
+    received = encode_for_transfer(transferred(weights), "float32")
     empty = np.zeros((0, 1, 16, 16), np.uint8)
-    result = fed.run_site_round(tiny_config, empty, np.zeros(0, np.int64), received, round_num=1, site="s")
-    assert result.metrics["num-examples"] == 0
+    result = run_site_round(tiny_config, empty, np.zeros(0, np.int64), received, round_num=1, site="s")
+    assert result.metrics["num_examples"] == 0
     assert all(np.array_equal(result.payload[k], received[k]) for k in received)
 
 
@@ -230,13 +263,13 @@ LABELS = np.repeat(np.arange(3), [200, 120, 80])
 
 @pytest.mark.parametrize("partitioner", ["iid", "dirichlet", "quantity"])
 def test_partitions_cover_every_image_exactly_once_and_are_reproducible(partitioner):
-    parts = fed.partition_indices(LABELS, 4, partitioner, dirichlet_alpha=0.5, quantity_alpha=1.0, seed=3)
+    parts = partition_indices(LABELS, 4, partitioner, dirichlet_alpha=0.5, quantity_alpha=1.0, seed=3)
     everything = np.concatenate(parts)
     assert len(everything) == len(LABELS) and len(np.unique(everything)) == len(LABELS)
-    rows = fed.partition_table(LABELS, parts)
+    rows = partition_table(LABELS, parts)
     assert sum(r["total"] for r in rows) == len(LABELS)
     assert [sum(r[c] for r in rows) for c in ("Normal", "COVID-19", "Non-COVID")] == [200, 120, 80]
-    again = fed.partition_indices(LABELS, 4, partitioner, dirichlet_alpha=0.5, quantity_alpha=1.0, seed=3)
+    again = partition_indices(LABELS, 4, partitioner, dirichlet_alpha=0.5, quantity_alpha=1.0, seed=3)
     assert all(np.array_equal(a, b) for a, b in zip(parts, again))
 
 
@@ -245,14 +278,14 @@ def _mean_top_class_share(parts) -> float:
 
 
 def test_dirichlet_label_skew_is_visible_and_grows_as_alpha_shrinks():
-    iid = _mean_top_class_share(fed.partition_indices(LABELS, 4, "iid", seed=0))
-    mild = _mean_top_class_share(fed.partition_indices(LABELS, 4, "dirichlet", dirichlet_alpha=5.0, seed=0))
-    strong = _mean_top_class_share(fed.partition_indices(LABELS, 4, "dirichlet", dirichlet_alpha=0.1, seed=0))
+    iid = _mean_top_class_share(partition_indices(LABELS, 4, "iid", seed=0))
+    mild = _mean_top_class_share(partition_indices(LABELS, 4, "dirichlet", dirichlet_alpha=5.0, seed=0))
+    strong = _mean_top_class_share(partition_indices(LABELS, 4, "dirichlet", dirichlet_alpha=0.1, seed=0))
     assert iid <= 0.55 and mild <= 0.55 and strong > 0.7
 
 
 def test_quantity_skew_gives_unequal_sizes_with_the_class_mix_kept():
-    parts = fed.partition_indices(LABELS, 4, "quantity", quantity_alpha=0.5, seed=1)
+    parts = partition_indices(LABELS, 4, "quantity", quantity_alpha=0.5, seed=1)
     sizes = sorted(len(p) for p in parts)
     assert sizes[-1] > 2 * sizes[0]
     big = max(parts, key=len)
@@ -264,7 +297,7 @@ def test_quantity_skew_gives_unequal_sizes_with_the_class_mix_kept():
 
 
 def test_local_state_store_keeps_the_state_from_before_an_unfinished_round(tmp_path):
-    store = fed.LocalStateStore(tmp_path)
+    store = LocalStateStore(tmp_path)
     for r in (1, 2, 3):
         store.save(r, f"after {r}".encode())
     assert store.rounds() == [2, 3]
@@ -339,7 +372,7 @@ def test_only_weights_counts_and_metrics_leave_a_site(tmp_path, dtype):
     cfg = smoke("federation.rounds=1", f"federation.transfer_dtype={dtype}")
     grid = LoopbackGrid(app, sim_nodes(2))
     run_federation(grid, cfg, tmp_path, site_state_dir=str(tmp_path / "site_state"), server_data=False)
-    train, _ = fed.load_split(cfg)
+    train, _ = load_split(cfg)
     resolution = cfg.model.resolution
 
     assert len(grid.outgoing) == 4  # roll call + one training round, two sites
@@ -377,7 +410,7 @@ def test_epsilon_composes_over_rounds_and_sites_out_of_budget_decline_until_the_
     assert [line["round"] for line in lines] == [1, 2]
     assert {s["status"] for s in lines[0]["sites"].values()} == {"ok"}
     assert {s["status"] for s in lines[1]["sites"].values()} == {"declined"}
-    first = {name: s["dp-epsilon"] for name, s in lines[0]["sites"].items()}
+    first = {name: s["dp_epsilon"] for name, s in lines[0]["sites"].items()}
     assert all(3.0 < eps < 5.0 for eps in first.values())
     report = json.loads((tmp_path / "privacy.json").read_text())
     assert set(report) == {"delta", "accountant", "sites"} and set(report["sites"]) == {"site-0", "site-1"}
@@ -393,13 +426,13 @@ def test_a_proximal_term_keeps_site_weights_near_the_global_ones(tiny_config):
     from medstylegan2.phantoms import generate_phantoms
 
     data = generate_phantoms(4, 16, seed=0)
-    weights, _ = fed.initial_weights(tiny_config)
-    received = fed.encode_for_transfer(fed.transferred(weights), "float32")
+    weights, _ = initial_weights(tiny_config)
+    received = encode_for_transfer(transferred(weights), "float32")
 
     def drift(mu: float) -> float:
         cfg = dataclasses.replace(tiny_config, federation=dataclasses.replace(
             tiny_config.federation, proximal_mu=mu, local_steps=4))
-        out = fed.run_site_round(cfg, data.images, data.labels, received, round_num=1, site="s")
+        out = run_site_round(cfg, data.images, data.labels, received, round_num=1, site="s")
         return float(sum(np.abs(out.payload[k] - received[k]).sum() for k in received if k.startswith("D/")))
 
     assert drift(1000.0) < 0.5 * drift(0.0)

@@ -8,7 +8,8 @@ import torch
 
 from medstylegan2.config import ModelConfig
 from medstylegan2.networks import build_networks
-from medstylegan2.trainer import SiteTrainer, read_checkpoint
+from medstylegan2.runfolder import read_checkpoint
+from medstylegan2.trainer import SiteTrainer
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

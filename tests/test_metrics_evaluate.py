@@ -107,7 +107,7 @@ def test_plot_metrics_draws_every_round_and_explains_missing_panels(tmp_path):
 
 def test_cli_evaluates_image_folders(sets, tmp_path, capsys):
     from medstylegan2.cli import main
-    from medstylegan2.data import write_image_folder
+    from medstylegan2.images import write_image_folder
 
     train, heldout, fake = sets
     dirs = {name: write_image_folder(s, tmp_path / name) for name, s in
@@ -149,7 +149,7 @@ def test_records_are_strict_json(sets, tmp_path):
 
 def test_cli_samples_a_checkpoint_and_reuses_the_runs_domain_classifier(tiny_config, tmp_path, capsys):
     from medstylegan2.cli import main
-    from medstylegan2.data import write_image_folder
+    from medstylegan2.images import write_image_folder
     from medstylegan2.trainer import SiteTrainer
 
     res = tiny_config.model.resolution

@@ -93,7 +93,7 @@ def test_sizes_too_small_for_a_metric_give_none(domain_space):
 
 
 def test_figures_equal_torch_fidelity_calculate_metrics_on_image_folders(sets, domain_space, tmp_path):
-    from medstylegan2.data import write_image_folder
+    from medstylegan2.images import write_image_folder
 
     train, heldout = sets
     fake_dir = write_image_folder(train, tmp_path / "fake")

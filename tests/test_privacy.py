@@ -11,12 +11,14 @@ import torch.nn as nn
 from opacus.accountants import create_accountant
 
 from medstylegan2.config import load_config
-from medstylegan2.errors import UserError
+from medstylegan2.errors import PrivacyError, UserError
 from medstylegan2.losses import discriminator_real_loss_per_sample
 from medstylegan2.networks import Discriminator
-from medstylegan2.privacy import (DPEngine, PrivacyError, default_delta, make_privacy_engine,
-                                  per_sample_real_gradients, validate_discriminator)
-from medstylegan2.trainer import SiteTrainer, read_checkpoint
+from medstylegan2.privacy.engine import DPEngine, default_delta, make_privacy_engine
+from medstylegan2.privacy.per_sample import per_sample_real_gradients
+from medstylegan2.privacy.validation import validate_discriminator
+from medstylegan2.runfolder import read_checkpoint
+from medstylegan2.trainer import SiteTrainer
 
 TINY = ["model.resolution=16", "model.channel_base=256", "model.channel_max=32", "model.z_dim=16", "model.w_dim=16",
         "model.mapping_layers=2", "model.cmap_dim=16", "model.mbstd_group_size=0", "train.batch_size=4",
@@ -81,7 +83,7 @@ def test_empty_batch_gives_empty_per_sample_grads():
 # -- clipping and noise --------------------------------------------------------------------------
 
 
-def _attached_engine(noise: float, clip: float) -> tuple[DPEngine, SiteTrainer]:
+def _bound_engine(noise: float, clip: float) -> tuple[DPEngine, SiteTrainer]:
     cfg = dp_config(f"privacy.noise_multiplier={noise}", f"privacy.max_grad_norm={clip}")
     trainer = private_trainer(cfg)
     return trainer.privacy, trainer
@@ -89,7 +91,7 @@ def _attached_engine(noise: float, clip: float) -> tuple[DPEngine, SiteTrainer]:
 
 def test_zero_noise_and_tiny_clip_norm_clip_every_sample_to_the_norm():
     clip = 1e-3
-    engine, trainer = _attached_engine(noise=0.0, clip=clip)
+    engine, trainer = _bound_engine(noise=0.0, clip=clip)
     real, labels = trainer.real_images[:5], trainer.real_labels[:5]
     raw, _, _ = per_sample_real_gradients(trainer.D, real, labels, r1_weight=0.1)
     names = [name for name, _ in trainer.D.named_parameters()]
@@ -112,7 +114,7 @@ def test_zero_noise_and_tiny_clip_norm_clip_every_sample_to_the_norm():
 
 def test_noise_variance_matches_sigma_c_over_b():
     sigma, clip = 2.0, 0.5
-    engine, trainer = _attached_engine(noise=sigma, clip=clip)
+    engine, trainer = _bound_engine(noise=sigma, clip=clip)
     raw, _, _ = per_sample_real_gradients(trainer.D, trainer.real_images[:3], trainer.real_labels[:3], 0.0)
     draws = []
     for _ in range(60):
@@ -129,7 +131,7 @@ def test_noise_variance_matches_sigma_c_over_b():
 
 
 def test_empty_poisson_batch_is_a_noise_only_step_that_still_counts():
-    engine, trainer = _attached_engine(noise=1.0, clip=1.0)
+    engine, trainer = _bound_engine(noise=1.0, clip=1.0)
     engine.sample_batch = lambda: torch.zeros(0, dtype=torch.long)
     before = [p.detach().clone() for p in trainer.D.parameters()]
     stats = trainer.train_steps(2)

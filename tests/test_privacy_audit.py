@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 
 from medstylegan2.cli import main
-from medstylegan2.data import ImageSet, write_image_folder
-from medstylegan2.privacy_audit import (attack_summary, black_box_scores, dp_auc_bound, dp_tpr_bound, roc_auc,
-                                        roc_curve, tpr_at_fpr, white_box_scores)
+from medstylegan2.images import ImageSet, write_image_folder
+from medstylegan2.privacy.audit import (attack_summary, black_box_scores, dp_auc_bound, dp_tpr_bound, roc_auc,
+                                         roc_curve, tpr_at_fpr, white_box_scores)
 
 
 def mann_whitney_auc(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -148,7 +148,7 @@ def test_audit_privacy_writes_json_and_png_for_a_run(tmp_path, tiny_config, caps
     assert bounded["bound"]["auc_max"] == pytest.approx(dp_auc_bound(2.0, 1e-5))
     assert "max_excess_over_bound" in bounded["attacks"]["white_box_discriminator"]
     # ... or from a site's lifetime ledger.
-    from medstylegan2.privacy_ledger import PrivacyLedger, Release
+    from medstylegan2.privacy.ledger import PrivacyLedger, Release
 
     ledger = PrivacyLedger(tmp_path / "ledger", "f" * 64)
     ledger.record_release(Release("r", 1, 1.0, 0.05, 100, "rdp", "image", 1.0, 1e-5))

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from opacus.accountants import create_accountant
 
-from medstylegan2.privacy_ledger import (GENESIS, HEAD_FILE, LEDGER_FILE, LedgerBusyError, LedgerError, LedgerHead,
+from medstylegan2.privacy.ledger import (GENESIS, HEAD_FILE, LEDGER_FILE, LedgerBusyError, LedgerError, LedgerHead,
                                         PrivacyLedger, Release, dataset_fingerprint, open_ledger_for_policy)
-from medstylegan2.privacy_policy import policy_from_mapping
+from medstylegan2.privacy.policy import policy_from_mapping
 
 REPO = Path(__file__).resolve().parents[1]
 FP = "a" * 64
@@ -174,7 +174,7 @@ def test_a_dp_policy_without_a_usable_ledger_folder_refuses(tmp_path):
 
 def test_the_lock_keeps_a_second_process_out(tmp_path):
     ledger = PrivacyLedger(tmp_path, FP)
-    script = ("import sys; from medstylegan2.privacy_ledger import *\n"
+    script = ("import sys; from medstylegan2.privacy.ledger import *\n"
               "ledger = PrivacyLedger(sys.argv[1], 'b' * 64)\n"
               "try:\n"
               "    with ledger.lock(timeout=0):\n"
@@ -201,7 +201,7 @@ def test_the_lock_keeps_a_second_process_out(tmp_path):
 
 
 def test_concurrent_writers_leave_one_valid_chain(tmp_path):
-    script = ("import sys; from medstylegan2.privacy_ledger import *\n"
+    script = ("import sys; from medstylegan2.privacy.ledger import *\n"
               "ledger = PrivacyLedger(sys.argv[1], 'c' * 64)\n"
               "for r in range(15):\n"
               "    ledger.record_release(Release(sys.argv[2], r, 1.0, 0.1, 1, 'rdp', 'image', 1.0, 1e-5))\n")

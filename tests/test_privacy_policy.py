@@ -13,10 +13,10 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from medstylegan2.config import load_config
-from medstylegan2.privacy_ledger import PrivacyLedger, Release
-from medstylegan2.privacy_policy import (DEFAULT_DELTA, PolicyError, RoundRequest, check_budget, check_request,
-                                         check_site_size, load_policy, policy_from_mapping, policy_from_run_config,
-                                         request_from_run_config)
+from medstylegan2.privacy.ledger import PrivacyLedger, Release
+from medstylegan2.privacy.policy import (DEFAULT_DELTA, PolicyError, check_site_size, load_policy,
+                                         policy_from_mapping, policy_from_run_config)
+from medstylegan2.privacy.request import RoundRequest, check_budget, check_request, request_from_run_config
 
 STRICT = {"dp_required": True, "delta": 1e-5, "max_grad_norm": 0.25, "min_noise_multiplier": 0.8,
           "epsilon_per_run": 8.0, "lifetime_epsilon": 10.0, "min_site_size": 1000, "unit": "image",

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from medstylegan2.cli import main
-from medstylegan2.config import FederationConfig, load_config
+from medstylegan2.config import FederationConfig, load_config, read_config_mapping
 from medstylegan2.errors import UserError
-from medstylegan2.privacy import DPEngine
+from medstylegan2.privacy.engine import DPEngine
 from medstylegan2.privacy_report import (RECORD_KEYS, build_report, records_from_metrics, update_privacy_report,
                                          write_privacy_report)
 
@@ -90,10 +90,12 @@ def test_cli_prints_the_table_and_rerenders(tmp_path, capsys):
     assert (tmp_path / "privacy.png").is_file()
 
 
-def test_cli_rebuilds_the_report_from_metrics_jsonl(tmp_path, capsys):
+@pytest.mark.parametrize("prefix", ["dp_", "dp-"])  # dp-: runs written before keys were snake_case
+def test_cli_rebuilds_the_report_from_metrics_jsonl(tmp_path, capsys, prefix):
     def site(eps: float, steps: int, status: str = "ok") -> dict:
-        return {"status": status, "dp-epsilon": eps, "dp-delta": 1e-3, "dp-sample_rate": 0.1, "dp-steps": steps,
-                "dp-noise_multiplier": 1.2, "dp-max_grad_norm": 1.0}
+        figures = {"epsilon": eps, "delta": 1e-3, "sample_rate": 0.1, "steps": steps, "noise_multiplier": 1.2,
+                   "max_grad_norm": 1.0}
+        return {"status": status, **{prefix + k: v for k, v in figures.items()}}
 
     lines = [json.dumps({"round": 1, "sites": {"0": site(1.0, 50), "1": site(1.1, 50)}}),
              json.dumps({"round": 2, "sites": {"0": site(1.5, 100), "1": site(1.1, 50, "declined")}})]
@@ -120,13 +122,16 @@ def test_dp_config_is_a_private_three_site_phantom_run_at_64_px():
     assert cfg.model.resolution == 64 and cfg.federation.sites == 3 and cfg.data.source == "phantoms"
     assert cfg.privacy.target_epsilon is not None and cfg.privacy.budget_epsilon is not None
     assert cfg.privacy.noise_seed is None  # real runs draw their noise from OS entropy
-    raw = yaml.safe_load((REPO / "configs" / "dp.yaml").read_text())
+    raw = read_config_mapping(REPO / "configs" / "dp.yaml")  # with its base: merged in
     default = REPO / "configs" / "default.yaml"
     if default.is_file():  # the private run is the default run plus privacy
-        base = yaml.safe_load(default.read_text())
+        base = read_config_mapping(default)
         assert set(base["federation"]) == set(raw["federation"])
         assert {k: v for k, v in raw.items() if k not in ("name", "privacy", "model", "train")} == \
             {k: v for k, v in base.items() if k not in ("name", "model", "train")}
+        # ... and says so: the file itself states only what differs.
+        own = yaml.safe_load((REPO / "configs" / "dp.yaml").read_text())
+        assert own["base"] == "default.yaml" and set(own) <= {"base", "name", "privacy", "model", "train"}
     else:
         assert set(raw["federation"]) <= {f.name for f in dataclasses.fields(FederationConfig)}
 
@@ -174,7 +179,7 @@ def test_steps_that_go_backwards_fail_loudly_instead_of_being_dropped(tmp_path, 
 def test_the_ledger_table_shows_per_run_and_lifetime_epsilon_and_a_rewind_fails(tmp_path, capsys):
     from opacus.accountants import create_accountant
 
-    from medstylegan2.privacy_ledger import LEDGER_FILE, PrivacyLedger, Release
+    from medstylegan2.privacy.ledger import LEDGER_FILE, PrivacyLedger, Release
 
     ledger = PrivacyLedger(tmp_path / "ledger", "f" * 64)
     for run, round_num in (("run-a", 1), ("run-a", 2), ("run-b", 1)):

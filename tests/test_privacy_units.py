@@ -11,7 +11,9 @@ from opacus.accountants import create_accountant
 
 from medstylegan2.config import load_config
 from medstylegan2.losses import discriminator_real_loss_per_sample
-from medstylegan2.privacy import DPEngine, per_sample_real_gradients, sum_per_unit
+from medstylegan2.privacy.engine import DPEngine
+from medstylegan2.privacy.per_sample import per_sample_real_gradients
+from medstylegan2.privacy.units import sum_per_unit
 from medstylegan2.trainer import SiteTrainer
 
 TINY = ["model.resolution=16", "model.channel_base=256", "model.channel_max=32", "model.z_dim=16", "model.w_dim=16",
@@ -137,7 +139,8 @@ def test_a_patient_with_most_images_changes_the_update_by_at_most_c_over_b():
     without = torch.arange(18, 24)
 
     def released(idx: torch.Tensor) -> torch.Tensor:
-        engine.private_real_gradient(trainer.real_images[idx], trainer.real_labels[idx], 0.1, engine.units_of(idx))
+        engine.private_real_gradient(trainer.real_images[idx], trainer.real_labels[idx], 0.1,
+                                     units=engine.units_of(idx))
         return update(trainer)
 
     change = (released(everyone) - released(without)).norm().item()
@@ -145,8 +148,8 @@ def test_a_patient_with_most_images_changes_the_update_by_at_most_c_over_b():
     # For contrast, per-image clipping lets the same 18 images move the update far more.
     per_image = DPEngine(num_examples=24, batch_size=batch, max_grad_norm=clip, noise_multiplier=0.0, delta=1e-5,
                          seed=0)
-    trainer.privacy, per_image.trainer = per_image, None
-    per_image.attach(trainer)
+    trainer.privacy = per_image
+    per_image.bind(trainer.D, trainer.d_opt, num_examples=24, batch_size=trainer.cfg.train.batch_size)
     per_image.private_real_gradient(trainer.real_images, trainer.real_labels, 0.1)
     with_all = update(trainer)
     per_image.private_real_gradient(trainer.real_images[without], trainer.real_labels[without], 0.1)
@@ -167,7 +170,7 @@ def test_patient_level_epsilon_equals_opacus_for_the_patient_sampling_rate():
 
 
 def test_patient_ids_must_name_every_image():
-    from medstylegan2.privacy import PrivacyError
+    from medstylegan2.errors import PrivacyError
 
     with pytest.raises(PrivacyError, match="3 ids for 4 images"):
         DPEngine(num_examples=4, batch_size=2, max_grad_norm=1.0, noise_multiplier=1.0, groups=[0, 0, 1])
@@ -195,7 +198,7 @@ def test_patient_ids_are_read_from_a_csv_naming_problems_by_line(tmp_path):
 
 
 def test_a_dp_reply_carries_no_count_timing_or_real_loss_whatever_the_site_size():
-    from medstylegan2.privacy_reply import DP_REPLY_KEYS, reply_metrics
+    from medstylegan2.privacy.reply import DP_REPLY_KEYS, reply_metrics
 
     replies = []
     for n in (24, 40):
@@ -206,20 +209,20 @@ def test_a_dp_reply_carries_no_count_timing_or_real_loss_whatever_the_site_size(
         stats = trainer.train_steps(2)
         assert {"seconds", "images_per_second", "real_images_seen"} <= set(stats)
         # What the site round assembles today, plus a real-data loss a later change might add.
-        metrics = {"num-examples": float(n), "steps": 2.0, **stats, "loss_d_real": 0.7,
-                   **{f"dp-{k}": float(v) for k, v in engine.round_record(1).items() if k != "round"}}
+        metrics = {"num_examples": float(n), "steps": 2.0, **stats, "loss_d_real": 0.7,
+                   **{f"dp_{k}": float(v) for k, v in engine.round_record(1).items() if k != "round"}}
         replies.append(reply_metrics(metrics, dp=True, nominal_size=100))
     for reply in replies:
-        assert reply["num-examples"] == 100.0
+        assert reply["num_examples"] == 100.0
         assert not {"seconds", "images_per_second", "real_images_seen", "loss_d_real"} & set(reply)
-        assert set(reply) <= set(DP_REPLY_KEYS) | {"num-examples"} | {k for k in reply if k.startswith("dp-")}
+        assert set(reply) <= set(DP_REPLY_KEYS) | {"num_examples"} | {k for k in reply if k.startswith("dp_")}
     public = [{k: v for k, v in r.items() if not k.startswith("loss")} for r in replies]
     assert public[0] == public[1]  # counts and privacy figures do not depend on n
-    assert reply_metrics({"num-examples": 24.0, "seconds": 3.0}, dp=False) == {"num-examples": 24.0, "seconds": 3.0}
+    assert reply_metrics({"num_examples": 24.0, "seconds": 3.0}, dp=False) == {"num_examples": 24.0, "seconds": 3.0}
 
 
 def test_errors_under_dp_reach_the_server_as_a_generic_text():
-    from medstylegan2.privacy_reply import GENERIC_ERROR, reply_error_text
+    from medstylegan2.privacy.reply import GENERIC_ERROR, reply_error_text
 
     oom = RuntimeError("CUDA out of memory while computing per-sample gradients of 517 images")
     assert reply_error_text(oom, dp=True) == GENERIC_ERROR and "517" not in GENERIC_ERROR

@@ -9,7 +9,8 @@ One module per concern:
 - ``memorization``: nearest-training-image audit;
 - ``utility``: train-on-synthetic, test-on-real classification;
 - ``plots``: sample grids, memorization pairs, metrics over rounds;
-- ``evaluate``: the orchestrator (``evaluate_images``, ``evaluate_generator``) and the ``evaluate`` command.
+- ``evaluate``: the orchestrator (``evaluate_images``, ``evaluate_generator``);
+- ``evaluate_command``: the ``evaluate`` command.
 """
 
 from __future__ import annotations
@@ -21,12 +22,3 @@ METRIC_NAMES: tuple[str, ...] = (
     "memorization",                          # nearest training image in pixel / domain feature space
     "utility",                               # train on synthetic, test on real
 )
-
-
-def __getattr__(name: str):
-    # Lazy re-exports keep ``import medstylegan2.metrics`` cheap (no torch-fidelity import).
-    if name in ("evaluate_images", "evaluate_generator", "plot_metrics"):
-        from medstylegan2.metrics import evaluate
-
-        return getattr(evaluate, name)
-    raise AttributeError(name)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import importlib.util
 import io
 import logging
-import os
 import sys
 import types
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ import torch
 
 from medstylegan2.classifier import load_classifier
 from medstylegan2.errors import MissingWeightsError
+from medstylegan2.runfolder import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -199,11 +199,7 @@ def convert_fid_helper_inception(torchscript_path: str | Path, out_path: str | P
     # No logits in the TorchScript: NaN makes any Inception Score computed from these weights visibly invalid.
     out["fc.weight"] = torch.full_like(dst["fc.weight"], float("nan"))
     out["fc.bias"] = torch.full_like(dst["fc.bias"], float("nan"))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f"{out_path.name}.{os.getpid()}.tmp")
-    torch.save(out, tmp)
-    tmp.replace(out_path)
-    return out_path
+    return atomic_torch_save(out_path, out)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medstylegan2.runfolder import save_figure
+
 log = logging.getLogger(__name__)
 
 GAP = 2  # pixels between tiles
@@ -63,9 +65,7 @@ def save_sample_grid(fake_images: np.ndarray, fake_labels: np.ndarray, real_imag
         ax.text(x, -size * 0.08, text, ha="center", va="bottom", fontsize=9)
     if title:
         ax.set_title(title, fontsize=9, pad=14)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)
 
 
 def save_memorization_pairs(fake_images: np.ndarray, train_images: np.ndarray, pairs: list[dict],
@@ -87,9 +87,7 @@ def save_memorization_pairs(fake_images: np.ndarray, train_images: np.ndarray, p
         dom = pair.get("domain_distance")
         ax.set_title(f"{pair['generated_class']} / {pair['train_class']}\npixel RMS {pair['pixel_distance']:.4f}"
                      + ("" if dom is None else f", domain {dom:.3f}"), fontsize=7)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)
 
 
 _ROUND_FILE = re.compile(r"round_(\d+)\.json$")
@@ -164,9 +162,7 @@ def plot_metrics(run_dir: str | Path, out_path: str | Path | None = None) -> Pat
             ax.set_xticks([])
             ax.set_yticks([])
     fig.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path)
-    return out_path
+    return save_figure(fig, out_path)
 
 
 def _wrap(text: str, width: int) -> list[str]:

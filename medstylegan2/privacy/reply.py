@@ -16,28 +16,28 @@ from typing import Any, Mapping, Optional
 
 log = logging.getLogger(__name__)
 
-# Reply keys that may leave a site under DP (besides "num-examples", replaced by the nominal size).
+# Reply keys that may leave a site under DP (besides "num_examples", replaced by the nominal size).
 DP_REPLY_KEYS = ("loss_g", "loss_d_fake", "loss_pl", "loss_ds", "steps", "declined")
 # Privacy figures: functions of the policy, the request and the ledger only.
-DP_FIGURE_PREFIX = "dp-"
+DP_FIGURE_PREFIX = "dp_"  # medstylegan2.fl.wire.PRIVACY_PREFIX
 DP_FIGURE_KEYS = ("epsilon", "delta", "sample_rate", "steps", "noise_multiplier", "max_grad_norm")
 GENERIC_ERROR = "the site could not complete this round; the details are in the site's own log"
 
 
 def reply_metrics(metrics: Mapping[str, Any], *, dp: bool, nominal_size: Optional[int] = None) -> dict[str, Any]:
     """The metrics a reply may carry. Without DP, all of them; under DP, the allow-list only,
-    with ``num-examples`` set to the policy's ``nominal_size`` (the FedAvg weight)."""
+    with ``num_examples`` set to the policy's ``nominal_size`` (the FedAvg weight)."""
     if not dp:
         return dict(metrics)
     if nominal_size is None:
         raise ValueError("under DP the reply's example count is the policy's nominal size; none was given")
     allowed = {k: v for k, v in metrics.items()
                if k in DP_REPLY_KEYS or (k.startswith(DP_FIGURE_PREFIX) and k[len(DP_FIGURE_PREFIX):] in DP_FIGURE_KEYS)}
-    dropped = sorted(set(metrics) - set(allowed) - {"num-examples"})
+    dropped = sorted(set(metrics) - set(allowed) - {"num_examples"})
     if dropped:
         log.info("kept in the site's log, not sent under DP: %s",
                  ", ".join(f"{k}={metrics[k]}" for k in dropped))
-    allowed["num-examples"] = float(nominal_size) if allowed.get("declined") != 1.0 else 0.0
+    allowed["num_examples"] = float(nominal_size) if allowed.get("declined") != 1.0 else 0.0
     return allowed
 
 

@@ -45,7 +45,9 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from medstylegan2.errors import UserError
-from medstylegan2.privacy_policy import ACCOUNTANTS, UNITS, epsilon_of_history
+from medstylegan2.privacy.accounting import epsilon_of_history
+from medstylegan2.privacy.policy import ACCOUNTANTS, UNITS
+from medstylegan2.runfolder import append_json_line, atomic_write_text, fsync_folder
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +193,9 @@ class PrivacyLedger:
                 raise LedgerError(f"no privacy ledger folder at {self.dir}")
         else:
             try:
-                created = _make_dirs_durably(self.dir)
+                created = not self.dir.exists()
+                self.dir.mkdir(parents=True, exist_ok=True)
+                fsync_folder(self.dir.parent)
             except OSError as exc:
                 raise LedgerError(f"cannot create the privacy ledger folder {self.dir}: {exc.strerror or exc}; "
                                   "under DP a site with nowhere to keep its ledger does not train") from exc
@@ -332,19 +336,11 @@ class PrivacyLedger:
             entry["run"] = str(entry["run"])
             _check_entry({**entry, "hash": ""}, f"release for {self.path}")
             entry["hash"] = _entry_hash(entry)
-            line = (_canonical(entry) + "\n").encode()
             created = not self.path.exists()
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                written = os.write(fd, line)
-                if written != len(line):
-                    raise LedgerError(f"{self.path}: short write ({written} of {len(line)} bytes); disk full?")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            append_json_line(self.path, entry)  # flushed and fsynced before it returns
             if created:
-                _fsync_dir(self.dir)
-            _write_durably(self.head_path, json.dumps(LedgerHead(entry["index"] + 1, entry["hash"]).to_dict()) + "\n")
+                fsync_folder(self.dir)
+            atomic_write_text(self.head_path, json.dumps(LedgerHead(entry["index"] + 1, entry["hash"]).to_dict()) + "\n")
             return entry
 
     def summary(self, delta: float, accountant: str = "rdp") -> dict[str, Any]:
@@ -364,45 +360,6 @@ class PrivacyLedger:
                 "epsilon": epsilon_of_history([(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries],
                                               delta, accountant),
                 "fingerprints": sorted({e["fingerprint"] for e in entries}), "runs": runs}
-
-
-# ----------------------------------------------------------------------------------------------
-# Durable file system operations
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _make_dirs_durably(path: Path) -> bool:
-    """mkdir -p, fsyncing each new folder's parent so the folder survives a power cut. True if made."""
-    missing = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for folder in reversed(missing):
-        folder.mkdir(exist_ok=True)
-        _fsync_dir(folder.parent)
-    if not path.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(path))
-    return bool(missing)
-
-
-def _write_durably(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def open_ledger_for_policy(policy: Any, fingerprint: str, *, expected_head: Optional[LedgerHead] = None

@@ -1,12 +1,17 @@
-"""Differential privacy for each site's discriminator: DP-SGD on the real-data part of D's loss.
+"""The DP-SGD engine of one site's discriminator: Poisson batches, private gradients, accounting.
+
+What it offers the trainer, which owns D's whole step:
+
+- ``bind(D, optimizer, ...)``: validate D (``privacy.validation``) and take note of D's parameters
+  and their optimizer, before any training;
+- ``sample_batch()``: the indices of the next Poisson-sampled batch of the site's images;
+- ``private_real_gradient(real, labels, r1_weight)``: set every ``p.grad`` of D to the clipped and
+  noised gradient of that batch's real-data loss, and account one step.
 
 Three separable pieces, as Opacus itself keeps them:
 
-1. Per-sample gradients (here, with ``torch.func``): the real-data loss of D is
-   ``softplus(-D(x)) + r1_weight * ||grad_x D(x)||^2``. The R1 term is a double backward that
-   Opacus' grad-sample hooks do not support (every mode fails or, with ``ew``, is silently wrong),
-   so each sample's gradient is taken exactly with ``vmap(grad(loss_of_one_sample))`` over
-   ``functional_call(D, params, ...)``, with a nested ``grad`` w.r.t. the input for R1.
+1. Per-sample gradients (``privacy.per_sample``, with ``torch.func``): exact per-sample gradients
+   of ``softplus(-D(x)) + r1_weight * ||grad_x D(x)||^2``.
 2. Clipping and noise: Opacus' ``DPOptimizer`` wraps the trainer's Adam for D, reads the
    per-sample gradients from ``p.grad_sample``, clips each sample's whole gradient to
    ``max_grad_norm``, adds Gaussian noise of std ``noise_multiplier * max_grad_norm`` and divides
@@ -49,27 +54,22 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-from opacus.validators import ModuleValidator
-from torch.func import functional_call, grad_and_value, vmap
 
-from medstylegan2.errors import UserError
+from medstylegan2.errors import PrivacyError
+from medstylegan2.privacy.per_sample import per_sample_real_gradients
+from medstylegan2.privacy.units import UnitIndex, sum_per_unit
+from medstylegan2.privacy.validation import validate_discriminator
 
 if TYPE_CHECKING:
     from medstylegan2.config import RunConfig
-    from medstylegan2.trainer import SiteTrainer
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "medstylegan2-privacy-v1"
-
-
-class PrivacyError(UserError):
-    """A model or setting is incompatible with differential privacy; the message says what to change."""
 
 
 def default_delta(num_examples: int) -> float:
@@ -78,154 +78,7 @@ def default_delta(num_examples: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation
-
-
-def validate_discriminator(D: nn.Module) -> None:
-    """Raise ``PrivacyError`` naming every layer of D that per-sample DP-SGD cannot handle.
-
-    Rejected: minibatch-stddev (mixes the samples of a batch), BatchNorm (same, plus running
-    statistics of real data), any buffer (state updated from real data would leave the site
-    un-noised), and whatever Opacus' ``ModuleValidator`` rejects.
-    """
-    from opacus.validators.errors import UnsupportedModuleError
-
-    problems: list[str] = []
-    if getattr(D, "mbstd_group_size", 0):
-        problems.append(f"D.mbstd_group_size={D.mbstd_group_size}: minibatch-stddev mixes the samples of a batch, "
-                        "so per-sample gradients are undefined; set model.mbstd_group_size: 0 under DP")
-    for name, module in D.named_modules():
-        where = f"D.{name}" if name else "D"
-        if type(module).__name__ == "MinibatchStdLayer":
-            problems.append(f"{where} (MinibatchStdLayer): mixes the samples of a batch; "
-                            "set model.mbstd_group_size: 0 under DP")
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-            problems.append(f"{where} ({type(module).__name__}): BatchNorm mixes the samples of a batch and keeps "
-                            "running statistics of real data; use GroupNorm or LayerNorm (no running stats), "
-                            "or no normalization")
-        elif type(module) in ModuleValidator.VALIDATORS:
-            for error in ModuleValidator.VALIDATORS[type(module)](module):
-                problems.append(f"{where} ({type(module).__name__}): {error}")
-    for name, _ in D.named_buffers():
-        problems.append(f"D.{name} is a buffer: state kept outside the parameters is not clipped or noised; "
-                        "compute it as a constant inside forward() instead")
-    if not problems:
-        # Anything Opacus rejects that the named walk above did not already report.
-        for error in ModuleValidator.validate(D, strict=False):
-            if not isinstance(error, UnsupportedModuleError) or "training mode" not in str(error):
-                problems.append(f"D: {error}")
-    if problems:
-        raise PrivacyError("the discriminator cannot be trained with differential privacy:\n  - "
-                           + "\n  - ".join(problems))
-
-
-# ----------------------------------------------------------------------------------------------
-# Per-sample gradients of the real-data loss
-
-
-# Whether a discriminator class can be vmapped over its labels (its forward reads no label values).
-_LABELS_VMAP_SAFE: dict[type, bool] = {}
-
-
-def per_sample_real_gradients(D: nn.Module, images: torch.Tensor, labels: torch.Tensor, r1_weight: float
-                              ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Exact per-sample gradients of ``softplus(-D(x)) + r1_weight * ||grad_x D(x)||^2``.
-
-    Returns ``(grads, losses, order)``: ``grads[name]`` has shape ``[m, *param.shape]`` for every
-    named parameter of D, ``losses`` has shape ``[m]``, and row ``i`` of both belongs to sample
-    ``order[i]`` of the input. ``m = 0`` gives empty tensors of the right shapes.
-
-    The order matters because ``vmap`` cannot batch ``F.one_hot`` (it reads the labels' values),
-    which D's class embedding calls. For such a D the samples are grouped by class and each group
-    is one ``vmap`` call with its label held constant; the order of per-sample gradients does not
-    matter to clipping and summing. A D whose forward is vmap-safe in the labels gets one call
-    over the whole batch (found out once per D class).
-    """
-    params = {name: p.detach() for name, p in D.named_parameters()}
-    m = images.shape[0]
-    if m == 0:
-        empty = {name: p.new_zeros((0, *p.shape)) for name, p in params.items()}
-        return empty, images.new_zeros(0), labels.new_zeros(0)
-
-    def logit(p: dict[str, torch.Tensor], x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        return functional_call(D, p, (x.unsqueeze(0), label.view(1))).reshape(())
-
-    if r1_weight > 0:
-        def loss_one(p: dict[str, torch.Tensor], x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-            # Nested grad w.r.t. this sample's image: the R1 penalty of this sample alone.
-            image_grad, value = grad_and_value(logit, argnums=1)(p, x, label)
-            return F.softplus(-value) + r1_weight * image_grad.square().sum()
-    else:
-        def loss_one(p: dict[str, torch.Tensor], x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-            return F.softplus(-logit(p, x, label))
-
-    if _LABELS_VMAP_SAFE.get(type(D), True):
-        try:
-            grads, losses = vmap(grad_and_value(loss_one), in_dims=(None, 0, 0))(params, images, labels)
-            _LABELS_VMAP_SAFE[type(D)] = True
-            return grads, losses, torch.arange(m, device=labels.device)
-        except RuntimeError as exc:
-            if "vmap" not in str(exc) or type(D) in _LABELS_VMAP_SAFE:
-                raise
-            _LABELS_VMAP_SAFE[type(D)] = False
-            log.debug("%s reads label values in forward (%s); per-sample gradients are taken class by class",
-                      type(D).__name__, str(exc).split(".")[0])
-
-    per_class = vmap(grad_and_value(loss_one), in_dims=(None, 0, None))
-    order = torch.argsort(labels, stable=True)
-    classes, counts = torch.unique_consecutive(labels[order], return_counts=True)
-    chunks_grads: list[dict[str, torch.Tensor]] = []
-    chunks_loss: list[torch.Tensor] = []
-    start = 0
-    for label, count in zip(classes, counts.tolist()):
-        g, value = per_class(params, images[order[start:start + count]], label)
-        start += count
-        chunks_grads.append(g)
-        chunks_loss.append(value)
-    if len(chunks_grads) == 1:
-        return chunks_grads[0], chunks_loss[0], order
-    grads = {name: torch.cat([g[name] for g in chunks_grads]) for name in params}
-    return grads, torch.cat(chunks_loss), order
-
-
-# ----------------------------------------------------------------------------------------------
-# Units of privacy larger than one image (patients)
-
-
-def sum_per_unit(per_sample_grads: dict[str, torch.Tensor], unit_of_row: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-unit gradients: the rows of each unit summed, one row per distinct unit (in sorted order).
-
-    ``per_sample_grads[name]`` is ``[m, *shape]``; ``unit_of_row`` (``[m]``, any integer ids) says
-    which unit (patient) each row belongs to. Clipping the result bounds a patient's whole
-    contribution, however many images they have, by C.
-    """
-    if len(unit_of_row) == 0:
-        return per_sample_grads
-    _, row_to_unit = torch.unique(unit_of_row, return_inverse=True)
-    num_units = int(row_to_unit.max()) + 1
-    summed = {}
-    for name, g in per_sample_grads.items():
-        out = g.new_zeros((num_units, *g.shape[1:]))
-        summed[name] = out.index_add_(0, row_to_unit.to(g.device), g)
-    return summed
-
-
-class UnitIndex:
-    """Which images belong to which unit (patient): ``groups[i]`` is image i's patient, any integers."""
-
-    def __init__(self, groups: Sequence[int] | torch.Tensor, num_examples: int):
-        groups = torch.as_tensor(groups, dtype=torch.long).reshape(-1)
-        if len(groups) != num_examples:
-            raise PrivacyError(f"patient ids must name every image: {len(groups)} ids for {num_examples} images")
-        # Units are numbered 0..P-1 in the order of their ids.
-        _, self.unit_of_image = torch.unique(groups, return_inverse=True)
-        self.num_units = int(self.unit_of_image.max()) + 1 if len(groups) else 0
-
-    def images_of(self, units: torch.Tensor) -> torch.Tensor:
-        """Indices of every image of the given units (ascending)."""
-        chosen = torch.zeros(self.num_units, dtype=torch.bool)
-        chosen[units] = True
-        return torch.nonzero(chosen[self.unit_of_image]).reshape(-1)
+# Randomness
 
 
 def fresh_generator_seeds(seed: Optional[int] = None) -> tuple[torch.Generator, int]:
@@ -247,8 +100,8 @@ class DPEngine:
     """One site's DP-SGD for D: Poisson sampling, per-sample grads, Opacus clip+noise, accountant.
 
     Build it with ``make_privacy_engine`` (from a config) or directly; hand it to ``SiteTrainer``
-    (``privacy=engine``), which calls ``attach`` and then ``discriminator_step`` every D step.
-    Persist ``state_dict()`` (or ``to_bytes()``) with the site and restore it into the next
+    (``privacy=engine``), which calls ``bind`` once and, every D step, ``sample_batch`` and
+    ``private_real_gradient``. Persist ``state_dict()`` (or ``to_bytes()``) with the site and restore it into the next
     engine so that epsilon keeps composing.
     """
 
@@ -303,7 +156,8 @@ class DPEngine:
         # The noise generator lives on D's device (torch.normal needs that); it is made at the first step.
         self.noise_generator: Optional[torch.Generator] = None
 
-        self.trainer: Optional["SiteTrainer"] = None
+        self.D: Optional[nn.Module] = None
+        self.d_optimizer: Optional[torch.optim.Optimizer] = None  # D's own optimizer, wrapped by ``optimizer``
         self.optimizer: Optional[DPOptimizer] = None
         self._named_params: list[tuple[str, nn.Parameter]] = []
         # Statistics computed from real images: for local logs only, never part of a reply.
@@ -324,34 +178,35 @@ class DPEngine:
                      self._noise_multiplier, self.target_epsilon, self.delta, self.planned_steps, self.sample_rate)
         return self._noise_multiplier
 
-    # -- hooking into the trainer -----------------------------------------------------------------
-    def attach(self, trainer: "SiteTrainer") -> None:
-        """Validate D and take over the trainer's D updates (called by ``SiteTrainer`` at construction).
+    # -- binding to D ------------------------------------------------------------------------------
+    def bind(self, D: nn.Module, optimizer: torch.optim.Optimizer, *, num_examples: int, batch_size: int) -> None:
+        """Validate D and note its parameters and optimizer (the trainer calls this at construction).
 
-        Fails here, before any training, if D or the trainer does not fit DP-SGD. The ``DPOptimizer``
-        around the trainer's Adam is made at the first step, so that a state restored in between
-        (``load_state_dict``) supplies sigma instead of a fresh ``target_epsilon`` search.
+        Fails here, before any training, if D, the site's image count or the batch size do not fit
+        this engine. The ``DPOptimizer`` around ``optimizer`` is made at the first step, so that a
+        state restored in between (``load_state_dict``) supplies sigma instead of a fresh
+        ``target_epsilon`` search.
         """
-        validate_discriminator(trainer.D)
-        if trainer.num_examples != self.num_examples:
+        validate_discriminator(D)
+        if num_examples != self.num_examples:
             raise PrivacyError(f"the privacy engine was made for {self.num_examples} images but the trainer has "
-                               f"{trainer.num_examples}; the sample rate depends on it: make the engine with the "
+                               f"{num_examples}; the sample rate depends on it: make the engine with the "
                                "site's own image count")
-        if trainer.cfg.train.batch_size != self.batch_size:
+        if batch_size != self.batch_size:
             raise PrivacyError(f"the privacy engine was made for batch size {self.batch_size} but the trainer uses "
-                               f"{trainer.cfg.train.batch_size}")
-        named = list(trainer.D.named_parameters())
-        opt_params = {id(p) for group in trainer.d_opt.param_groups for p in group["params"]}
+                               f"{batch_size}")
+        named = list(D.named_parameters())
+        opt_params = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [name for name, p in named if id(p) not in opt_params]
         if missing or len(opt_params) != len(named):
             raise PrivacyError(f"the D optimizer must hold exactly D's parameters (missing: {missing[:3]})")
-        self.trainer, self._named_params, self.optimizer = trainer, named, None
+        self.D, self.d_optimizer, self._named_params, self.optimizer = D, optimizer, named, None
 
     def _dp_optimizer(self) -> DPOptimizer:
         if self.optimizer is None:
-            assert self.trainer is not None, "attach(trainer) first"
-            self._make_noise_generator(next(self.trainer.D.parameters()).device)
-            self.optimizer = DPOptimizer(self.trainer.d_opt, noise_multiplier=self.noise_multiplier,
+            assert self.D is not None and self.d_optimizer is not None, "bind(D, optimizer) first"
+            self._make_noise_generator(next(self.D.parameters()).device)
+            self.optimizer = DPOptimizer(self.d_optimizer, noise_multiplier=self.noise_multiplier,
                                          max_grad_norm=self.max_grad_norm,
                                          expected_batch_size=self.expected_batch_size, loss_reduction="mean",
                                          generator=self.noise_generator)
@@ -364,7 +219,7 @@ class DPEngine:
         if self.optimizer is not None:
             self.optimizer.generator = self.noise_generator
 
-    # -- one D step -------------------------------------------------------------------------------
+    # -- one D step (the trainer's) ------------------------------------------------------------------
     def sample_batch(self) -> torch.Tensor:
         """Image indices of one Poisson-sampled batch (may be empty).
 
@@ -379,18 +234,23 @@ class DPEngine:
         return None if self.units is None else self.units.unit_of_image[image_indices.cpu()]
 
     def private_real_gradient(self, real: torch.Tensor, labels: torch.Tensor, r1_weight: float,
-                              units: Optional[torch.Tensor] = None) -> torch.Tensor:
+                              class_weight: float = 0.0, units: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Set every D ``p.grad`` to the private real-data gradient and count one accountant step.
 
         That is (sum of per-unit gradients, each clipped to C, + N(0, (sigma C)^2)) / (q n), where
-        a unit's gradient is one image's or, with ``units`` (the unit of each row), the sum over
-        that unit's rows. ``real``/``labels`` must be a Poisson-sampled batch (possibly empty).
-        Returns the per-image real losses (private: for local logs only).
+        a unit's gradient is one image's or, with ``units`` (the unit of each row, ``units_of``),
+        the sum over that unit's rows. ``real``/``labels`` must be a Poisson-sampled batch
+        (``sample_batch``, possibly empty). Returns the per-image real losses (private: for local
+        logs only, as ``last_private_stats``).
         """
-        grads, losses, order = per_sample_real_gradients(self.trainer.D, real, labels, r1_weight)
+        assert self.D is not None, "bind(D, optimizer) first"
+        grads, losses, order = per_sample_real_gradients(self.D, real, labels, r1_weight, class_weight)
         if units is not None:
             grads = sum_per_unit(grads, units.to(order.device)[order])
         self.clip_and_noise(grads)
+        self.last_private_stats = {"loss_d_real": float(losses.mean()) if len(losses) else float("nan"),
+                                   "real_batch_size": float(len(losses))}
+        log.debug("private D stats (not shared): %s", self.last_private_stats)
         return losses
 
     def clip_and_noise(self, per_sample_grads: dict[str, torch.Tensor]) -> None:
@@ -407,39 +267,6 @@ class DPEngine:
         stepped = opt.pre_step()
         assert stepped, "DPOptimizer skipped a step; step skipping is not used here"
 
-    def discriminator_step(self, trainer: "SiteTrainer", fake: torch.Tensor, fake_labels: torch.Tensor,
-                           r1_weight: float) -> dict[str, float]:
-        """One private D update; replaces the trainer's non-private one. Returns shareable stats only."""
-        if self.trainer is not trainer:
-            self.attach(trainer)
-        D = trainer.D
-        idx = self.sample_batch()
-        units = self.units_of(idx)
-        idx = idx.to(trainer.device)
-        losses = self.private_real_gradient(trainer.real_images[idx], trainer.real_labels[idx], r1_weight, units)
-
-        # Fake images: G's output for noise z and uniformly drawn labels, so this term reads no
-        # private data (D's current weights are already DP, and anything computed from them is
-        # post-processing). Its gradient is therefore added as is: clipping bounds one person's
-        # influence and noise hides it, and no person influences this term. Its 1/B mean matches
-        # the 1/(q*n) scaling Opacus applied to the real term, as in the non-private loss.
-        loss_fake = trainer.loss.discriminator_fake(fake, fake_labels)
-        loss_fake.backward()
-        # The FedProx pull towards the global weights is data-independent too.
-        trainer._add_proximal_gradient("D", D)
-        for _, p in self._named_params:
-            if p.grad is not None:
-                torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
-        self.optimizer.original_optimizer.step()
-
-        # Count the expected number of real images, not the drawn one: the actual Poisson batch
-        # size is not part of what the accountant releases.
-        trainer.cur_nimg += int(round(self.expected_batch_size))
-        self.last_private_stats = {"loss_d_real": float(losses.mean()) if len(losses) else float("nan"),
-                                   "real_batch_size": float(len(idx))}
-        log.debug("private D stats (not shared): %s", self.last_private_stats)
-        return {"loss_d_fake": loss_fake.item()}
-
     # -- accounting -------------------------------------------------------------------------------
     @property
     def spent_steps(self) -> int:
@@ -448,7 +275,7 @@ class DPEngine:
 
     def epsilon(self) -> float:
         """Epsilon spent so far at this engine's delta (all rounds), from the Opacus accountant."""
-        return _epsilon_of(self.accountant, self.delta)
+        return epsilon_of(self.accountant, self.delta)
 
     def epsilon_after(self, extra_steps: int) -> float:
         """Epsilon if ``extra_steps`` more updates were taken (the real accountant is untouched)."""
@@ -456,7 +283,7 @@ class DPEngine:
         hypothetical.history = copy.deepcopy(self.accountant.history)
         if extra_steps > 0:
             hypothetical.history.append((self.noise_multiplier, self.sample_rate, int(extra_steps)))
-        return _epsilon_of(hypothetical, self.delta)
+        return epsilon_of(hypothetical, self.delta)
 
     def would_exceed_budget(self, next_steps: int) -> bool:
         """True when ``next_steps`` more updates would take epsilon past ``budget_epsilon``."""
@@ -531,7 +358,8 @@ class DPEngine:
                 f"epsilon so far {self.epsilon():.4g} after {self.spent_steps} steps, budget {budget}")
 
 
-def _epsilon_of(accountant: Any, delta: float) -> float:
+def epsilon_of(accountant: Any, delta: float) -> float:
+    """Epsilon at ``delta`` of an Opacus accountant's history: 0 with no noised step, inf when unbounded."""
     if not accountant.history or all(steps == 0 for _, _, steps in accountant.history):
         return 0.0
     with warnings.catch_warnings():

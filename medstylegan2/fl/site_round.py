@@ -1,0 +1,215 @@
+"""One site's round, and what a site keeps between rounds; callable without Flower.
+
+- **one site round** (``run_site_round``): seeding, loading the global weights into a
+  ``SiteTrainer``, restoring the site's local state, K local steps, and the payload and metrics
+  that leave the site (``client/client_app.py`` converts them to Flower records);
+- **local state**: what a site keeps between rounds (optimizer moments, path-length mean, batch
+  sampler, counters, privacy accountant) and its on-disk store for resuming after a crash.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+
+from medstylegan2.config import RunConfig
+from medstylegan2.fl.seeds import seed_round, site_seed
+from medstylegan2.fl.wire import (PAYLOAD_DELTA, PAYLOAD_WEIGHTS, PRIVACY_PREFIX, constants_digest,
+                                  decode_from_transfer, encode_for_transfer, flatten_weights, is_constant,
+                                  transferred, unflatten_weights)
+from medstylegan2.runfolder import atomic_write_bytes, round_file, round_numbers_in
+from medstylegan2.trainer import ShuffleSampler, SiteTrainer
+from medstylegan2.warm_start import planned_d_steps
+
+log = logging.getLogger(__name__)
+
+# Reply metric of a site that declines because it has fewer training images than one batch.
+TOO_FEW_IMAGES = "too_few_images"
+
+
+# ----------------------------------------------------------------------------------------------
+# What a site keeps between rounds
+
+
+def local_state_of(trainer: SiteTrainer) -> dict[str, Any]:
+    """Everything local that should carry over to the site's next round (never sent anywhere).
+
+    Kept: both Adam optimizers' moments (a fresh Adam would take a full-size sign step on the first
+    step of every round), the path-length running mean, the batch sampler's epoch order, the step
+    and image counters (EMA ramp-up and the diversity-loss decay read them) and the privacy
+    engine's state (so that epsilon composes over all rounds). Not kept: the networks (they come
+    from the server) and the RNG (every round is seeded from (seed, round, site)).
+    """
+    state = {
+        "g_opt": trainer.g_opt.state_dict()["state"],
+        "d_opt": trainer.d_opt.state_dict()["state"],
+        "pl_mean": trainer.loss.pl_mean.detach().cpu().clone(),
+        "sampler": trainer.sampler.state_dict(),
+        "step": trainer.step,
+        "cur_nimg": trainer.cur_nimg,
+    }
+    if trainer.privacy is not None:
+        state["privacy"] = trainer.privacy.state_dict()
+    return state
+
+
+def restore_local_state(trainer: SiteTrainer, state: Mapping[str, Any]) -> None:
+    for name, opt in (("g_opt", trainer.g_opt), ("d_opt", trainer.d_opt)):
+        full = opt.state_dict()
+        full["state"] = state[name]
+        opt.load_state_dict(full)
+    trainer.loss.pl_mean = state["pl_mean"].to(trainer.device)
+    trainer.sampler.load_state_dict(state["sampler"])
+    trainer.step, trainer.cur_nimg = int(state["step"]), int(state["cur_nimg"])
+    if trainer.privacy is not None and "privacy" in state:
+        trainer.privacy.load_state_dict(state["privacy"])
+
+
+def local_state_to_bytes(state: Mapping[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
+    return buffer.getvalue()
+
+
+def local_state_from_bytes(data: bytes) -> dict[str, Any]:
+    # Written by this site itself (Context.state or its own state folder), never received.
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+
+
+class LocalStateStore:
+    """A site's own folder of ``round_XXX.pt`` local states, for resuming after a crash.
+
+    After round r it keeps round r and the newest older round: if the server dies after this site
+    finished r but before the server saved r, the resumed server repeats r and the site needs the
+    state from before r.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def rounds(self) -> list[int]:
+        return round_numbers_in(self.folder)
+
+    def path(self, round_num: int) -> Path:
+        return round_file(self.folder, round_num, ".pt")
+
+    def latest_before(self, round_num: int) -> Optional[tuple[int, bytes]]:
+        earlier = [r for r in self.rounds() if r < round_num]
+        if not earlier:
+            return None
+        return earlier[-1], self.path(earlier[-1]).read_bytes()
+
+    def save(self, round_num: int, data: bytes) -> None:
+        atomic_write_bytes(self.path(round_num), data)
+        older = [r for r in self.rounds() if r < round_num]
+        for r in self.rounds():
+            if r > round_num or (older and r < older[-1]):
+                self.path(r).unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# One site round
+
+
+@dataclass
+class SiteRoundResult:
+    payload: dict[str, np.ndarray]     # what leaves the site (transfer dtype)
+    payload_kind: str                  # PAYLOAD_WEIGHTS or PAYLOAD_DELTA
+    metrics: dict[str, float]          # counts, losses, speed (and privacy figures under DP)
+    local_state: Optional[dict[str, Any]]
+
+
+def run_site_round(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, received: Mapping[str, np.ndarray], *,
+                   round_num: int, site: str, local_state: Optional[Mapping[str, Any]] = None,
+                   privacy_factory: Optional[Any] = None, device: Optional[str] = None,
+                   constants_check: Optional[str] = None) -> SiteRoundResult:
+    """Train one site for ``cfg.federation.local_steps`` steps from the received global weights.
+
+    ``received`` are the arrays as they arrived (transfer dtype, no constants). A site without
+    images returns the received weights unchanged with num_examples 0. ``privacy_factory``, when
+    given, is called as ``privacy_factory(cfg, num_examples, planned_steps, seed)`` and returns the
+    engine (or None); its restored state decides whether this round would exceed the budget, in
+    which case the site declines: no payload, ``declined`` = 1.
+    """
+    f = cfg.federation
+    dtype = f.transfer_dtype
+    start = decode_from_transfer(received)
+    num_examples = int(len(labels))
+    if num_examples == 0:
+        # Nothing to learn from: send the weights back unchanged (a zero update under float16).
+        if dtype == "float32":
+            payload, kind = encode_for_transfer(start, dtype), PAYLOAD_WEIGHTS
+        else:
+            payload, kind = encode_for_transfer({k: torch.zeros_like(v) for k, v in start.items()}, dtype), PAYLOAD_DELTA
+        return SiteRoundResult(payload=payload, payload_kind=kind, metrics={"num_examples": 0.0, "steps": 0.0},
+                               local_state=None)
+
+    if num_examples < cfg.train.batch_size:
+        # Every batch would repeat images (and DP-SGD's sampling rate would pass 1): decline, say why.
+        log.warning("site %s: %d training image(s), fewer than one batch (train.batch_size=%d): declining round %d",
+                    site, num_examples, cfg.train.batch_size, round_num)
+        return SiteRoundResult(payload={}, payload_kind=PAYLOAD_WEIGHTS, local_state=None,
+                               metrics={"num_examples": 0.0, "declined": 1.0, TOO_FEW_IMAGES: 1.0, "steps": 0.0})
+
+    seed = site_seed(cfg.seed, round_num, site)
+    engine = None
+    if privacy_factory is not None:
+        planned = planned_d_steps(cfg, f.local_steps * f.rounds)
+        engine = privacy_factory(cfg, num_examples, planned, site_seed(cfg.seed, 0, site))
+    # The trainer is built from cfg.seed, as the server built the global model: the constants
+    # (fixed noise buffers) are then identical and need not travel.
+    trainer = SiteTrainer(cfg, images, labels, device=device, seed=cfg.seed, privacy=engine)
+    full = flatten_weights(trainer.get_weights())
+    if constants_check is not None and constants_digest(full) != constants_check:
+        raise RuntimeError("this site built different model constants than the server (noise buffers differ): "
+                           "check that both use the same model config and seed")
+    missing = [k for k in full if not is_constant(k) and k not in start]
+    if missing:
+        raise KeyError(f"global weights lack {missing[0]!r}")
+    full.update({k: v.to(full[k].dtype) for k, v in start.items() if k in full})
+    trainer.set_weights(unflatten_weights(full))
+    if local_state is not None:
+        restore_local_state(trainer, local_state)
+    else:
+        trainer.sampler = ShuffleSampler(num_examples, cfg.train.batch_size, seed=seed % 2**62 + 1)
+    if f.proximal_mu > 0:
+        nested = unflatten_weights({k: v.to(trainer.device) for k, v in full.items()})
+        trainer.proximal_reference = {"G": nested["G"], "D": nested["D"]}
+
+    if engine is not None and hasattr(engine, "would_exceed_budget") and engine.would_exceed_budget(
+            planned_d_steps(cfg, f.local_steps)):
+        metrics = {"num_examples": 0.0, "declined": 1.0, "steps": 0.0}
+        metrics.update(_privacy_metrics(engine, round_num))
+        return SiteRoundResult(payload={}, payload_kind=PAYLOAD_WEIGHTS, metrics=metrics,
+                               local_state=local_state_of(trainer))
+
+    seed_round(seed)
+    stats = trainer.train_steps(f.local_steps)
+    new = transferred(flatten_weights(trainer.get_weights()))
+    if dtype == "float32":
+        payload, kind = encode_for_transfer(new, dtype), PAYLOAD_WEIGHTS
+    else:
+        payload, kind = encode_for_transfer({k: new[k] - start[k] for k in new}, dtype), PAYLOAD_DELTA
+    metrics = {"num_examples": float(num_examples), "steps": float(f.local_steps)}
+    for key in ("loss_g", "loss_d_fake", "loss_d_real", "loss_pl", "loss_ds", "loss_r1", "images_per_second",
+                "real_images_seen", "seconds"):
+        if key in stats:
+            metrics[key] = float(stats[key])
+    if engine is not None:
+        metrics.update(_privacy_metrics(engine, round_num))
+    return SiteRoundResult(payload=payload, payload_kind=kind, metrics=metrics, local_state=local_state_of(trainer))
+
+
+def _privacy_metrics(engine: Any, round_num: int) -> dict[str, float]:
+    """Scalar privacy figures for the reply (epsilon, delta, ...), from the engine's round record."""
+    if not hasattr(engine, "round_record"):
+        return {}
+    record = engine.round_record(round_num)
+    return {f"{PRIVACY_PREFIX}{k}": float(v) for k, v in dict(record).items()
+            if k != "round" and isinstance(v, (int, float)) and not isinstance(v, bool)}
