@@ -173,6 +173,9 @@ class PrivacyConfig:
     # only in the site's own state. An integer makes runs reproducible (tests, debugging) but
     # voids the guarantee against anyone who knows it: they can subtract the noise.
     noise_seed: Optional[int] = None
+    # Simulation only: the policy file each virtual site takes as its own (null: this section).
+    # The keys above are what the server asks for; a site's own policy decides (docs/privacy.md).
+    policy: Optional[str] = None
 
 
 @dataclass
@@ -374,6 +377,8 @@ def _check_semantics(cfg: RunConfig) -> None:
         need(p.budget_epsilon > 0, "privacy.budget_epsilon", "must be > 0")
     if p.noise_seed is not None:
         need(p.noise_seed >= 0, "privacy.noise_seed", "must be >= 0 (or null for OS entropy)")
+    if p.policy is not None:
+        need(bool(str(p.policy).strip()), "privacy.policy", "must be a file path (or null)")
 
 
 LABEL_SKIP = "skip"

@@ -61,7 +61,30 @@ def _absolute_data_paths(cfg: RunConfig) -> list[str]:
         extra.append(f"data.cache_dir={Path(cfg.data.cache_dir).resolve()}")
     if cfg.data.root and not Path(cfg.data.root).is_absolute():
         extra.append(f"data.root={Path(cfg.data.root).resolve()}")
+    if cfg.privacy.policy and not Path(cfg.privacy.policy).is_absolute():
+        extra.append(f"privacy.policy={Path(cfg.privacy.policy).resolve()}")
     return extra
+
+
+def _write_site_policies(cfg: RunConfig, run_dir: Path, site_sizes: dict[str, int]) -> None:
+    """Each virtual site's own privacy policy file, where its ClientApp looks (``privacy.site``).
+
+    The driver plays every hospital's operator: it writes ``RUN_DIR/site_policies/<site>.yaml``
+    from ``privacy.policy`` (or the ``privacy`` section) with each site's own ledger folder
+    (default ``RUN_DIR/privacy_ledgers/<site>``), and names the folder in its own environment, which
+    the site processes inherit; the server's messages never carry it. Without DP and without a
+    policy file there is nothing to write: the sites then train only rounds without DP.
+    """
+    from medstylegan2.privacy.policy import write_site_policies
+    from medstylegan2.privacy.site import SIMULATED_POLICIES_ENV
+
+    if not cfg.privacy.enabled and not cfg.privacy.policy:
+        os.environ.pop(SIMULATED_POLICIES_ENV, None)
+        return
+    folder = run_dir / "site_policies"
+    write_site_policies(folder, site_sizes, ledger_root=run_dir / "privacy_ledgers", policy_file=cfg.privacy.policy,
+                        privacy=cfg.privacy)
+    os.environ[SIMULATED_POLICIES_ENV] = str(folder)
 
 
 def simulate(config_path: str | Path, overrides: list[str], *, run_dir: Optional[str | Path] = None,
@@ -99,6 +122,7 @@ def simulate(config_path: str | Path, overrides: list[str], *, run_dir: Optional
     if any(r["total"] == 0 for r in rows):
         log.warning("some sites have no training images: they will return their weights unchanged")
 
+    _write_site_policies(cfg, run_dir, {f"site-{i}": int(len(part)) for i, part in enumerate(parts)})
     server_app = create_server_app({"config-path": str(config_path), "overrides": shlex.join(overrides),
                                     "run-dir": str(run_dir), "resume": resume, "site-state-dir": "auto",
                                     "server-data": "config", "stop-after": stop_after})

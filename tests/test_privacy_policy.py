@@ -64,7 +64,6 @@ def test_a_policy_file_loads_with_paths_relative_to_it(tmp_path):
     ({"nominal_size": None}, "nominal_size", "is required when dp_required"),
     ({"min_noise_multiplier": None, "epsilon_per_run": None}, "min_noise_multiplier or epsilon_per_run", "required"),
     ({"unit": "study"}, "unit", "use one of: image, patient"),
-    ({"unit": "patient"}, "patient_csv", "is required"),
     ({"epsilon_per_run": 12.0}, "epsilon_per_run", "larger than lifetime_epsilon"),
     ({"nominal_size": 2.5}, "nominal_size", "whole number"),
     ({"dp_required": "yes"}, "dp_required", "true or false"),

@@ -59,7 +59,8 @@ class SitePolicy:
     nominal_size: Optional[int] = None
     # Folder of the lifetime ledger (relative paths: relative to the policy file).
     ledger_dir: Optional[str] = None
-    # unit: patient: CSV with columns image,patient_id (relative paths: relative to the policy file).
+    # unit: patient: CSV with columns image,patient_id (relative paths: relative to the policy file);
+    # without it, the patients are the DICOM PatientIDs (hashed at the site).
     patient_csv: Optional[str] = None
     source: str = dataclasses.field(default="policy", compare=False)
 
@@ -69,8 +70,6 @@ class SitePolicy:
         missing = [key for key in ("lifetime_epsilon", "nominal_size", "ledger_dir") if getattr(self, key) is None]
         if self.min_noise_multiplier is None and self.epsilon_per_run is None:
             missing.append("min_noise_multiplier or epsilon_per_run")
-        if self.unit == "patient" and self.patient_csv is None:
-            missing.append("patient_csv")
         return not missing, ", ".join(missing)
 
 
@@ -179,21 +178,17 @@ def policy_from_run_config(privacy: "PrivacyConfig", *, ledger_dir: Optional[str
     """A simulated site's policy from the run config's ``privacy`` section, through ``policy_from_mapping``.
 
     The run config stands in for the site's policy file: ``enabled`` -> ``dp_required``,
-    ``budget_epsilon`` -> ``lifetime_epsilon``, ``target_epsilon`` -> ``epsilon_per_run``,
+    ``budget_epsilon`` (else ``target_epsilon``) -> ``lifetime_epsilon``, ``target_epsilon`` -> ``epsilon_per_run``,
     ``noise_multiplier`` -> ``min_noise_multiplier``, ``delta`` (null: the policy default),
     ``max_grad_norm``, ``accountant``. What the run config cannot know about a site (its ledger
     folder, its nominal size, ``unit``, ``min_site_size``, ``patient_csv``) comes as keywords,
     with the same names and rules as in a policy file.
     """
-    raw: dict[str, Any] = {"dp_required": privacy.enabled, "max_grad_norm": privacy.max_grad_norm,
-                           "accountant": privacy.accountant}
-    for policy_key, config_value in (("delta", privacy.delta), ("lifetime_epsilon", privacy.budget_epsilon),
-                                     ("epsilon_per_run", privacy.target_epsilon),
-                                     ("min_noise_multiplier", privacy.noise_multiplier),
-                                     ("ledger_dir", None if ledger_dir is None else str(ledger_dir)),
-                                     ("nominal_size", nominal_size)):
-        if config_value is not None:
-            raw[policy_key] = config_value
+    raw = _run_config_mapping(privacy)
+    for policy_key, value in (("ledger_dir", None if ledger_dir is None else str(ledger_dir)),
+                              ("nominal_size", nominal_size)):
+        if value is not None:
+            raw[policy_key] = value
     raw.update({k: v for k, v in site_keys.items() if v is not None})
     return policy_from_mapping(raw, where=where)
 
@@ -207,3 +202,63 @@ def check_site_size(policy: SitePolicy, num_units: int) -> None:
     if policy.dp_required and num_units < policy.min_site_size:
         raise PolicyError(f"{policy.source}: this site has {num_units} {policy.unit}s, fewer than "
                           f"min_site_size = {policy.min_site_size}: it does not train under this policy")
+
+
+# ----------------------------------------------------------------------------------------------
+# Simulated sites: one policy file each
+
+
+def write_site_policies(folder: str | Path, site_sizes: Mapping[str, int], *, ledger_root: str | Path,
+                        policy_file: Optional[str | Path] = None, privacy: Optional["PrivacyConfig"] = None
+                        ) -> dict[str, Path]:
+    """Write ``folder/<site>.yaml`` for every simulated site; returns site -> path.
+
+    A simulation's driver plays every hospital's operator. Each site's policy is the file
+    ``policy_file`` (``privacy.policy`` of the run config), else the run config's ``privacy``
+    section (``policy_from_run_config``), with what only a site can know filled in: its own ledger
+    folder (``<policy's ledger_dir or ledger_root>/<site>``: one ledger per data set) and, when
+    the policy fixes none, its own image count as nominal size. Every file goes through
+    ``policy_from_mapping`` (errors name the policy and the site) before it is written.
+    """
+    from medstylegan2.runfolder import atomic_write_text
+
+    if policy_file is not None:
+        base_path = Path(policy_file)
+        if not base_path.is_file():
+            raise PolicyError(f"privacy policy file not found: {base_path}")
+        raw_base = yaml.safe_load(base_path.read_text())
+        if not isinstance(raw_base, dict):
+            raise PolicyError(f"{base_path}: top level must be a mapping of policy keys ({', '.join(POLICY_KEYS)})")
+        where_base, base_dir = str(base_path), base_path.parent
+    elif privacy is not None:
+        raw_base = _run_config_mapping(privacy)
+        where_base, base_dir = "run config privacy section", None
+    else:
+        raise ValueError("give policy_file or privacy")
+    written = {}
+    for site, size in site_sizes.items():
+        raw = dict(raw_base)
+        ledgers = Path(raw["ledger_dir"]) if raw.get("ledger_dir") else Path(ledger_root)
+        if base_dir is not None and not ledgers.is_absolute() and raw.get("ledger_dir"):
+            ledgers = base_dir / ledgers
+        raw["ledger_dir"] = str((ledgers / site).resolve())
+        if raw.get("nominal_size") is None and size > 0:
+            raw["nominal_size"] = int(size)
+        if raw.get("patient_csv") and base_dir is not None:
+            raw["patient_csv"] = str((base_dir / raw["patient_csv"]).resolve())
+        policy_from_mapping(raw, where=f"{where_base} (site {site})", base_dir=base_dir)
+        written[site] = atomic_write_text(Path(folder) / f"{site}.yaml", yaml.safe_dump(raw, sort_keys=False))
+    return written
+
+
+def _run_config_mapping(privacy: "PrivacyConfig") -> dict[str, Any]:
+    """The run config's privacy section as policy keys (see ``policy_from_run_config``); the lifetime
+    budget is ``budget_epsilon``, else ``target_epsilon``."""
+    raw: dict[str, Any] = {"dp_required": privacy.enabled, "max_grad_norm": privacy.max_grad_norm,
+                           "accountant": privacy.accountant}
+    lifetime = privacy.budget_epsilon if privacy.budget_epsilon is not None else privacy.target_epsilon
+    for key, value in (("delta", privacy.delta), ("lifetime_epsilon", lifetime),
+                       ("epsilon_per_run", privacy.target_epsilon), ("min_noise_multiplier", privacy.noise_multiplier)):
+        if value is not None:
+            raw[key] = value
+    return raw

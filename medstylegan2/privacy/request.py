@@ -83,9 +83,14 @@ class RoundRequest:
 
 
 def request_from_run_config(cfg: "RunConfig") -> RoundRequest:
-    """What a server running ``cfg`` asks every site for (the server half of the run config)."""
+    """What a server running ``cfg`` asks every site for (the server half of the run config).
+
+    ``local_steps`` counts noised D updates per round (``federation.local_steps`` trainer steps x
+    ``train.d_steps_per_g``): the accountant's steps, which the budget check adds to the ledger.
+    """
     p = cfg.privacy
-    return RoundRequest(dp=p.enabled, local_steps=cfg.federation.local_steps, batch_size=cfg.train.batch_size,
+    d_steps = cfg.federation.local_steps * cfg.train.d_steps_per_g
+    return RoundRequest(dp=p.enabled, local_steps=d_steps, batch_size=cfg.train.batch_size,
                         noise_multiplier=p.noise_multiplier if p.enabled else None,
                         target_epsilon=p.target_epsilon if p.enabled else None,
                         planned_rounds=cfg.federation.rounds if p.enabled else None,
