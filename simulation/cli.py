@@ -67,24 +67,16 @@ def _absolute_data_paths(cfg: RunConfig) -> list[str]:
 
 
 def _write_site_policies(cfg: RunConfig, run_dir: Path, site_sizes: dict[str, int]) -> None:
-    """Each virtual site's own privacy policy file, where its ClientApp looks (``privacy.site``).
+    """Each virtual site's own policy file (``privacy.site.write_simulated_policies``); the folder is
+    named in the driver's own environment, which the site processes inherit (the server's messages
+    never carry it)."""
+    from medstylegan2.privacy.site import SIMULATED_POLICIES_ENV, write_simulated_policies
 
-    The driver plays every hospital's operator: it writes ``RUN_DIR/site_policies/<site>.yaml``
-    from ``privacy.policy`` (or the ``privacy`` section) with each site's own ledger folder
-    (default ``RUN_DIR/privacy_ledgers/<site>``), and names the folder in its own environment, which
-    the site processes inherit; the server's messages never carry it. Without DP and without a
-    policy file there is nothing to write: the sites then train only rounds without DP.
-    """
-    from medstylegan2.privacy.policy import write_site_policies
-    from medstylegan2.privacy.site import SIMULATED_POLICIES_ENV
-
-    if not cfg.privacy.enabled and not cfg.privacy.policy:
+    folder = write_simulated_policies(cfg, run_dir, site_sizes)
+    if folder is None:
         os.environ.pop(SIMULATED_POLICIES_ENV, None)
-        return
-    folder = run_dir / "site_policies"
-    write_site_policies(folder, site_sizes, ledger_root=run_dir / "privacy_ledgers", policy_file=cfg.privacy.policy,
-                        privacy=cfg.privacy)
-    os.environ[SIMULATED_POLICIES_ENV] = str(folder)
+    else:
+        os.environ[SIMULATED_POLICIES_ENV] = str(folder)
 
 
 def simulate(config_path: str | Path, overrides: list[str], *, run_dir: Optional[str | Path] = None,

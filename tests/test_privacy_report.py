@@ -116,24 +116,40 @@ def test_cli_reports_a_missing_run_folder_without_a_traceback(tmp_path, capsys):
     assert "neither privacy.json nor metrics.jsonl" in capsys.readouterr().err
 
 
-def test_dp_config_is_a_private_three_site_phantom_run_at_64_px():
+def test_dp_config_is_a_private_three_site_phantom_run_at_64_px_that_its_sites_policy_accepts(monkeypatch,
+                                                                                               tmp_path):
+    from medstylegan2.privacy.policy import load_policy, write_site_policies
+    from medstylegan2.privacy.request import check_request, request_from_run_config
+
+    monkeypatch.chdir(REPO)  # relative paths in configs are from the working folder
     cfg = load_config(REPO / "configs" / "dp.yaml")
     assert cfg.privacy.enabled and cfg.model.mbstd_group_size == 0
     assert cfg.model.resolution == 64 and cfg.federation.sites == 3 and cfg.data.source == "phantoms"
     assert cfg.privacy.target_epsilon is not None and cfg.privacy.budget_epsilon is not None
     assert cfg.privacy.noise_seed is None  # real runs draw their noise from OS entropy
+    assert cfg.privacy.delta is not None and cfg.privacy.delta <= 1e-5
+    # A study-sized site: 2,000 training images each (docs/recipe.md).
+    per_site = 3 * cfg.data.phantoms_per_class * (1 - cfg.data.heldout_fraction) / cfg.federation.sites
+    assert per_site == pytest.approx(2000)
+    # The policy file each simulated site takes as its own (with its own ledger folder).
+    paths = write_site_policies(tmp_path, {"site-0": int(per_site)}, ledger_root=tmp_path / "ledgers",
+                                policy_file=cfg.privacy.policy)
+    policy = load_policy(paths["site-0"])
+    assert policy.dp_required and policy.delta <= 1e-5 and policy.nominal_size == 2000
+    assert policy.min_site_size <= per_site and policy.ledger_dir == str(tmp_path / "ledgers" / "site-0")
+    # What the run asks for, the policy allows.
+    decision = check_request(policy, request_from_run_config(cfg))
+    assert decision.ok, decision.reason
+    assert decision.settings.sample_rate == cfg.train.batch_size / 2000
     raw = read_config_mapping(REPO / "configs" / "dp.yaml")  # with its base: merged in
     default = REPO / "configs" / "default.yaml"
-    if default.is_file():  # the private run is the default run plus privacy
-        base = read_config_mapping(default)
-        assert set(base["federation"]) == set(raw["federation"])
-        assert {k: v for k, v in raw.items() if k not in ("name", "privacy", "model", "train")} == \
-            {k: v for k, v in base.items() if k not in ("name", "model", "train")}
-        # ... and says so: the file itself states only what differs.
-        own = yaml.safe_load((REPO / "configs" / "dp.yaml").read_text())
-        assert own["base"] == "default.yaml" and set(own) <= {"base", "name", "privacy", "model", "train"}
-    else:
-        assert set(raw["federation"]) <= {f.name for f in dataclasses.fields(FederationConfig)}
+    base = read_config_mapping(default)
+    assert set(base["federation"]) == set(raw["federation"])
+    assert {k: v for k, v in raw.items() if k not in ("name", "privacy", "model", "train", "data")} == \
+        {k: v for k, v in base.items() if k not in ("name", "model", "train", "data")}
+    # ... and says so: the file itself states only what differs.
+    own = yaml.safe_load((REPO / "configs" / "dp.yaml").read_text())
+    assert own["base"] == "default.yaml" and set(own) <= {"base", "name", "privacy", "model", "train", "data"}
 
 
 def test_cli_normalizes_a_privacy_json_that_lacks_the_top_level_keys(tmp_path):

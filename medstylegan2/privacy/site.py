@@ -65,6 +65,24 @@ def simulated_policy_path(folder: str | Path, site: str) -> Path:
     return Path(folder) / f"{site}.yaml"
 
 
+def write_simulated_policies(cfg: Any, run_dir: str | Path, site_sizes: Mapping[str, int]) -> Optional[Path]:
+    """Each virtual site's own policy file, ``RUN_DIR/site_policies/<site>.yaml``; the folder (None: none needed).
+
+    A simulation's driver plays every hospital's operator: the policy is ``privacy.policy`` (or
+    the ``privacy`` section) with each site's own ledger folder (default
+    ``RUN_DIR/privacy_ledgers/<site>``; ``policy.write_site_policies``). Without DP and without a
+    policy file there is nothing to write: the sites then train only rounds without DP.
+    """
+    from medstylegan2.privacy.policy import write_site_policies
+
+    if not cfg.privacy.enabled and not cfg.privacy.policy:
+        return None
+    folder = Path(run_dir) / "site_policies"
+    write_site_policies(folder, site_sizes, ledger_root=Path(run_dir) / "privacy_ledgers",
+                        policy_file=cfg.privacy.policy, privacy=cfg.privacy)
+    return folder
+
+
 def policy_path_of(node_config: Mapping[str, Any], site: str) -> Optional[Path]:
     """The site's policy file: node config ``privacy-policy``; a simulated site: the driver's file for it."""
     if node_config.get(POLICY_NODE_KEY):
