@@ -4,9 +4,12 @@
 
     {"delta": d, "accountant": "rdp" | "prv",
      "sites": {"<site>": [{"round": r, "epsilon": e, "delta": d, "sample_rate": q,
-                           "steps": cumulative_steps, "noise_multiplier": sigma, "max_grad_norm": c}, ...]}}
+                           "steps": cumulative_steps, "noise_multiplier": sigma, "max_grad_norm": c,
+                           "lifetime_epsilon": e_all}, ...]}}
 
-one entry per round a site trained, in round order. An infinite epsilon is written as the JSON
+one entry per round a site trained, in round order; ``epsilon`` and ``steps`` cover this run's
+releases, the optional ``lifetime_epsilon`` (a site with a lifetime ledger) every release of the
+site's data set, earlier runs, retries and repeated rounds included. An infinite epsilon is written as the JSON
 number ``1e999``, which Python and JavaScript read back as infinity (JSON has no infinity, and
 ``null`` would be taken for "unknown" and the row dropped). Epsilon and delta are per site: each site's
 guarantee covers the records of that site (no union bound across sites). The top-level ``delta`` is
@@ -39,6 +42,8 @@ REPORT_JSON = "privacy.json"
 REPORT_PNG = "privacy.png"
 RECORD_KEYS = ("round", "epsilon", "delta", "sample_rate", "steps", "noise_multiplier", "max_grad_norm")
 _INT_KEYS = ("round", "steps")
+# A site with a lifetime ledger also reports its epsilon over every release of its data set.
+OPTIONAL_KEYS = ("lifetime_epsilon",)
 # JSON has no infinity; this number literal is valid JSON and parses as infinity in Python and JS.
 JSON_INFINITY = "1e999"
 
@@ -52,11 +57,16 @@ class PrivacyReportError(UserError):
 
 
 def normalize_record(record: Mapping[str, Any]) -> dict[str, Any]:
-    """A record with exactly the contract's keys and types (round/steps int, the rest float)."""
+    """A record with exactly the contract's keys and types (round/steps int, the rest float), and
+    ``lifetime_epsilon`` when the site reported one (its ledger's epsilon over every run)."""
     missing = [k for k in RECORD_KEYS if k not in record]
     if missing:
         raise ValueError(f"privacy record lacks {', '.join(missing)}; it needs {', '.join(RECORD_KEYS)}")
-    return {k: int(record[k]) if k in _INT_KEYS else float(record[k]) for k in RECORD_KEYS}
+    row = {k: int(record[k]) if k in _INT_KEYS else float(record[k]) for k in RECORD_KEYS}
+    for key in OPTIONAL_KEYS:
+        if record.get(key) is not None:
+            row[key] = float(record[key])
+    return row
 
 
 def build_report(records: Mapping[str, Iterable[Mapping[str, Any]]], delta: Optional[float], accountant: str
@@ -174,13 +184,14 @@ def records_from_metrics(lines: Iterable[str]) -> dict[str, list[dict[str, Any]]
             if not isinstance(figures, dict) or figures.get("status", "ok") != "ok":
                 continue
             row = {k: figures.get(f"dp_{k}", figures.get(f"dp-{k}")) for k in RECORD_KEYS if k != "round"}
+            lifetime = {k: figures[f"dp_{k}"] for k in OPTIONAL_KEYS if figures.get(f"dp_{k}") is not None}
             if row["epsilon"] is None and all(v is not None for k, v in row.items() if k != "epsilon"):
                 # metrics.jsonl writes non-finite numbers as null; a DP round's epsilon is never NaN
                 # (the engine maps every non-finite value to inf), so null here means infinity.
                 row["epsilon"] = math.inf
             if any(v is None for v in row.values()):
                 continue
-            records.setdefault(str(site), []).append({"round": entry["round"], **row})
+            records.setdefault(str(site), []).append({"round": entry["round"], **row, **lifetime})
     return records
 
 

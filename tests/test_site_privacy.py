@@ -170,14 +170,18 @@ def test_epsilon_continues_from_the_ledger_after_local_state_is_deleted_and_a_ne
     for site in ("site-0", "site-1"):
         q = first[site]["dp_sample_rate"]
         assert first[site]["dp_epsilon"] == pytest.approx(opacus_epsilon([(SIGMA, q, 3)]), abs=1e-6)
-        assert second[site]["dp_epsilon"] == pytest.approx(opacus_epsilon([(SIGMA, q, 3)] * 2), abs=1e-6)
-        assert second[site]["dp_steps"] == 6 and second[site]["dp_delta"] == DELTA
+        # This run's epsilon is one round's; the lifetime epsilon composes both runs' releases.
+        assert second[site]["dp_epsilon"] == pytest.approx(first[site]["dp_epsilon"], abs=1e-9)
+        assert second[site]["dp_lifetime_epsilon"] == pytest.approx(opacus_epsilon([(SIGMA, q, 3)] * 2), abs=1e-6)
+        assert second[site]["dp_steps"] == 3 and second[site]["dp_delta"] == DELTA
         entries = PrivacyLedger(ledger_of(tmp_path, site), None).entries()
         assert len(entries) == 2 and entries[0]["run"] != entries[1]["run"]
     # privacy-report --ledger reads the same lifetime figure.
     assert main(["privacy-report", "--ledger", str(ledger_of(tmp_path, "site-0"))]) == 0
     report = json.loads((tmp_path / "second" / "privacy.json").read_text())
-    assert report["sites"]["site-0"][0]["epsilon"] == pytest.approx(second["site-0"]["dp_epsilon"], rel=1e-9)
+    row = report["sites"]["site-0"][0]
+    assert row["lifetime_epsilon"] == pytest.approx(second["site-0"]["dp_lifetime_epsilon"], rel=1e-9)
+    assert row["epsilon"] == pytest.approx(second["site-0"]["dp_epsilon"], rel=1e-9)
 
 
 def test_a_tampered_ledger_stops_the_site_with_an_error_naming_it(tmp_path, capsys):
@@ -256,3 +260,4 @@ def test_a_site_killed_between_training_and_the_ledger_record_released_nothing_u
     metrics = json.loads(reply.read_text())
     assert recorded() == 3 and metrics["dp_steps"] == 6  # every release, the unsent one too
     assert metrics["dp_epsilon"] == pytest.approx(opacus_epsilon([(SIGMA, 8 / 15, 2)] * 3), abs=1e-6)
+    assert metrics["dp_lifetime_epsilon"] == metrics["dp_epsilon"]  # one run token here

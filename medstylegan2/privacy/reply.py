@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 DP_REPLY_KEYS = ("loss_g", "loss_d_fake", "loss_pl", "loss_ds", "steps", "declined")
 # Privacy figures: functions of the policy, the request and the ledger only.
 DP_FIGURE_PREFIX = "dp_"  # medstylegan2.fl.wire.PRIVACY_PREFIX
-DP_FIGURE_KEYS = ("epsilon", "delta", "sample_rate", "steps", "noise_multiplier", "max_grad_norm")
+DP_FIGURE_KEYS = ("epsilon", "delta", "sample_rate", "steps", "noise_multiplier", "max_grad_norm", "lifetime_epsilon")
 GENERIC_ERROR = "the site could not complete this round; the details are in the site's own log"
 
 

@@ -139,16 +139,21 @@ class RoundPrivacy:
             engine.accountant.history = list(self.ledger.history())
 
     def figures(self) -> dict[str, float]:
-        """The privacy figures of the reply (``dp_*``): all from the policy, the request and the ledger."""
+        """The reply's privacy figures (``dp_*``), all from the policy, the request and the ledger:
+        ``epsilon`` and ``steps`` over this run's releases (the server's run token), and
+        ``lifetime_epsilon`` over every release the ledger holds (what the budget is checked against)."""
         if not self.dp or self.ledger is None:
             return {}
-        s = self.settings
-        history = self.ledger.history()
         from medstylegan2.privacy.accounting import epsilon_of_history
 
-        return {"epsilon": epsilon_of_history(history, s.delta, s.accountant), "delta": s.delta,
-                "sample_rate": s.sample_rate, "steps": float(sum(n for _, _, n in history)),
-                "noise_multiplier": s.noise_multiplier, "max_grad_norm": s.max_grad_norm}
+        s = self.settings
+        entries = self.ledger.entries()
+        everything = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries]
+        this_run = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries if e["run"] == self.run]
+        return {"epsilon": epsilon_of_history(this_run, s.delta, s.accountant), "delta": s.delta,
+                "sample_rate": s.sample_rate, "steps": float(sum(n for _, _, n in this_run)),
+                "noise_multiplier": s.noise_multiplier, "max_grad_norm": s.max_grad_norm,
+                "lifetime_epsilon": epsilon_of_history(everything, s.delta, s.accountant)}
 
     def record(self, steps: int) -> dict[str, float]:
         """Append this round's release (``steps`` noised D updates) to the ledger, fsynced; the reply's figures.
@@ -163,8 +168,9 @@ class RoundPrivacy:
             run=self.run, round=self.round_num, noise_multiplier=s.noise_multiplier, sample_rate=s.sample_rate,
             steps=int(steps), accountant=s.accountant, unit=s.unit, max_grad_norm=s.max_grad_norm, delta=s.delta))
         figures = self.figures()
-        log.info("round %d: release recorded in %s (entry %d); lifetime epsilon %.4g at delta %.3g",
-                 self.round_num, self.ledger.path, self.recorded["index"], figures["epsilon"], s.delta)
+        log.info("round %d: release recorded in %s (entry %d); epsilon %.4g this run, %.4g lifetime, at delta %.3g",
+                 self.round_num, self.ledger.path, self.recorded["index"], figures["epsilon"],
+                 figures["lifetime_epsilon"], s.delta)
         return figures
 
 
