@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 import yaml
 
 from medstylegan2.cli import main
-from medstylegan2.config import FederationConfig, load_config, read_config_mapping
+from medstylegan2.config import load_config, read_config_mapping
 from medstylegan2.errors import UserError
 from medstylegan2.privacy.engine import DPEngine
 from medstylegan2.privacy_report import (RECORD_KEYS, build_report, records_from_metrics, update_privacy_report,
