@@ -227,3 +227,45 @@ def test_errors_under_dp_reach_the_server_as_a_generic_text():
     oom = RuntimeError("CUDA out of memory while computing per-sample gradients of 517 images")
     assert reply_error_text(oom, dp=True) == GENERIC_ERROR and "517" not in GENERIC_ERROR
     assert "517" in reply_error_text(oom, dp=False)
+
+
+def test_a_held_out_split_by_patient_puts_no_patient_on_both_sides():
+    from medstylegan2.data import split_heldout
+    from medstylegan2.images import ImageSet
+
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 40, 200)  # 40 patients, several images each
+    images = ImageSet(images=np.zeros((200, 1, 8, 8), np.uint8), labels=rng.integers(0, 3, 200),
+                      sources=[f"img-{i}.png" for i in range(200)], groups=groups)
+    train, heldout = split_heldout(images, 0.2, seed=3)
+    assert not set(train.groups.tolist()) & set(heldout.groups.tolist())
+    assert len(train) + len(heldout) == 200 and 0.15 <= len(heldout) / 200 <= 0.3
+    again = split_heldout(images, 0.2, seed=3)[1]
+    assert again.sources == heldout.sources  # deterministic for a seed
+
+
+def test_a_patient_level_site_round_samples_the_patients_its_policy_csv_names(tmp_path):
+    import yaml
+
+    from medstylegan2.privacy.request import RoundRequest
+    from medstylegan2.privacy.site import SitePrivacy
+
+    images, labels = site(12)
+    sources = [f"Normal/{i}.png" for i in range(12)]
+    (tmp_path / "patients.csv").write_text("image,patient_id\n" + "".join(f"{s},p{i // 3}\n"
+                                                                          for i, s in enumerate(sources)))
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump({
+        "dp_required": True, "min_noise_multiplier": 1.0, "lifetime_epsilon": 100.0, "nominal_size": 8,
+        "ledger_dir": "ledger", "unit": "patient", "patient_csv": "patients.csv"}))
+    site_privacy = SitePrivacy.of_node({"privacy-policy": str(tmp_path / "policy.yaml")}, "h")
+    request = RoundRequest(dp=True, local_steps=2, batch_size=4, noise_multiplier=1.0, max_grad_norm=1.0)
+    with site_privacy.round(request, images, labels, run="r", round_num=1, sources=sources) as privacy:
+        engine = privacy.make_engine(12)
+        assert privacy.settings.unit == "patient" and engine.num_units == 4 and engine.sample_rate == 4 / 8
+        trainer_with(engine, images, labels).train_steps(2)
+        figures = privacy.record(engine.spent_steps)
+    assert figures["epsilon"] == pytest.approx(opacus_epsilon(1.0, 0.5, 2, 1e-5), abs=1e-6)
+    assert [e["unit"] for e in privacy.ledger.entries()] == ["patient"]
+    with pytest.raises(Exception, match="patient ids|patient_id"):
+        with site_privacy.round(request, images, labels, run="r", round_num=2, sources=None):
+            pass
