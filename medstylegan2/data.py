@@ -260,9 +260,8 @@ def load_covidqu(root: str | Path, resolution: int, *, splits: Sequence[str] = (
 def split_heldout(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
     """(train, heldout): ``fraction`` of every class held out at random, deterministic for a seed.
 
-    When the images carry patients (``groups``) whole patients are held out instead: no patient
-    is on both sides, so a held-out image is never a training patient's other image (the audit's
-    non-members and the evaluator's held-out set stay unseen at the patient level).
+    When the images carry patients (``groups``) whole patients are held out instead: no patient is
+    on both sides (the audit's non-members and the evaluator's held-out set stay unseen patients).
 
     Stratified, so class proportions match; every class keeps at least one training image and, when
     it has two or more and ``fraction > 0``, gives at least one to the held-out set. Both keep the
@@ -292,15 +291,16 @@ def split_heldout(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSe
 
 
 def _split_by_patient(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
-    """Whole patients (seeded order) until ~``fraction`` of the images are held out; one always trains."""
+    """Whole patients (seeded order) held out while they fit in ``fraction`` of the images (at least one)."""
     patients, sizes = np.unique(images.groups, return_counts=True)
     order = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2**31,))).permutation(len(patients))
     target, count, held = fraction * len(images), 0, []
-    for i in order[:-1]:  # the last patient in the order always trains
-        if count >= target:
-            break
-        held.append(patients[i])
-        count += int(sizes[i])
+    for i in order:
+        if count + sizes[i] <= target:
+            held.append(patients[i])
+            count += int(sizes[i])
+    if not held and len(patients) >= 2:  # the smallest patient, so that something is held out
+        held.append(patients[int(np.argmin(sizes))])
     is_held = np.isin(images.groups, np.asarray(held, dtype=images.groups.dtype))
     return images.subset(np.flatnonzero(~is_held)), images.subset(np.flatnonzero(is_held))
 
