@@ -21,14 +21,16 @@ whether and how it trains under DP; the server's run config only asks. Every DP 
 lock, request check, budget check, train, ledger record (fsync), then the reply.
 
 What stays (``Context.state``, and ``<state-dir>/<run token>/<site>/round_XXX.pt`` when a state
-folder is known): optimizer moments, path-length mean, batch sampler, counters and the privacy
-accountant; see ``medstylegan2.fl.site_round.local_state_of``.
+folder is known): optimizer moments, path-length mean, batch sampler, counters and a copy of the
+privacy accountant; see ``medstylegan2.fl.site_round.local_state_of``. What the site spent is not
+local state: it is in the site's lifetime ledger, which losing local state does not touch.
 
 Node config (deployment): ``data-dir`` (required: ``<class>/*.png``, a DICOM archive, or a
 COVID-QU-Ex root), ``site-name`` (default: the folder's name), ``state-dir`` (optional: local state
 survives a restart), ``device`` (default: CUDA when present), ``num-threads`` (default: torch's,
 all cores), ``privacy-policy`` (the site's privacy policy file, docs/privacy.md); the archive's
-own settings ``labels-csv``, ``label-map``, ``frontal-only``, ``salt-file``, ``cache-dir`` (see docs/data.md; the server's values for these are ignored).
+own settings ``labels-csv``, ``label-map``, ``frontal-only``, ``salt-file``, ``cache-dir`` (see
+docs/data.md; the server's values for these are ignored).
 Simulation: ``partition-id``/``num-partitions``.
 """
 

@@ -195,7 +195,8 @@ def test_a_tampered_ledger_stops_the_site_with_an_error_naming_it(tmp_path, caps
     tampered = path.read_bytes()
     run(cfg, nodes, tmp_path / "second", tmp_path / "state-2")
     sites = round_line(tmp_path / "second")["sites"]
-    assert sites["site-0"]["status"].startswith("error: LedgerError") and "hash chain is broken" in sites["site-0"]["status"]
+    status = sites["site-0"]["status"]
+    assert status.startswith("error: LedgerError") and "hash chain is broken" in status
     assert str(path) in sites["site-0"]["status"]
     assert sites["site-1"]["status"] == "ok"
     assert path.read_bytes() == tampered  # nothing appended to a ledger that does not verify

@@ -26,7 +26,7 @@ def epsilon_of_history(history: list[tuple[float, float, int]], delta: float, ac
 
 
 def sigma_for(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
-    """The noise multiplier that reaches ``target_epsilon`` at ``delta`` after ``steps`` steps at rate ``sample_rate``."""
+    """The noise multiplier reaching ``target_epsilon`` at ``delta`` after ``steps`` steps at rate ``sample_rate``."""
     from opacus.accountants.utils import get_noise_multiplier
 
     with warnings.catch_warnings():

@@ -340,7 +340,8 @@ class PrivacyLedger:
             append_json_line(self.path, entry)  # flushed and fsynced before it returns
             if created:
                 fsync_folder(self.dir)
-            atomic_write_text(self.head_path, json.dumps(LedgerHead(entry["index"] + 1, entry["hash"]).to_dict()) + "\n")
+            head = LedgerHead(entry["index"] + 1, entry["hash"])
+            atomic_write_text(self.head_path, json.dumps(head.to_dict()) + "\n")
             return entry
 
     def summary(self, delta: float, accountant: str = "rdp") -> dict[str, Any]:
