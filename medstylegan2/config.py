@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,6 +259,9 @@ def _build(cls: type, raw: Any, prefix: str, where: str):
     return cls(**kwargs)
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(hint: Any, value: Any, key: str, where: str):
     origin = get_origin(hint)
     if dataclasses.is_dataclass(hint):
@@ -293,6 +297,9 @@ def _coerce(hint: Any, value: Any, key: str, where: str):
             raise ConfigError(f"{where}: '{key}' must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+            # PyYAML follows YAML 1.1, where 1e-5 (no dot) is a string; every user means a number.
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}")
         try:
