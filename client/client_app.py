@@ -9,18 +9,28 @@ the run's validated configuration (``run_config``, JSON), the round, the run tok
 digest of the model constants.
 
 What leaves: the ArrayRecord ``arrays`` (new weights, or the float16 update), the MetricRecord
-``metrics`` (num_examples, losses, images/s, privacy figures ``dp_*`` under DP) and the ConfigRecord
-``site`` (site name, payload kind). Never images, labels per image or anything of image shape.
+``metrics`` (num_examples, losses, images/s; under DP only the allow-list of
+``medstylegan2.privacy.reply``: the policy's nominal size as num_examples, G/D-on-fake losses and the
+privacy figures ``dp_*`` from the site's ledger) and the ConfigRecord ``site`` (site name, payload
+kind). Never images, labels per image or anything of image shape. A round the site's privacy
+policy refuses is an error reply (code ``PRIVACY_REFUSED``) whose reason says why.
+
+Privacy (``medstylegan2.privacy.site``): the site's own policy file, node config
+``privacy-policy`` (a simulated site: the file its simulation driver wrote for it), decides
+whether and how it trains under DP; the server's run config only asks. Every DP round: ledger
+lock, request check, budget check, train, ledger record (fsync), then the reply.
 
 What stays (``Context.state``, and ``<state-dir>/<run token>/<site>/round_XXX.pt`` when a state
-folder is known): optimizer moments, path-length mean, batch sampler, counters and the privacy
-accountant; see ``medstylegan2.fl.site_round.local_state_of``.
+folder is known): optimizer moments, path-length mean, batch sampler, counters and a copy of the
+privacy accountant; see ``medstylegan2.fl.site_round.local_state_of``. What the site spent is not
+local state: it is in the site's lifetime ledger, which losing local state does not touch.
 
 Node config (deployment): ``data-dir`` (required: ``<class>/*.png``, a DICOM archive, or a
 COVID-QU-Ex root), ``site-name`` (default: the folder's name), ``state-dir`` (optional: local state
 survives a restart), ``device`` (default: CUDA when present), ``num-threads`` (default: torch's,
-all cores); the archive's own settings ``labels-csv``, ``label-map``, ``frontal-only``,
-``salt-file``, ``cache-dir`` (see docs/data.md; the server's values for these are ignored).
+all cores), ``privacy-policy`` (the site's privacy policy file, docs/privacy.md); the archive's
+own settings ``labels-csv``, ``label-map``, ``frontal-only``, ``salt-file``, ``cache-dir`` (see
+docs/data.md; the server's values for these are ignored).
 Simulation: ``partition-id``/``num-partitions``.
 """
 
@@ -30,19 +40,26 @@ import json
 import logging
 from typing import Any, Mapping, Optional
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from medstylegan2.config import RunConfig, from_dict
-from medstylegan2.faults import fault_point
+from medstylegan2.faults import FaultInjected, fault_point
 from medstylegan2.fl.partition import load_site_data
 from medstylegan2.fl.site_round import LocalStateStore, local_state_from_bytes, local_state_to_bytes, run_site_round
+from medstylegan2.privacy.ledger import LedgerError
+from medstylegan2.privacy.reply import reply_error_text
+from medstylegan2.privacy.request import request_from_run_config
+from medstylegan2.privacy.site import PrivacyRefusal, SitePrivacy
 from medstylegan2.runfolder import site_state_folder
 from medstylegan2.trainer import resolve_device
 
 log = logging.getLogger(__name__)
 
 STATE_KEY = "medstylegan2_local_state"
+# Error codes of a site's reply (Flower's own are below 100).
+PRIVACY_REFUSED = 401        # the site's privacy policy refuses the round as asked (reason: why)
+PRIVACY_GENERIC_ERROR = 402  # a round under DP failed; the details are in the site's own log
 
 app = ClientApp()
 
@@ -55,11 +72,12 @@ def config_of(message: Message) -> tuple[RunConfig, ConfigRecord]:
 
 @app.query()
 def roll_call(message: Message, context: Context) -> Message:
-    """Say who this site is and how many training images it has (a count, nothing else)."""
+    """Say who this site is and how many training images it has (under a DP policy: its public nominal size)."""
     cfg, _ = config_of(message)
     data = load_site_data(cfg, context.node_config)
+    count = SitePrivacy.of_node(context.node_config, data.name).reported_size(len(data.labels))
     content = RecordDict({"site": ConfigRecord({"site": data.name}),
-                          "metrics": MetricRecord({"num_examples": int(len(data.labels))})})
+                          "metrics": MetricRecord({"num_examples": int(count)})})
     return Message(content=content, reply_to=message)
 
 
@@ -74,14 +92,28 @@ def train(message: Message, context: Context) -> Message:
     received = {key: array.numpy() for key, array in message.content["arrays"].items()}
 
     _set_threads(cfg, context.node_config)
-    privacy_factory = None
-    if cfg.privacy.enabled:
-        from medstylegan2.privacy.engine import make_privacy_engine
-        privacy_factory = make_privacy_engine
+    # The site's own policy decides its privacy; the server's run config only asks (privacy.site).
+    site_privacy = SitePrivacy.of_node(context.node_config, data.name)
+    request = request_from_run_config(cfg)
+    dp = request.dp or site_privacy.dp_required
     device = str(context.node_config.get("device", "")) or str(resolve_device(cfg.device))
-    result = run_site_round(cfg, data.images, data.labels, received, round_num=round_num, site=data.name,
-                                local_state=local_state, privacy_factory=privacy_factory, device=device,
-                                constants_check=str(config["constants_digest"]))
+    try:
+        with site_privacy.round(request, data.images, data.labels, run=token, round_num=round_num,
+                                groups=data.groups, sources=data.sources) as privacy:
+            result = run_site_round(cfg, data.images, data.labels, received, round_num=round_num, site=data.name,
+                                    local_state=local_state, privacy=privacy, device=device,
+                                    constants_check=str(config["constants_digest"]))
+    except PrivacyRefusal as exc:  # the reason comes from the policy and the request, never the data
+        log.warning("site %s: round %d %s", data.name, round_num, exc)
+        return Message(Error(code=PRIVACY_REFUSED, reason=str(exc)), reply_to=message)
+    except (LedgerError, FaultInjected):
+        raise  # the ledger's own error names its file and says what to do; it holds no data
+    except Exception as exc:
+        if not dp:
+            raise
+        # Under DP an error may depend on the data (out of memory on a large Poisson batch): the
+        # details stay in this site's log, the server gets a generic text.
+        return Message(Error(code=PRIVACY_GENERIC_ERROR, reason=reply_error_text(exc, dp=True)), reply_to=message)
 
     if result.local_state is not None:
         blob = local_state_to_bytes(result.local_state)

@@ -50,6 +50,10 @@ COMMANDS: dict[str, Command] = {
     "privacy-report": Command("medstylegan2.privacy_report",
                               "Write RUN_DIR/privacy.json and privacy.png (epsilon per site and round) and print "
                               "the table."),
+    "audit-privacy": Command("medstylegan2.privacy.audit_command",
+                             "Membership-inference audit of a run: white-box on the discriminator, black-box on the "
+                             "generator; ROC AUC, TPR at low FPR, and the (epsilon, delta) bound (audit.json, "
+                             "audit.png)."),
     "release": Command("medstylegan2.release",
                        "Write a synthetic-data release: N images per class from a checkpoint, with manifest.csv "
                        "(sha256 per image), release.json and MODEL_CARD.md (provenance, privacy, evaluation, "

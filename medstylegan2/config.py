@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,6 +175,9 @@ class PrivacyConfig:
     # only in the site's own state. An integer makes runs reproducible (tests, debugging) but
     # voids the guarantee against anyone who knows it: they can subtract the noise.
     noise_seed: Optional[int] = None
+    # Simulation only: the policy file each virtual site takes as its own (null: this section).
+    # The keys above are what the server asks for; a site's own policy decides (docs/privacy.md).
+    policy: Optional[str] = None
 
 
 @dataclass
@@ -259,6 +263,9 @@ def _build(cls: type, raw: Any, prefix: str, where: str):
     return cls(**kwargs)
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(hint: Any, value: Any, key: str, where: str):
     origin = get_origin(hint)
     if dataclasses.is_dataclass(hint):
@@ -294,6 +301,9 @@ def _coerce(hint: Any, value: Any, key: str, where: str):
             raise ConfigError(f"{where}: '{key}' must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+            # PyYAML follows YAML 1.1, where 1e-5 (no dot) is a string; every user means a number.
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}")
         try:
@@ -379,6 +389,8 @@ def _check_semantics(cfg: RunConfig) -> None:
         need(p.budget_epsilon > 0, "privacy.budget_epsilon", "must be > 0")
     if p.noise_seed is not None:
         need(p.noise_seed >= 0, "privacy.noise_seed", "must be >= 0 (or null for OS entropy)")
+    if p.policy is not None:
+        need(bool(str(p.policy).strip()), "privacy.policy", "must be a file path (or null)")
 
 
 LABEL_SKIP = "skip"

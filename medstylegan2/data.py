@@ -260,12 +260,17 @@ def load_covidqu(root: str | Path, resolution: int, *, splits: Sequence[str] = (
 def split_heldout(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
     """(train, heldout): ``fraction`` of every class held out at random, deterministic for a seed.
 
+    When the images carry patients (``groups``) whole patients are held out instead: no patient is
+    on both sides (the audit's non-members and the evaluator's held-out set stay unseen patients).
+
     Stratified, so class proportions match; every class keeps at least one training image and, when
     it has two or more and ``fraction > 0``, gives at least one to the held-out set. Both keep the
     original order of the images.
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"held-out fraction must be in [0, 1), got {fraction}")
+    if images.groups is not None and fraction > 0:
+        return _split_by_patient(images, fraction, seed)
     held: list[np.ndarray] = []
     for k in range(len(images.class_names)):
         members = np.flatnonzero(images.labels == k)
@@ -283,6 +288,21 @@ def split_heldout(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSe
     is_held = np.zeros(len(images), dtype=bool)
     is_held[held_idx] = True
     return images.subset(np.flatnonzero(~is_held)), images.subset(held_idx)
+
+
+def _split_by_patient(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """Whole patients (seeded order) held out while they fit in ``fraction`` of the images (at least one)."""
+    patients, sizes = np.unique(images.groups, return_counts=True)
+    order = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2**31,))).permutation(len(patients))
+    target, count, held = fraction * len(images), 0, []
+    for i in order:
+        if count + sizes[i] <= target:
+            held.append(patients[i])
+            count += int(sizes[i])
+    if not held and len(patients) >= 2:  # the smallest patient, so that something is held out
+        held.append(patients[int(np.argmin(sizes))])
+    is_held = np.isin(images.groups, np.asarray(held, dtype=images.groups.dtype))
+    return images.subset(np.flatnonzero(~is_held)), images.subset(np.flatnonzero(is_held))
 
 
 def _phantoms_cached(per_class: int, resolution: int, seed: int, cache_dir: str | None) -> ImageSet:

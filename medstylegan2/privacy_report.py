@@ -4,9 +4,14 @@
 
     {"delta": d, "accountant": "rdp" | "prv",
      "sites": {"<site>": [{"round": r, "epsilon": e, "delta": d, "sample_rate": q,
-                           "steps": cumulative_steps, "noise_multiplier": sigma, "max_grad_norm": c}, ...]}}
+                           "steps": cumulative_steps, "noise_multiplier": sigma, "max_grad_norm": c,
+                           "lifetime_epsilon": e_all}, ...]}}
 
-one entry per round a site trained, in round order. Epsilon and delta are per site: each site's
+one entry per round a site trained, in round order; ``epsilon`` and ``steps`` cover this run's
+releases, the optional ``lifetime_epsilon`` (a site with a lifetime ledger) every release of the
+site's data set, earlier runs, retries and repeated rounds included. An infinite epsilon is written as the JSON
+number ``1e999``, which Python and JavaScript read back as infinity (JSON has no infinity, and
+``null`` would be taken for "unknown" and the row dropped). Epsilon and delta are per site: each site's
 guarantee covers the records of that site (no union bound across sites). The top-level ``delta`` is
 the configured one or, under the default per-site policy (1 / (10 n_site)), the largest per-site
 delta, i.e. the weakest site's.
@@ -14,7 +19,11 @@ delta, i.e. the weakest site's.
 The server calls ``update_privacy_report`` after every round; ``medstylegan2 privacy-report RUN_DIR``
 re-renders the plot and prints the table from ``privacy.json`` (or rebuilds it from the per-site
 ``dp_*`` figures in ``metrics.jsonl`` when it is missing; runs written before keys were snake_case
-carry them as ``dp-*``, and are read too).
+carry them as ``dp-*``, and are read too). A site whose cumulative steps go
+backwards from one round to a later one is an error, never a dropped row: its privacy state was
+reset or rewound, and the epsilon after it would undercount. ``--ledger DIR`` also shows a site's
+lifetime ledger (``medstylegan2.privacy.ledger``): epsilon per run token and over the data set's
+lifetime, and fails on a damaged, edited or rewound ledger.
 """
 
 from __future__ import annotations
@@ -26,13 +35,21 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 from medstylegan2.errors import UserError
-from medstylegan2.runfolder import atomic_write_json, save_figure
+from medstylegan2.runfolder import atomic_write_text, save_figure
 
 COMMAND_HELP = "Write RUN_DIR/privacy.json and privacy.png (epsilon per site and round) and print the table."
 REPORT_JSON = "privacy.json"
 REPORT_PNG = "privacy.png"
 RECORD_KEYS = ("round", "epsilon", "delta", "sample_rate", "steps", "noise_multiplier", "max_grad_norm")
 _INT_KEYS = ("round", "steps")
+# A site with a lifetime ledger also reports its epsilon over every release of its data set.
+OPTIONAL_KEYS = ("lifetime_epsilon",)
+# JSON has no infinity; this number literal is valid JSON and parses as infinity in Python and JS.
+JSON_INFINITY = "1e999"
+
+
+class PrivacyReportError(UserError):
+    """The privacy figures contradict themselves (e.g. a site's steps went backwards)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -40,11 +57,16 @@ _INT_KEYS = ("round", "steps")
 
 
 def normalize_record(record: Mapping[str, Any]) -> dict[str, Any]:
-    """A record with exactly the contract's keys and types (round/steps int, the rest float)."""
+    """A record with exactly the contract's keys and types (round/steps int, the rest float), and
+    ``lifetime_epsilon`` when the site reported one (its ledger's epsilon over every run)."""
     missing = [k for k in RECORD_KEYS if k not in record]
     if missing:
         raise ValueError(f"privacy record lacks {', '.join(missing)}; it needs {', '.join(RECORD_KEYS)}")
-    return {k: int(record[k]) if k in _INT_KEYS else float(record[k]) for k in RECORD_KEYS}
+    row = {k: int(record[k]) if k in _INT_KEYS else float(record[k]) for k in RECORD_KEYS}
+    for key in OPTIONAL_KEYS:
+        if record.get(key) is not None:
+            row[key] = float(record[key])
+    return row
 
 
 def build_report(records: Mapping[str, Iterable[Mapping[str, Any]]], delta: Optional[float], accountant: str
@@ -53,7 +75,8 @@ def build_report(records: Mapping[str, Iterable[Mapping[str, Any]]], delta: Opti
 
     Per site, entries are sorted by round; a later entry for the same round replaces an earlier
     one (a repeated round after a crash), and an entry whose cumulative steps did not grow is
-    dropped: that site did not train in that round (it declined), so it gets no entry.
+    dropped: that site did not train in that round (it declined), so it gets no entry. Steps that
+    fall from one round to a later one raise ``PrivacyReportError``.
     """
     if accountant not in ("rdp", "prv"):
         raise ValueError(f"accountant must be 'rdp' or 'prv', got {accountant!r}")
@@ -63,12 +86,18 @@ def build_report(records: Mapping[str, Iterable[Mapping[str, Any]]], delta: Opti
         for row in rows:
             row = normalize_record(row)
             by_round[row["round"]] = row
-        kept, last_steps = [], 0
+        kept, last_steps, last_round = [], 0, None
         for round_num in sorted(by_round):
             row = by_round[round_num]
+            if row["steps"] < last_steps:
+                raise PrivacyReportError(
+                    f"site {site}: cumulative DP steps went backwards from {last_steps} (round {last_round}) to "
+                    f"{row['steps']} (round {round_num}): the site's privacy accountant was reset or rewound, so "
+                    "its epsilon from then on undercounts what it released. Check the site's lifetime ledger "
+                    "(privacy-report --ledger DIR)")
             if row["steps"] > last_steps:
                 kept.append(row)
-                last_steps = row["steps"]
+                last_steps, last_round = row["steps"], round_num
         sites[str(site)] = kept
     if delta is None:
         deltas = [row["delta"] for rows in sites.values() for row in rows]
@@ -88,11 +117,28 @@ def write_privacy_report(run_dir: str | Path, records: Mapping[str, Iterable[Map
     report = build_report(records, delta, accountant)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / REPORT_JSON, report)  # readers never see half a file
+    # Not atomic_write_json: it writes infinity as null, and this contract keeps it (1e999).
+    atomic_write_text(run_dir / REPORT_JSON, dumps_with_infinity(report) + "\n")  # never half a file
     plot_privacy(report, run_dir / REPORT_PNG, budget=budget)
     if echo:
         print(format_table(report, budget=budget))
     return report
+
+
+def dumps_with_infinity(value: Any) -> str:
+    """Strict JSON (no NaN, no Infinity token) with +inf written as ``1e999``; NaN is an error."""
+    marker = "__medstylegan2_infinity__"
+
+    def mark(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: mark(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [mark(x) for x in v]
+        if isinstance(v, float) and math.isinf(v) and v > 0:
+            return marker
+        return v
+
+    return json.dumps(mark(value), indent=2, allow_nan=False).replace(f'"{marker}"', JSON_INFINITY)
 
 
 def read_privacy_report(run_dir: str | Path) -> dict[str, Any]:
@@ -138,9 +184,14 @@ def records_from_metrics(lines: Iterable[str]) -> dict[str, list[dict[str, Any]]
             if not isinstance(figures, dict) or figures.get("status", "ok") != "ok":
                 continue
             row = {k: figures.get(f"dp_{k}", figures.get(f"dp-{k}")) for k in RECORD_KEYS if k != "round"}
+            lifetime = {k: figures[f"dp_{k}"] for k in OPTIONAL_KEYS if figures.get(f"dp_{k}") is not None}
+            if row["epsilon"] is None and all(v is not None for k, v in row.items() if k != "epsilon"):
+                # metrics.jsonl writes non-finite numbers as null; a DP round's epsilon is never NaN
+                # (the engine maps every non-finite value to inf), so null here means infinity.
+                row["epsilon"] = math.inf
             if any(v is None for v in row.values()):
                 continue
-            records.setdefault(str(site), []).append({"round": entry["round"], **row})
+            records.setdefault(str(site), []).append({"round": entry["round"], **row, **lifetime})
     return records
 
 
@@ -159,7 +210,7 @@ def format_table(report: Mapping[str, Any], *, budget: Optional[float] = None, a
     for site, rows in report["sites"].items():
         shown = rows if all_rounds else rows[-1:]
         for row in shown:
-            cells = [site, str(row["round"]), str(len(rows)), f"{row['epsilon']:.4g}", f"{row['delta']:.3g}",
+            cells = [site, str(row["round"]), str(len(rows)), f"{float(row['epsilon']):.4g}", f"{row['delta']:.3g}",
                      str(row["steps"]), f"{row['noise_multiplier']:.4g}", f"{row['sample_rate']:.4g}",
                      f"{row['max_grad_norm']:.4g}"]
             if budget is not None:
@@ -199,8 +250,45 @@ def plot_privacy(report: Mapping[str, Any], path: str | Path, *, budget: Optiona
 # Command line
 
 
+def format_ledger_table(summary: Mapping[str, Any]) -> str:
+    """A Markdown table of one ledger: epsilon per run token and over the data set's lifetime."""
+    lines = [f"Lifetime ledger {summary['ledger']} ({summary['accountant'].upper()} accountant, "
+             f"delta {summary['delta']:.3g}; {len(summary['fingerprints'])} data set fingerprint(s))",
+             "| run | releases | rounds | steps | epsilon |", "|---|---|---|---|---|"]
+    for run_token, row in summary["runs"].items():
+        rounds = row["rounds"]
+        shown = ",".join(str(r) for r in rounds[:12]) + (" ..." if len(rounds) > 12 else "")
+        lines.append(f"| {run_token} | {row['releases']} | {shown} | {row['steps']} | {row['epsilon']:.4g} |")
+    lines.append(f"| **lifetime** | {summary['releases']} | | {summary['steps']} | {summary['epsilon']:.4g} |")
+    return "\n".join(lines)
+
+
+def ledger_report(ledger_dir: str | Path, *, delta: Optional[float] = None, accountant: Optional[str] = None
+                  ) -> dict[str, Any]:
+    """Per-run and lifetime epsilon of a site's ledger; ``LedgerError`` if it is damaged, edited or rewound.
+
+    ``delta``: default the largest delta the ledger's releases were made at (the policy's);
+    ``accountant``: default the one of its last release.
+    """
+    from medstylegan2.privacy.ledger import PrivacyLedger
+
+    ledger = PrivacyLedger(ledger_dir, None)
+    entries = ledger.entries()
+    if not entries:
+        raise UserError(f"the ledger in {ledger_dir} records no release")
+    delta = delta if delta is not None else max(e["delta"] for e in entries)
+    accountant = accountant or entries[-1]["accountant"]
+    return ledger.summary(delta, accountant)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder with privacy.json (or metrics.jsonl)")
+    p.add_argument("run_dir", metavar="RUN_DIR", nargs="?",
+                   help="a run folder with privacy.json (or metrics.jsonl); optional with --ledger")
+    p.add_argument("--ledger", metavar="DIR", action="append", default=[],
+                   help="a site's lifetime ledger folder (the policy's ledger_dir): per-run and lifetime epsilon; "
+                        "fails on a damaged, edited or rewound ledger (repeatable)")
+    p.add_argument("--delta", type=float, default=None,
+                   help="delta for the ledger's epsilon (default: the largest delta its releases used)")
     p.add_argument("--budget", type=float, default=None,
                    help="budget line (default: privacy.budget_epsilon of RUN_DIR/config.yaml, if any)")
     p.add_argument("--all-rounds", action="store_true", help="one table row per site and round")
@@ -219,6 +307,17 @@ def _run_config(run_dir: Path):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.run_dir is None and not args.ledger:
+        raise UserError("give a RUN_DIR, a --ledger DIR, or both")
+    summaries = [ledger_report(d, delta=args.delta) for d in args.ledger]  # a bad ledger fails before anything
+    if args.run_dir is not None:
+        run_report(args)
+    for summary in summaries:
+        print(format_ledger_table(summary))
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> None:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run folder not found: {run_dir}")
@@ -247,4 +346,3 @@ def run(args: argparse.Namespace) -> int:
     report = write_privacy_report(run_dir, records, delta, accountant, budget=budget, echo=False)
     print(format_table(report, budget=budget, all_rounds=args.all_rounds))
     print(f"wrote {run_dir / REPORT_JSON} and {run_dir / REPORT_PNG}")
-    return 0

@@ -121,6 +121,11 @@ def create_once_text(path: str | Path, text: str) -> bool:
     return True
 
 
+def fsync_folder(folder: str | Path) -> None:
+    """Make the creation, rename or removal of a file in ``folder`` durable (POSIX)."""
+    _fsync_folder(Path(folder))
+
+
 def _fsync_folder(folder: Path) -> None:
     """Make a rename in ``folder`` durable (POSIX); a no-op where folders cannot be opened."""
     try:

@@ -217,9 +217,11 @@ class SiteTrainer:
         trainer adds the proximal term, sanitizes, steps D's optimizer and counts the images.
         """
         if self.privacy is not None:
-            idx = self.privacy.sample_batch().to(self.device)
+            idx = self.privacy.sample_batch()
+            units = self.privacy.units_of(idx)  # with patient-level privacy: each row's patient
+            idx = idx.to(self.device)
             self.privacy.private_real_gradient(self.real_images[idx], self.real_labels[idx], r1_weight,
-                                               self.loss.class_weight)
+                                               self.loss.class_weight, units=units)
             # Fake images: G's output for noise z and uniformly drawn labels, so this term reads no
             # private data (D's current weights are already DP, and anything computed from them is
             # post-processing). Its gradient is therefore added as is: clipping bounds one person's

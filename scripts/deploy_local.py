@@ -63,10 +63,12 @@ class LocalDeployment:
 
     def __init__(self, workdir: str | Path, sites: dict[str, str | Path], *, certs: Optional[str | Path] = None,
                  state_dirs: bool = True, simulation: bool = False, auth: Optional[bool] = None,
-                 node_env: Optional[dict[str, dict[str, str]]] = None):
+                 node_env: Optional[dict[str, dict[str, str]]] = None,
+                 policies: Optional[dict[str, str | Path]] = None):
         """``simulation=True``: a SuperLink with the simulation runtime and no SuperNodes (``flwr run``
         then starts virtual ones, ``--federation-config num-supernodes=N``). ``auth`` (default: on
-        with TLS) turns on SuperNode authentication. ``node_env``: extra environment per site."""
+        with TLS) turns on SuperNode authentication. ``node_env``: extra environment per site.
+        ``policies``: each site's own privacy policy file (node config ``privacy-policy``)."""
         self.workdir = Path(workdir).resolve()
         self.sites = {name: Path(path).resolve() for name, path in sites.items()}
         self.certs = Path(certs).resolve() if certs else None
@@ -84,6 +86,7 @@ class LocalDeployment:
         self.key_of: dict[str, Path] = {}
         self.enrolments: dict[str, int] = {}
         self.node_env = node_env or {}
+        self.policies = {name: Path(path).resolve() for name, path in (policies or {}).items()}
         self.port = 0
         self.env = dict(os.environ, FLWR_HOME=str(self.flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
                         FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1")
@@ -152,6 +155,8 @@ class LocalDeployment:
         node_config = f"data-dir='{self.sites[name]}' site-name='{name}'"
         if self.state_dirs:
             node_config += f" state-dir='{self.workdir / 'site-state' / name}'"
+        if name in self.policies:  # the site's own privacy policy: no server can change it
+            node_config += f" privacy-policy='{self.policies[name]}'"
         # The sites share this machine's cores: one equal share of threads each (a real hospital
         # would leave torch its default of all cores).
         threads = str(max(1, (os.cpu_count() or 1) // max(1, len(self.sites))))
@@ -231,6 +236,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--config", default="configs/smoke.yaml")
     p.add_argument("--out", default="runs/deploy-local", help="run folder (checkpoints, metrics, grids)")
     p.add_argument("--workdir", default=None, help="logs, FLWR_HOME, site state (default: OUT/deployment)")
+    p.add_argument("--privacy-policy", metavar="FILE",
+                   help="a privacy policy (docs/privacy.md) that every site takes as its own, with its own ledger "
+                        "folder WORKDIR/privacy-ledgers/<site> unless the file names one")
     tls = p.add_mutually_exclusive_group()
     tls.add_argument("--certs", default="certs", help="folder with ca.crt, server.crt, server.key (made if missing)")
     tls.add_argument("--insecure", action="store_true",
@@ -253,6 +261,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             sites[f"hospital-{i}"] = folder
     if not sites:
         p.error("give --site NAME=DIR (repeatable) or --phantom-sites N")
+    policies = None
+    if args.privacy_policy:
+        sys.path.insert(0, str(REPO))
+        from medstylegan2.privacy.policy import write_site_policies
+
+        policies = write_site_policies(workdir / "site-policies", {name: 0 for name in sites},
+                                       ledger_root=workdir / "privacy-ledgers", policy_file=args.privacy_policy)
     certs = None
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr)
@@ -260,7 +275,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         certs = Path(args.certs)
         if not (certs / "server.crt").is_file():
             subprocess.run([str(REPO / "scripts" / "make_certs.sh"), str(certs)], check=True)
-    with LocalDeployment(workdir, sites, certs=certs) as deployment:
+    with LocalDeployment(workdir, sites, certs=certs, policies=policies) as deployment:
         print(f"SuperLink on 127.0.0.1:{deployment.port} ({'TLS' if certs else 'insecure'}), "
               f"{len(sites)} SuperNode(s); logs in {deployment.logs}")
         result = deployment.run({"config-path": str(Path(args.config).resolve()), "run-dir": str(out),

@@ -103,16 +103,25 @@ class LoopbackGrid(Grid):
 def run_in_process(config_path: str, overrides: list[str], run_dir: str, *, resume: bool = False,
                    server_data: bool = True) -> None:
     """A whole federated run in this process: the real strategy and ClientApp, one simulated site per
-    ``federation.sites``, sites one after the other (site state in ``<run_dir>/site_state``)."""
+    ``federation.sites``, sites one after the other (site state in ``<run_dir>/site_state``; under DP
+    each site's own policy file and ledger in ``<run_dir>/site_policies``, ``<run_dir>/privacy_ledgers``)."""
     from pathlib import Path
 
     from client.client_app import app
     from medstylegan2.config import load_config
+    from medstylegan2.fl.partition import simulation_partitions
+    from medstylegan2.privacy.site import POLICY_NODE_KEY, simulated_policy_path, write_simulated_policies
     from server.strategy import run_federation
 
     cfg = load_config(config_path, overrides)
     sites = cfg.federation.sites
-    grid = LoopbackGrid(app, [{"partition-id": i, "num-partitions": sites} for i in range(sites)])
+    nodes = [{"partition-id": i, "num-partitions": sites} for i in range(sites)]
+    if cfg.privacy.enabled or cfg.privacy.policy:
+        _, parts = simulation_partitions(cfg, sites)
+        folder = write_simulated_policies(cfg, run_dir, {f"site-{i}": len(p) for i, p in enumerate(parts)})
+        nodes = [{**node, POLICY_NODE_KEY: str(simulated_policy_path(folder, f"site-{i}"))}
+                 for i, node in enumerate(nodes)]
+    grid = LoopbackGrid(app, nodes)
     run_federation(grid, cfg, run_dir, resume=resume, site_state_dir=str(Path(run_dir) / "site_state"),
                    server_data=server_data)
 

@@ -62,7 +62,22 @@ def _absolute_data_paths(cfg: RunConfig) -> list[str]:
         extra.append(f"data.cache_dir={Path(cfg.data.cache_dir).resolve()}")
     if cfg.data.root and not Path(cfg.data.root).is_absolute():
         extra.append(f"data.root={Path(cfg.data.root).resolve()}")
+    if cfg.privacy.policy and not Path(cfg.privacy.policy).is_absolute():
+        extra.append(f"privacy.policy={Path(cfg.privacy.policy).resolve()}")
     return extra
+
+
+def _write_site_policies(cfg: RunConfig, run_dir: Path, site_sizes: dict[str, int]) -> None:
+    """Each virtual site's own policy file (``privacy.site.write_simulated_policies``); the folder is
+    named in the driver's own environment, which the site processes inherit (the server's messages
+    never carry it)."""
+    from medstylegan2.privacy.site import SIMULATED_POLICIES_ENV, write_simulated_policies
+
+    folder = write_simulated_policies(cfg, run_dir, site_sizes)
+    if folder is None:
+        os.environ.pop(SIMULATED_POLICIES_ENV, None)
+    else:
+        os.environ[SIMULATED_POLICIES_ENV] = str(folder)
 
 
 def simulate(config_path: str | Path, overrides: list[str], *, run_dir: Optional[str | Path] = None,
@@ -100,6 +115,7 @@ def simulate(config_path: str | Path, overrides: list[str], *, run_dir: Optional
     if any(r["total"] == 0 for r in rows):
         log.warning("some sites have no training images: they will return their weights unchanged")
 
+    _write_site_policies(cfg, run_dir, {f"site-{i}": int(len(part)) for i, part in enumerate(parts)})
     server_app = create_server_app({"config-path": str(config_path), "overrides": shlex.join(overrides),
                                     "run-dir": str(run_dir), "resume": resume, "site-state-dir": "auto",
                                     "server-data": "config", "stop-after": stop_after})

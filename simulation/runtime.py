@@ -105,8 +105,12 @@ def start_ray(backend: dict[str, Any]) -> None:
         # environment to build per worker (one agent round trip each, slow on a crowded machine).
         ray.init(logging_level="WARNING", **backend["init_args"])
     else:  # another machine's workers need the path handed over
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, logging_level="WARNING",
-                 **backend["init_args"])
+        env_vars = {"PYTHONPATH": pythonpath}
+        # The simulated sites' own policy files (written by the driver; a shared folder is needed).
+        for key in ("MEDSTYLEGAN2_SITE_POLICIES",):
+            if key in os.environ:
+                env_vars[key] = os.environ[key]
+        ray.init(runtime_env={"env_vars": env_vars}, logging_level="WARNING", **backend["init_args"])
 
 
 def deliver_by_pending_nodes() -> None:

@@ -3,13 +3,12 @@
 The server is crashed at each named write point of round 2 of 3 in turn
 (``medstylegan2.fl.round_files.SERVER_WRITE_POINTS``, armed through ``MEDSTYLEGAN2_FAULT``), then
 resumed; the run must end exactly as an uninterrupted one: the same weights bit for bit, every
-``metrics.jsonl`` line once, every grid, the eval records and the privacy report. The crash lands
+``metrics.jsonl`` line once, every grid and the eval records. The crash lands
 at a named point, never "when a file appears": no test here depends on scheduling.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -27,12 +26,13 @@ from server.loopback import run_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "configs" / "smoke.yaml")
-# Three rounds, DP (privacy report; a fixed noise seed so that runs compare bit for bit) and an
-# evaluation in rounds 2 and 3 (eval records, metrics.png), the last with a final metric (CAS), kept small.
+# Three rounds and an evaluation in rounds 2 and 3 (eval records, metrics.png), the last with a final
+# metric (CAS), kept small. Without DP: under DP the noise comes from OS entropy and a repeated round is
+# new spend in each site's ledger (issue 10), so a resumed DP run is not bit for bit an uninterrupted
+# one, by design; the privacy side of a repeated round is tested in tests/test_site_privacy.py.
 OVERRIDES = ["federation.rounds=3", "federation.evaluate_every=2", "federation.aggregation=fedavgm",
-             "model.mbstd_group_size=0", "privacy.enabled=true", "privacy.noise_multiplier=1.0",
-             "privacy.noise_seed=1", "metrics.metrics=[memorization]", "metrics.final_metrics=[cas]",
-             "metrics.classifier_steps=10", "metrics.n_per_class=4"]
+             "metrics.metrics=[memorization]", "metrics.final_metrics=[cas]", "metrics.classifier_steps=10",
+             "metrics.n_per_class=4"]
 EXPECTED_LINES = [(1, "round"), (2, "round"), (2, "eval"), (3, "round"), (3, "eval")]
 
 
@@ -74,8 +74,7 @@ def assert_same_complete_run(run_dir: Path, straight: Path) -> None:
     reference = json.loads((straight / "eval" / "round_003.json").read_text())
     assert records[3]["overall"]["cas"] == reference["overall"]["cas"]
     assert [line.get("final", False) for line in lines if line["kind"] == "eval"] == [False, True]
-    assert (run_dir / "metrics.png").is_file() and (run_dir / "privacy.png").is_file()
-    assert json.loads((run_dir / "privacy.json").read_text()) == json.loads((straight / "privacy.json").read_text())
+    assert (run_dir / "metrics.png").is_file()
     assert not list(run_dir.rglob("*.tmp")), "a temporary file was left behind"
     # The derived grid is the same picture as the uninterrupted run's.
     assert (run_dir / "grids" / "round_002.png").read_bytes() == (straight / "grids" / "round_002.png").read_bytes()

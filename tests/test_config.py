@@ -34,6 +34,14 @@ def test_wrong_type_names_the_key(tmp_path):
         load_config(write(tmp_path, "train:\n  batch_size: sixteen\n"))
 
 
+def test_exponent_numbers_without_a_dot_are_numbers_in_files_and_on_the_command_line(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-5 as a string; a float key takes it as the number it means.
+    cfg = load_config(write(tmp_path, "privacy:\n  delta: 1e-5\n"), ["train.g_lr=2.5E-3"])
+    assert cfg.privacy.delta == 1e-5 and cfg.train.g_lr == 0.0025
+    with pytest.raises(ConfigError, match=r"'privacy.delta' must be a number"):
+        load_config(None, ["privacy.delta=1e-5x"])
+
+
 def test_resolution_must_be_a_power_of_two():
     with pytest.raises(ConfigError, match="model.resolution"):
         load_config(None, ["model.resolution=100"])

@@ -82,6 +82,46 @@ def test_two_tls_supernodes_with_their_own_folders_train_two_rounds(tmp_path, ce
     assert _sha(REPO / "pyproject.toml") == pyproject
 
 
+def test_each_supernode_keeps_its_own_privacy_policy_whatever_the_server_asks(tmp_path, certs):
+    """Both hospitals name a policy file in their own node config (--node-config "privacy-policy=...").
+    A run that asks for no DP is refused by both (a failed site each, with the policy's reason in
+    the server's log); a DP run trains, and each hospital's ledger records its release."""
+    import yaml
+
+    from medstylegan2.privacy.ledger import PrivacyLedger
+
+    _need("flower-superlink", "flower-supernode", "flwr")
+    deploy = _deploy_module()
+    sites, policies = {}, {}
+    for i, name in enumerate(("hospital-a", "hospital-b")):
+        sites[name] = tmp_path / "data" / name
+        write_phantom_folder(sites[name], per_class=8, resolution=32, seed=10 + i)
+        policies[name] = tmp_path / "policies" / f"{name}.yaml"
+        policies[name].parent.mkdir(parents=True, exist_ok=True)
+        policies[name].write_text(yaml.safe_dump({
+            "dp_required": True, "delta": 1e-5, "max_grad_norm": 1.0, "min_noise_multiplier": 1.0,
+            "lifetime_epsilon": 50.0, "nominal_size": 20, "ledger_dir": str(tmp_path / "ledgers" / name)}))
+    dp = "federation.rounds=1 model.mbstd_group_size=0 privacy.enabled=true privacy.noise_multiplier=1.0"
+    with deploy.LocalDeployment(tmp_path / "deployment", sites, certs=certs, policies=policies) as deployment:
+        plain = deployment.run({"config-path": str(SMOKE), "run-dir": str(tmp_path / "plain"), "server-data": "none",
+                                "overrides": "federation.rounds=1"}, timeout=480)
+        private = deployment.run({"config-path": str(SMOKE), "run-dir": str(tmp_path / "dp"), "server-data": "none",
+                                  "overrides": dp}, timeout=480)
+    for result in (plain, private):
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    def sites_of(run_dir: Path) -> dict:
+        lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return next(line for line in lines if line.get("kind") == "round")["sites"]
+
+    for name, entry in sites_of(tmp_path / "plain").items():
+        assert entry["status"].startswith("error: refused by the site's privacy policy") and \
+            "requires differential privacy" in entry["status"], entry
+    for name, entry in sites_of(tmp_path / "dp").items():
+        assert entry["status"] == "ok" and entry["num_examples"] == 20 and entry["dp_epsilon"] > 0
+        assert len(PrivacyLedger(tmp_path / "ledgers" / name, None).entries()) == 1
+
+
 def test_a_killed_supernode_costs_its_site_one_round_and_rejoins_after_a_restart(tmp_path, certs):
     """TLS + SuperNode authentication (registered keys). hospital-b's ClientApp kills its SuperNode's whole
     process group at a named point of round 2 (SuperNode, SuperExec, ClientApp: ``kill-group``); the test

@@ -398,27 +398,40 @@ def test_only_weights_counts_and_metrics_leave_a_site(tmp_path, dtype):
 # Differential privacy across rounds
 
 
+def policy_nodes(cfg, n: int, folder) -> list[dict]:
+    """Simulated sites with their own policy files (from the run config's privacy section), as the driver writes them."""
+    from medstylegan2.fl.partition import simulation_partitions
+    from medstylegan2.privacy.policy import write_site_policies
+
+    _, parts = simulation_partitions(cfg, n)
+    paths = write_site_policies(folder / "policies", {f"site-{i}": len(p) for i, p in enumerate(parts)},
+                                ledger_root=folder / "ledgers", privacy=cfg.privacy)
+    return [{**node, "privacy-policy": str(paths[f"site-{i}"])} for i, node in enumerate(sim_nodes(n))]
+
+
 def test_epsilon_composes_over_rounds_and_sites_out_of_budget_decline_until_the_run_ends(tmp_path):
     from client.client_app import app
 
     cfg = smoke("federation.rounds=3", "model.mbstd_group_size=0", "privacy.enabled=true",
-                "privacy.noise_multiplier=1.0", "privacy.noise_seed=1", "privacy.budget_epsilon=5.0")
-    run_federation(LoopbackGrid(app, sim_nodes(2)), cfg, tmp_path, site_state_dir=str(tmp_path / "state"),
-                   server_data=False)
-    lines = metrics_lines(tmp_path)
-    # Round 1 spends epsilon ~4 per site; a second round would pass 5: both decline, the run ends.
+                "privacy.noise_multiplier=1.0", "privacy.budget_epsilon=8.0")
+    run_federation(LoopbackGrid(app, policy_nodes(cfg, 2, tmp_path)), cfg, tmp_path / "run",
+                   site_state_dir=str(tmp_path / "state"), server_data=False)
+    run = tmp_path / "run"
+    lines = metrics_lines(run)
+    # Round 1 spends epsilon ~7 per site (delta 1e-5); a second round would pass 8: both decline, the run ends.
     assert [line["round"] for line in lines] == [1, 2]
     assert {s["status"] for s in lines[0]["sites"].values()} == {"ok"}
     assert {s["status"] for s in lines[1]["sites"].values()} == {"declined"}
     first = {name: s["dp_epsilon"] for name, s in lines[0]["sites"].items()}
-    assert all(3.0 < eps < 5.0 for eps in first.values())
-    report = json.loads((tmp_path / "privacy.json").read_text())
+    assert all(6.0 < eps < 8.0 for eps in first.values())
+    report = json.loads((run / "privacy.json").read_text())
     assert set(report) == {"delta", "accountant", "sites"} and set(report["sites"]) == {"site-0", "site-1"}
     assert all(len(rows) == 1 and rows[0]["round"] == 1 for rows in report["sites"].values())  # declines: no entry
-    assert read_checkpoint(tmp_path / "round_002.pt")["federation"]["stopped"] is True
-    assert not (tmp_path / "round_003.pt").exists()
+    assert report["delta"] == 1e-5
+    assert read_checkpoint(run / "round_002.pt")["federation"]["stopped"] is True
+    assert not (run / "round_003.pt").exists()
     # The declined round left the weights alone.
-    a, b = global_weights(tmp_path / "round_001.pt"), global_weights(tmp_path / "round_002.pt")
+    a, b = global_weights(run / "round_001.pt"), global_weights(run / "round_002.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

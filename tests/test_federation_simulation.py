@@ -64,6 +64,33 @@ def test_smoke_simulation_writes_checkpoints_metrics_grids_and_partition_table(t
 
 
 @pytest.mark.slow
+def test_each_virtual_site_of_a_private_simulation_keeps_its_own_policy_and_ledger(tmp_path):
+    from medstylegan2.privacy.ledger import PrivacyLedger
+    from medstylegan2.privacy.policy import load_policy
+
+    run_dir = tmp_path / "dp"
+    dp = ["--set", "model.mbstd_group_size=0", "--set", "privacy.enabled=true", "--set", "privacy.noise_multiplier=1.0",
+          "--set", "privacy.budget_epsilon=30", "--set", "privacy.delta=0.00001"]
+    result = simulate("--config", "configs/smoke.yaml", "--out", str(run_dir), *dp)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = [line for line in lines if line.get("kind") == "round"]
+    for site in ("site-0", "site-1"):
+        policy = load_policy(run_dir / "site_policies" / f"{site}.yaml")  # written by the driver, the site's own
+        assert policy.dp_required and policy.lifetime_epsilon == 30 and policy.ledger_dir.endswith(site)
+        entries = PrivacyLedger(policy.ledger_dir, None).entries()
+        assert [e["round"] for e in entries] == [1, 2]
+        assert [line["sites"][site]["status"] for line in lines] == ["ok", "ok"]
+        assert lines[1]["sites"][site]["num_examples"] == policy.nominal_size
+    # The server cannot ask the same sites for a noise seed: refused, a failed site each.
+    result = simulate("--config", "configs/smoke.yaml", "--out", str(tmp_path / "seeded"), *dp,
+                      "--set", "privacy.noise_seed=3", "--rounds", "1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    line = json.loads((tmp_path / "seeded" / "metrics.jsonl").read_text().splitlines()[0])
+    assert all("noise seed" in s["status"] and s["status"].startswith("error: refused") for s in line["sites"].values())
+
+
+@pytest.mark.slow
 def test_killed_simulation_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
     """SIGKILL the simulation's server process right after round 2 of 4 is committed (its checkpoint in
     place, its metrics line and grid not yet written: a named fault point, not a race), then resume.

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +10,8 @@ import pytest
 import yaml
 
 from medstylegan2.cli import main
-from medstylegan2.config import FederationConfig, load_config, read_config_mapping
+from medstylegan2.config import load_config, read_config_mapping
+from medstylegan2.errors import UserError
 from medstylegan2.privacy.engine import DPEngine
 from medstylegan2.privacy_report import (RECORD_KEYS, build_report, records_from_metrics, update_privacy_report,
                                          write_privacy_report)
@@ -32,7 +32,7 @@ def assert_contract(report: dict) -> None:
         assert isinstance(site, str)
         assert [r["round"] for r in rows] == sorted({r["round"] for r in rows})
         for row in rows:
-            assert tuple(row) == RECORD_KEYS
+            assert tuple(row)[:len(RECORD_KEYS)] == RECORD_KEYS and set(row) - set(RECORD_KEYS) <= {"lifetime_epsilon"}
             assert isinstance(row["round"], int) and isinstance(row["steps"], int)
             assert all(isinstance(row[k], float) for k in RECORD_KEYS if k not in ("round", "steps"))
 
@@ -115,24 +115,40 @@ def test_cli_reports_a_missing_run_folder_without_a_traceback(tmp_path, capsys):
     assert "neither privacy.json nor metrics.jsonl" in capsys.readouterr().err
 
 
-def test_dp_config_is_a_private_three_site_phantom_run_at_64_px():
+def test_dp_config_is_a_private_three_site_phantom_run_at_64_px_that_its_sites_policy_accepts(monkeypatch,
+                                                                                               tmp_path):
+    from medstylegan2.privacy.policy import load_policy, write_site_policies
+    from medstylegan2.privacy.request import check_request, request_from_run_config
+
+    monkeypatch.chdir(REPO)  # relative paths in configs are from the working folder
     cfg = load_config(REPO / "configs" / "dp.yaml")
     assert cfg.privacy.enabled and cfg.model.mbstd_group_size == 0
     assert cfg.model.resolution == 64 and cfg.federation.sites == 3 and cfg.data.source == "phantoms"
     assert cfg.privacy.target_epsilon is not None and cfg.privacy.budget_epsilon is not None
     assert cfg.privacy.noise_seed is None  # real runs draw their noise from OS entropy
+    assert cfg.privacy.delta is not None and cfg.privacy.delta <= 1e-5
+    # A study-sized site: 2,000 training images each (docs/recipe.md).
+    per_site = 3 * cfg.data.phantoms_per_class * (1 - cfg.data.heldout_fraction) / cfg.federation.sites
+    assert per_site == pytest.approx(2000)
+    # The policy file each simulated site takes as its own (with its own ledger folder).
+    paths = write_site_policies(tmp_path, {"site-0": int(per_site)}, ledger_root=tmp_path / "ledgers",
+                                policy_file=cfg.privacy.policy)
+    policy = load_policy(paths["site-0"])
+    assert policy.dp_required and policy.delta <= 1e-5 and policy.nominal_size == 2000
+    assert policy.min_site_size <= per_site and policy.ledger_dir == str(tmp_path / "ledgers" / "site-0")
+    # What the run asks for, the policy allows.
+    decision = check_request(policy, request_from_run_config(cfg))
+    assert decision.ok, decision.reason
+    assert decision.settings.sample_rate == cfg.train.batch_size / 2000
     raw = read_config_mapping(REPO / "configs" / "dp.yaml")  # with its base: merged in
     default = REPO / "configs" / "default.yaml"
-    if default.is_file():  # the private run is the default run plus privacy
-        base = read_config_mapping(default)
-        assert set(base["federation"]) == set(raw["federation"])
-        assert {k: v for k, v in raw.items() if k not in ("name", "privacy", "model", "train")} == \
-            {k: v for k, v in base.items() if k not in ("name", "model", "train")}
-        # ... and says so: the file itself states only what differs.
-        own = yaml.safe_load((REPO / "configs" / "dp.yaml").read_text())
-        assert own["base"] == "default.yaml" and set(own) <= {"base", "name", "privacy", "model", "train"}
-    else:
-        assert set(raw["federation"]) <= {f.name for f in dataclasses.fields(FederationConfig)}
+    base = read_config_mapping(default)
+    assert set(base["federation"]) == set(raw["federation"])
+    assert {k: v for k, v in raw.items() if k not in ("name", "privacy", "model", "train", "data")} == \
+        {k: v for k, v in base.items() if k not in ("name", "model", "train", "data")}
+    # ... and says so: the file itself states only what differs.
+    own = yaml.safe_load((REPO / "configs" / "dp.yaml").read_text())
+    assert own["base"] == "default.yaml" and set(own) <= {"base", "name", "privacy", "model", "train", "data"}
 
 
 def test_cli_normalizes_a_privacy_json_that_lacks_the_top_level_keys(tmp_path):
@@ -144,3 +160,56 @@ def test_cli_normalizes_a_privacy_json_that_lacks_the_top_level_keys(tmp_path):
     assert_contract(report)
     assert [r["round"] for r in report["sites"]["site-0"]] == [1, 2]
     assert report["accountant"] == "rdp" and report["delta"] == 1e-3
+
+
+# -- issue 10: infinite epsilon, steps going backwards, the lifetime ledger ---------------------------
+
+
+def test_infinite_epsilon_survives_privacy_json_and_a_rebuild_from_metrics_jsonl(tmp_path, capsys):
+    write_privacy_report(tmp_path, {"0": [record(1, float("inf"), 50)]}, 1e-5, "rdp", echo=False)
+    text = (tmp_path / "privacy.json").read_text()
+    assert "Infinity" not in text and "null" not in text and "1e999" in text
+    assert json.loads(text)["sites"]["0"][0]["epsilon"] == float("inf")
+    # The server's metrics.jsonl writes inf as null; a rebuilt report keeps the row, as infinity.
+    line = json.dumps({"round": 1, "sites": {"0": {"status": "ok", "dp-epsilon": None, "dp-delta": 1e-5,
+                                                   "dp-sample_rate": 0.1, "dp-steps": 50,
+                                                   "dp-noise_multiplier": 0.0, "dp-max_grad_norm": 1.0}}})
+    rebuilt = tmp_path / "rebuilt"
+    rebuilt.mkdir()
+    (rebuilt / "metrics.jsonl").write_text(line + "\n")
+    assert main(["privacy-report", str(rebuilt)]) == 0
+    assert json.loads((rebuilt / "privacy.json").read_text())["sites"]["0"][0]["epsilon"] == float("inf")
+    assert "| 0 | 1 | 1 | inf |" in capsys.readouterr().out
+
+
+def test_steps_that_go_backwards_fail_loudly_instead_of_being_dropped(tmp_path, capsys):
+    rows = [record(1, 1.0, 50), record(2, 1.5, 100), record(3, 1.0, 50)]  # round 3: a reset accountant
+    with pytest.raises(UserError, match=r"site a: cumulative DP steps went backwards from 100 \(round 2\) to 50"):
+        build_report({"a": rows}, 1e-5, "rdp")
+    (tmp_path / "privacy.json").write_text(json.dumps({"delta": 1e-5, "accountant": "rdp", "sites": {"a": rows}}))
+    assert main(["privacy-report", str(tmp_path)]) == 2
+    assert "went backwards" in capsys.readouterr().err
+
+
+def test_the_ledger_table_shows_per_run_and_lifetime_epsilon_and_a_rewind_fails(tmp_path, capsys):
+    from opacus.accountants import create_accountant
+
+    from medstylegan2.privacy.ledger import LEDGER_FILE, PrivacyLedger, Release
+
+    ledger = PrivacyLedger(tmp_path / "ledger", "f" * 64)
+    for run, round_num in (("run-a", 1), ("run-a", 2), ("run-b", 1)):
+        ledger.record_release(Release(run=run, round=round_num, noise_multiplier=1.0, sample_rate=0.02, steps=50,
+                                      accountant="rdp", unit="image", max_grad_norm=0.25, delta=1e-5))
+    accountant = create_accountant(mechanism="rdp")
+    accountant.history = [(1.0, 0.02, 50)] * 3
+    lifetime = accountant.get_epsilon(delta=1e-5)
+    assert main(["privacy-report", "--ledger", str(tmp_path / "ledger")]) == 0
+    out = capsys.readouterr().out
+    assert "| run-a | 2 | 1,2 | 100 |" in out and "| run-b | 1 | 1 | 50 |" in out
+    assert f"| **lifetime** | 3 | | 150 | {lifetime:.4g} |" in out
+    path = tmp_path / "ledger" / LEDGER_FILE
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:2]))  # an older copy
+    assert main(["privacy-report", "--ledger", str(tmp_path / "ledger")]) == 2
+    assert "steps went backwards" in capsys.readouterr().err
+    assert main(["privacy-report"]) == 2
+    assert "give a RUN_DIR, a --ledger DIR, or both" in capsys.readouterr().err

@@ -68,7 +68,7 @@ def test_generator_loss_adds_the_class_term_only_with_a_head():
 
 
 def test_private_training_with_the_class_head_runs_and_accounts_every_d_update():
-    cfg = load_config(None, TINY + ["model.mbstd_group_size=0", "privacy.enabled=true", "privacy.noise_seed=3",
+    cfg = load_config(None, TINY + ["model.mbstd_group_size=0", "privacy.enabled=true",
                                     "privacy.noise_multiplier=1.0", "train.d_steps_per_g=3"])
     images, labels = random_site()
     engine = make_privacy_engine(cfg, len(labels), planned_d_steps(cfg, 2))

@@ -125,6 +125,7 @@ class SiteData:
     images: np.ndarray        # uint8 [N, 1, H, W]; never leaves the site
     labels: np.ndarray        # int64 [N]
     groups: Optional[np.ndarray] = None  # int64 [N] patient numbers (ImageSet.groups); never leaves the site
+    sources: Optional[list[str]] = None  # each image's path under the data folder (a policy's patient_csv keys)
 
 
 def _data_key(cfg: RunConfig) -> str:
@@ -218,7 +219,8 @@ def load_site_data(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteData:
     if node_config.get("data-dir"):
         site_cfg = dataclasses.replace(cfg, data=site_data_config(cfg.data, node_config))
         train = _cached_folder(str(node_config["data-dir"]), _data_key(site_cfg))
-        return SiteData(name=name, images=train.images, labels=train.labels, groups=train.groups)
+        return SiteData(name=name, images=train.images, labels=train.labels, groups=train.groups,
+                        sources=train.sources)
     pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
     if num != cfg.federation.sites:
         log.warning("simulation has %d virtual sites but federation.sites is %d; partitioning over %d",

@@ -13,19 +13,23 @@ import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import numpy as np
 import torch
 
 from medstylegan2.config import RunConfig
+from medstylegan2.faults import fault_point
 from medstylegan2.fl.seeds import seed_round, site_seed
 from medstylegan2.fl.wire import (PAYLOAD_DELTA, PAYLOAD_WEIGHTS, PRIVACY_PREFIX, constants_digest,
                                   decode_from_transfer, encode_for_transfer, flatten_weights, is_constant,
                                   transferred, unflatten_weights)
 from medstylegan2.runfolder import atomic_write_bytes, round_file, round_numbers_in
 from medstylegan2.trainer import ShuffleSampler, SiteTrainer
-from medstylegan2.warm_start import planned_d_steps
+from medstylegan2.privacy.reply import reply_metrics
+
+if TYPE_CHECKING:
+    from medstylegan2.privacy.site import RoundPrivacy
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +131,17 @@ class SiteRoundResult:
 
 def run_site_round(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, received: Mapping[str, np.ndarray], *,
                    round_num: int, site: str, local_state: Optional[Mapping[str, Any]] = None,
-                   privacy_factory: Optional[Any] = None, device: Optional[str] = None,
+                   privacy: Optional["RoundPrivacy"] = None, device: Optional[str] = None,
                    constants_check: Optional[str] = None) -> SiteRoundResult:
     """Train one site for ``cfg.federation.local_steps`` steps from the received global weights.
 
     ``received`` are the arrays as they arrived (transfer dtype, no constants). A site without
-    images returns the received weights unchanged with num_examples 0. ``privacy_factory``, when
-    given, is called as ``privacy_factory(cfg, num_examples, planned_steps, seed)`` and returns the
-    engine (or None); its restored state decides whether this round would exceed the budget, in
-    which case the site declines: no payload, ``declined`` = 1.
+    images returns the received weights unchanged with num_examples 0. ``privacy`` is this round's
+    decision under the site's own policy (``medstylegan2.privacy.site``, taken under the ledger's
+    lock): declined (budget) -> no payload, ``declined`` = 1, the ledger unchanged; under DP the
+    engine comes from it with the ledger's history, and the release is recorded in the ledger
+    (fsynced) before this function returns, i.e. before anything of the round can leave the site.
+    Under DP the metrics are the allow-list of ``privacy.reply`` (no count, timing or real loss).
     """
     f = cfg.federation
     dtype = f.transfer_dtype
@@ -150,18 +156,27 @@ def run_site_round(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, recei
         return SiteRoundResult(payload=payload, payload_kind=kind, metrics={"num_examples": 0.0, "steps": 0.0},
                                local_state=None)
 
-    if num_examples < cfg.train.batch_size:
-        # Every batch would repeat images (and DP-SGD's sampling rate would pass 1): decline, say why.
+    dp = privacy is not None and privacy.dp
+    if num_examples < cfg.train.batch_size and not dp:
+        # Every batch would repeat images: decline, say why. (Under DP the sample rate comes from
+        # the policy's public nominal size, and the policy's min_site_size is the rule: saying
+        # "fewer than one batch" would tell the server something about n.)
         log.warning("site %s: %d training image(s), fewer than one batch (train.batch_size=%d): declining round %d",
                     site, num_examples, cfg.train.batch_size, round_num)
         return SiteRoundResult(payload={}, payload_kind=PAYLOAD_WEIGHTS, local_state=None,
                                metrics={"num_examples": 0.0, "declined": 1.0, TOO_FEW_IMAGES: 1.0, "steps": 0.0})
 
+    if privacy is not None and privacy.declined:
+        log.info("site %s: declining round %d: %s", site, round_num, privacy.declined_reason)
+        metrics = {"num_examples": 0.0, "declined": 1.0, "steps": 0.0}
+        metrics.update(_privacy_metrics(privacy.figures()))
+        return SiteRoundResult(payload={}, payload_kind=PAYLOAD_WEIGHTS, metrics=metrics, local_state=local_state)
+    if cfg.privacy.enabled and not dp:
+        # The trainer refuses too; say it here, before any set-up.
+        raise RuntimeError("the run asks for DP but no DP settings were decided for this site round")
+
     seed = site_seed(cfg.seed, round_num, site)
-    engine = None
-    if privacy_factory is not None:
-        planned = planned_d_steps(cfg, f.local_steps * f.rounds)
-        engine = privacy_factory(cfg, num_examples, planned, site_seed(cfg.seed, 0, site))
+    engine = privacy.make_engine(num_examples) if privacy is not None else None
     # The trainer is built from cfg.seed, as the server built the global model: the constants
     # (fixed noise buffers) are then identical and need not travel.
     trainer = SiteTrainer(cfg, images, labels, device=device, seed=cfg.seed, privacy=engine)
@@ -176,19 +191,15 @@ def run_site_round(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, recei
     trainer.set_weights(unflatten_weights(full))
     if local_state is not None:
         restore_local_state(trainer, local_state)
+        if dp:
+            privacy.restore(engine)  # the ledger, not the local state, says what was spent
     else:
         trainer.sampler = ShuffleSampler(num_examples, cfg.train.batch_size, seed=seed % 2**62 + 1)
     if f.proximal_mu > 0:
         nested = unflatten_weights({k: v.to(trainer.device) for k, v in full.items()})
         trainer.proximal_reference = {"G": nested["G"], "D": nested["D"]}
 
-    if engine is not None and hasattr(engine, "would_exceed_budget") and engine.would_exceed_budget(
-            planned_d_steps(cfg, f.local_steps)):
-        metrics = {"num_examples": 0.0, "declined": 1.0, "steps": 0.0}
-        metrics.update(_privacy_metrics(engine, round_num))
-        return SiteRoundResult(payload={}, payload_kind=PAYLOAD_WEIGHTS, metrics=metrics,
-                               local_state=local_state_of(trainer))
-
+    steps_before = engine.spent_steps if engine is not None else 0
     seed_round(seed)
     stats = trainer.train_steps(f.local_steps)
     new = transferred(flatten_weights(trainer.get_weights()))
@@ -201,15 +212,15 @@ def run_site_round(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, recei
                 "real_images_seen", "seconds"):
         if key in stats:
             metrics[key] = float(stats[key])
+    state = local_state_of(trainer)
     if engine is not None:
-        metrics.update(_privacy_metrics(engine, round_num))
-    return SiteRoundResult(payload=payload, payload_kind=kind, metrics=metrics, local_state=local_state_of(trainer))
+        fault_point("site_trained", round_num=round_num, site=site)  # trained, not yet recorded
+        metrics.update(_privacy_metrics(privacy.record(engine.spent_steps - steps_before)))
+        fault_point("site_recorded", round_num=round_num, site=site)  # recorded, reply not yet built
+        metrics = reply_metrics(metrics, dp=True, nominal_size=privacy.nominal_size)
+    return SiteRoundResult(payload=payload, payload_kind=kind, metrics=metrics, local_state=state)
 
 
-def _privacy_metrics(engine: Any, round_num: int) -> dict[str, float]:
-    """Scalar privacy figures for the reply (epsilon, delta, ...), from the engine's round record."""
-    if not hasattr(engine, "round_record"):
-        return {}
-    record = engine.round_record(round_num)
-    return {f"{PRIVACY_PREFIX}{k}": float(v) for k, v in dict(record).items()
-            if k != "round" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+def _privacy_metrics(figures: Mapping[str, float]) -> dict[str, float]:
+    """The reply's privacy figures (``dp_epsilon``, ...): the site's lifetime spend from its ledger."""
+    return {f"{PRIVACY_PREFIX}{k}": float(v) for k, v in figures.items()}

@@ -23,13 +23,21 @@ Three separable pieces, as Opacus itself keeps them:
 
 Sampling: every D step draws its real batch by Poisson sampling, each of the site's ``n`` images
 independently with probability ``q = batch_size / n``, with Opacus' own
-``UniformWithReplacementSampler`` driven by a ``torch.Generator`` whose state is in
-``state_dict()``. That is the sampling the accountants assume. Batches vary in size and may be
-empty: an empty batch is still a step (noise only) and still counted.
+``UniformWithReplacementSampler`` driven by the engine's own ``torch.Generator``. That is the
+sampling the accountants assume. Batches vary in size and may be empty: an empty batch is still a
+step (noise only) and still counted. Two options make the release independent of the private
+``n`` and change the unit of privacy (see docs/privacy.md, "Adjacency"):
 
-Randomness: by default both generators (sampling, noise) are seeded from OS entropy when the engine
-is made and then carried in the site's own state; ``privacy.noise_seed`` makes them reproducible
-for tests and debugging, at the cost of the guarantee against anyone who knows the seed.
+- ``nominal_size``: a public constant standing in for ``n``: ``q = batch_size / nominal_size`` and
+  the noisy sum is divided by ``q * nominal_size``, so neither depends on ``n``;
+- ``groups``: a unit (patient) per image. Units are Poisson-sampled, each sampled unit's images'
+  gradients are summed (``sum_per_unit``) and that sum is clipped: epsilon is then per patient.
+
+Randomness: both generators (sampling, noise) are seeded from OS entropy every time an engine is
+made and are never saved or restored (``state_dict`` holds the accountant only): a repeated round
+draws fresh noise, so two releases can never share noise that their difference would cancel.
+``seed`` (``privacy.noise_seed``) makes them reproducible for tests and debugging, at the cost of
+the guarantee against anyone who knows the seed.
 
 The threat model (what this protects and what it does not) is in ``docs/privacy.md``.
 """
@@ -42,7 +50,7 @@ import logging
 import math
 import secrets
 import warnings
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -53,6 +61,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from medstylegan2.errors import PrivacyError
 from medstylegan2.privacy.per_sample import per_sample_real_gradients
+from medstylegan2.privacy.units import UnitIndex, sum_per_unit
 from medstylegan2.privacy.validation import validate_discriminator
 
 if TYPE_CHECKING:
@@ -66,6 +75,21 @@ STATE_FORMAT = "medstylegan2-privacy-v1"
 def default_delta(num_examples: int) -> float:
     """The default per-site delta: 1 / (10 n), well below the 1/n at which DP stops meaning much."""
     return 1.0 / (10.0 * num_examples)
+
+
+# ----------------------------------------------------------------------------------------------
+# Randomness
+
+
+def fresh_generator_seeds(seed: Optional[int] = None) -> tuple[torch.Generator, int]:
+    """(sampling generator, noise seed), both from OS entropy unless ``seed`` is given (debugging only).
+
+    Called for every new engine, i.e. every round: nothing is ever restored, so no two releases
+    share a noise or sampling stream.
+    """
+    if seed is None:
+        return torch.Generator().manual_seed(secrets.randbits(62)), secrets.randbits(62)
+    return torch.Generator().manual_seed(seed), (seed * 2654435761 + 1) % (2**62)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,9 +108,12 @@ class DPEngine:
     def __init__(self, *, num_examples: int, batch_size: int, max_grad_norm: float,
                  noise_multiplier: Optional[float] = None, target_epsilon: Optional[float] = None,
                  planned_steps: Optional[int] = None, delta: Optional[float] = None, accountant: str = "rdp",
-                 budget_epsilon: Optional[float] = None, seed: Optional[int] = None):
+                 budget_epsilon: Optional[float] = None, seed: Optional[int] = None,
+                 nominal_size: Optional[int] = None, groups: Optional[Sequence[int] | torch.Tensor] = None):
         if num_examples <= 0:
             raise PrivacyError("a site needs at least one training image to train with differential privacy")
+        if nominal_size is not None and nominal_size <= 0:
+            raise PrivacyError(f"the nominal size must be a positive count, got {nominal_size}")
         if (noise_multiplier is None) == (target_epsilon is None):
             raise PrivacyError("give exactly one of privacy.noise_multiplier and privacy.target_epsilon")
         if target_epsilon is not None and not planned_steps:
@@ -95,17 +122,26 @@ class DPEngine:
             raise PrivacyError(f"privacy.max_grad_norm must be > 0, got {max_grad_norm}")
         self.num_examples = int(num_examples)
         self.batch_size = int(batch_size)
-        # Poisson sampling rate. A site with fewer images than a batch samples every image every
+        # The unit of privacy: one image, or (with ``groups``) one patient and all their images.
+        self.units = UnitIndex(groups, self.num_examples) if groups is not None else None
+        self.num_units = self.units.num_units if self.units is not None else self.num_examples
+        self.nominal_size = None if nominal_size is None else int(nominal_size)
+        rate_base = self.nominal_size if self.nominal_size is not None else self.num_units
+        # Poisson sampling rate. A site with fewer units than a batch samples every unit every
         # step (q = 1): no amplification by subsampling.
-        self.sample_rate = min(1.0, self.batch_size / self.num_examples)
+        self.sample_rate = min(1.0, self.batch_size / rate_base)
         if self.sample_rate >= 1.0:
-            log.warning("site has %d images <= batch size %d: sample rate is 1, so privacy gets no amplification "
-                        "by subsampling", self.num_examples, self.batch_size)
+            log.warning("%d units <= batch size %d: sample rate is 1, so privacy gets no amplification "
+                        "by subsampling", rate_base, self.batch_size)
+        if self.nominal_size is not None and not 0.5 <= self.num_units / self.nominal_size <= 2.0:
+            log.warning("the site has %d units but its nominal size is %d: the real-data gradient is scaled by "
+                        "%.3g (local log only)", self.num_units, self.nominal_size, self.num_units / self.nominal_size)
         # Opacus divides the summed clipped gradients + noise by this (loss_reduction="mean"):
-        # the same 1/B the non-private mean loss has, in expectation.
-        self.expected_batch_size = self.sample_rate * self.num_examples
+        # the same 1/B the non-private mean loss has, in expectation. It is q * nominal_size when
+        # a nominal size is given: a public constant, never the private count.
+        self.expected_batch_size = self.sample_rate * rate_base
         self.max_grad_norm = float(max_grad_norm)
-        self.delta = float(delta) if delta is not None else default_delta(self.num_examples)
+        self.delta = float(delta) if delta is not None else default_delta(rate_base)
         self.accountant_name = accountant
         self.accountant = create_accountant(mechanism=accountant)
         self.budget_epsilon = budget_epsilon
@@ -113,14 +149,11 @@ class DPEngine:
         self.planned_steps = planned_steps
         self._noise_multiplier = None if noise_multiplier is None else float(noise_multiplier)
 
-        if seed is None:
-            seed = secrets.randbits(62)
-        self.sampling_generator = torch.Generator().manual_seed(seed)
-        self.sampler = UniformWithReplacementSampler(num_samples=self.num_examples, sample_rate=self.sample_rate,
+        self._debug_seed = seed
+        self.sampling_generator, self._noise_seed = fresh_generator_seeds(seed)
+        self.sampler = UniformWithReplacementSampler(num_samples=self.num_units, sample_rate=self.sample_rate,
                                                      generator=self.sampling_generator, steps=1)
         # The noise generator lives on D's device (torch.normal needs that); it is made at the first step.
-        self._noise_seed = (seed * 2654435761 + 1) % (2**62)
-        self._noise_state: Optional[tuple[str, torch.Tensor]] = None
         self.noise_generator: Optional[torch.Generator] = None
 
         self.D: Optional[nn.Module] = None
@@ -182,35 +215,38 @@ class DPEngine:
         return self.optimizer
 
     def _make_noise_generator(self, device: torch.device | str) -> None:
-        device = torch.device(device)
-        generator = torch.Generator(device=device)
-        if self._noise_state is not None and self._noise_state[0] == device.type:
-            generator.set_state(self._noise_state[1])
-        elif self._noise_state is not None:
-            # Resumed on another kind of device: generator states do not transfer. Draw a fresh seed
-            # from the (CPU) sampling generator, so the stream stays reproducible and never repeats.
-            generator.manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.sampling_generator)))
-        else:
-            generator.manual_seed(self._noise_seed)
-        self.noise_generator = generator
+        self.noise_generator = torch.Generator(device=torch.device(device)).manual_seed(self._noise_seed)
         if self.optimizer is not None:
-            self.optimizer.generator = generator
+            self.optimizer.generator = self.noise_generator
 
     # -- one D step (the trainer's) ------------------------------------------------------------------
     def sample_batch(self) -> torch.Tensor:
-        """Indices of one Poisson-sampled batch (each image with probability q; may be empty)."""
-        return torch.as_tensor(next(iter(self.sampler)), dtype=torch.long)
+        """Image indices of one Poisson-sampled batch (may be empty).
+
+        Each unit is taken with probability q: an image, or with ``groups`` a patient with all of
+        their images (see ``units_of``).
+        """
+        units = torch.as_tensor(next(iter(self.sampler)), dtype=torch.long)
+        return units if self.units is None else self.units.images_of(units)
+
+    def units_of(self, image_indices: torch.Tensor) -> Optional[torch.Tensor]:
+        """The unit (patient) of each image index, or None when the unit is the image itself."""
+        return None if self.units is None else self.units.unit_of_image[image_indices.cpu()]
 
     def private_real_gradient(self, real: torch.Tensor, labels: torch.Tensor, r1_weight: float,
-                              class_weight: float = 0.0) -> torch.Tensor:
+                              class_weight: float = 0.0, units: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Set every D ``p.grad`` to the private real-data gradient and count one accountant step.
 
-        That is (sum of per-sample gradients, each clipped to C, + N(0, (sigma C)^2)) / (q n).
-        ``real``/``labels`` must be a Poisson-sampled batch (``sample_batch``, possibly empty).
-        Returns the per-sample real losses (private: for local logs only, as ``last_private_stats``).
+        That is (sum of per-unit gradients, each clipped to C, + N(0, (sigma C)^2)) / (q n), where
+        a unit's gradient is one image's or, with ``units`` (the unit of each row, ``units_of``),
+        the sum over that unit's rows. ``real``/``labels`` must be a Poisson-sampled batch
+        (``sample_batch``, possibly empty). Returns the per-image real losses (private: for local
+        logs only, as ``last_private_stats``).
         """
         assert self.D is not None, "bind(D, optimizer) first"
-        grads, losses, _ = per_sample_real_gradients(self.D, real, labels, r1_weight, class_weight)
+        grads, losses, order = per_sample_real_gradients(self.D, real, labels, r1_weight, class_weight)
+        if units is not None:
+            grads = sum_per_unit(grads, units.to(order.device)[order])
         self.clip_and_noise(grads)
         self.last_private_stats = {"loss_d_real": float(losses.mean()) if len(losses) else float("nan"),
                                    "real_batch_size": float(len(losses))}
@@ -263,13 +299,11 @@ class DPEngine:
 
     # -- persistence ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed site needs: accountant history, sigma, both generators' states."""
-        if self.noise_generator is not None:
-            noise = (self.noise_generator.device.type, self.noise_generator.get_state())
-        elif self._noise_state is not None:
-            noise = self._noise_state
-        else:
-            noise = ("seed", torch.tensor([self._noise_seed], dtype=torch.long))
+        """What a resumed site needs: the accountant history and sigma.
+
+        Never the noise or sampling generators: a restored generator would replay noise that a
+        release already used, and two releases with the same noise reveal their difference.
+        """
         return {
             "format": STATE_FORMAT,
             "accountant": self.accountant_name,
@@ -277,9 +311,6 @@ class DPEngine:
             "noise_multiplier": self.noise_multiplier,
             "num_examples": self.num_examples,
             "delta": self.delta,
-            "sampling_generator": self.sampling_generator.get_state(),
-            "noise_device": noise[0],
-            "noise_generator": noise[1],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -298,13 +329,16 @@ class DPEngine:
             self._noise_multiplier = float(state["noise_multiplier"])
         if self._noise_multiplier is not None and self.optimizer is not None:
             self.optimizer.noise_multiplier = self._noise_multiplier
-        self.sampling_generator.set_state(state["sampling_generator"])
-        if state["noise_device"] == "seed":
-            self._noise_seed, self._noise_state = int(state["noise_generator"][0]), None
-        else:
-            self._noise_state = (state["noise_device"], state["noise_generator"])
-        if self.noise_generator is not None:
-            self._make_noise_generator(self.noise_generator.device)
+        # Generator states in an older state (keys sampling_generator/noise_generator) are ignored
+        # on purpose: see state_dict.
+        if self._debug_seed is not None:
+            # A debugging seed stays reproducible, but a later round must not replay the streams of
+            # an earlier one: mix in how many steps the restored history already holds.
+            generator, self._noise_seed = fresh_generator_seeds((self._debug_seed * 1_000_003 + self.spent_steps)
+                                                                % (2**62))
+            self.sampling_generator.set_state(generator.get_state())
+            if self.noise_generator is not None:
+                self.noise_generator.manual_seed(self._noise_seed)
 
     def to_bytes(self) -> bytes:
         """``state_dict()`` as bytes (e.g. for a Flower ``ConfigRecord`` in ``Context.state``)."""
@@ -317,7 +351,9 @@ class DPEngine:
 
     def describe(self) -> str:
         budget = "none" if self.budget_epsilon is None else f"{self.budget_epsilon:g}"
-        return (f"DP-SGD on D: n={self.num_examples}, q={self.sample_rate:.4g}, sigma={self.noise_multiplier:.4g}, "
+        unit = "image" if self.units is None else f"patient ({self.num_units} patients)"
+        return (f"DP-SGD on D: n={self.num_examples}, unit={unit}, q={self.sample_rate:.4g}, "
+                f"sigma={self.noise_multiplier:.4g}, "
                 f"C={self.max_grad_norm:g}, delta={self.delta:.3g}, accountant={self.accountant_name}, "
                 f"epsilon so far {self.epsilon():.4g} after {self.spent_steps} steps, budget {budget}")
 
