@@ -9,6 +9,7 @@ at a named point, never "when a file appears": no test here depends on schedulin
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
