@@ -139,3 +139,91 @@ def test_diversity_sensitive_loss_lowers_the_generator_loss_by_the_weighted_imag
     with_ds, stats = loss.generator_main(z, labels, ds_weight=2.0)
     assert stats["loss_ds"] > 0
     assert with_ds.item() == pytest.approx(plain.item() - 2.0 * stats["loss_ds"], rel=1e-5)
+
+
+# -- the fast formulations compute the same functions as the straightforward ones ----------------
+
+
+def _straightforward_modulated_conv2d(x, weight, styles, *, demodulate=True, padding=1, up=False):
+    """modulated_conv2d as first written: interpolate, scale, conv, per-sample modulated kernels."""
+    import torch.nn.functional as F
+
+    if up:
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    batch = x.shape[0]
+    out = F.conv2d(x * styles.view(batch, -1, 1, 1), weight, padding=padding)
+    if demodulate:
+        w = weight.unsqueeze(0) * styles.view(batch, 1, -1, 1, 1)
+        out = out * (w.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt().view(batch, -1, 1, 1)
+    return out
+
+
+def _straightforward_conv2d_layer(self, x):
+    """Conv2dLayer.forward as first written: full-resolution conv, then 2x2 average pooling."""
+    import torch.nn.functional as F
+
+    from medstylegan2.networks import LRELU_GAIN, LRELU_SLOPE
+
+    x = F.conv2d(x, self.weight * self.weight_gain, padding=self.padding)
+    if self.down:
+        x = F.avg_pool2d(x, kernel_size=2)
+    if self.bias is not None:
+        x = x + self.bias.view(1, -1, 1, 1)
+    if self.activation == "lrelu":
+        x = F.leaky_relu(x, LRELU_SLOPE) * LRELU_GAIN
+    return x * self.gain
+
+
+def _outputs_and_gradients(G, D, z, labels, real):
+    """G's image, D's logits, R1 and path-length terms, and every parameter's gradient of a loss
+    that uses all of them (double backward included)."""
+    G.zero_grad(set_to_none=True)
+    D.zero_grad(set_to_none=True)
+    ws = G.mapping(z, labels)
+    img = G.synthesize(ws, noise_mode="const")
+    fake_logits = D(img, labels)
+    real = real.detach().requires_grad_(True)
+    real_logits = D(real, labels)
+    (r1_grads,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+    (pl_grads,) = torch.autograd.grad((img * torch.linspace(-1, 1, img.numel(), dtype=img.dtype).view_as(img)).sum(),
+                                      ws, create_graph=True)
+    loss = (torch.nn.functional.softplus(fake_logits).mean() + torch.nn.functional.softplus(-real_logits).mean()
+            + r1_grads.square().sum() + pl_grads.square().sum())
+    loss.backward()
+    grads = {f"G.{k}": p.grad.clone() for k, p in G.named_parameters()}
+    grads.update({f"D.{k}": p.grad.clone() for k, p in D.named_parameters()})
+    return {"img": img.detach(), "logits": torch.cat([fake_logits, real_logits]).detach(), "loss": loss.detach()}, grads
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-9), (torch.float32, 2e-3)])
+def test_fast_layers_give_the_outputs_and_gradients_of_the_straightforward_ones(monkeypatch, dtype, tolerance):
+    """Fused down-convolutions, transposed-conv upsampling and matmul demodulation change the
+    arithmetic, not the function: same parameters, same outputs and gradients (R1 and path length
+    included) up to float rounding."""
+    from medstylegan2 import networks
+
+    torch.manual_seed(0)
+    G = Generator(z_dim=16, w_dim=16, img_resolution=32, channel_base=256, channel_max=16).to(dtype)
+    D = Discriminator(img_resolution=32, channel_base=256, channel_max=16, cmap_dim=16).to(dtype)
+    for layer in G.modules():
+        if hasattr(layer, "noise_strength"):
+            layer.noise_strength.data.fill_(0.3)
+    z, labels = torch.randn(4, 16, dtype=dtype), torch.tensor([0, 1, 2, 1])
+    real = torch.rand(4, 1, 32, 32, dtype=dtype) * 2 - 1
+    fast_out, fast_grads = _outputs_and_gradients(G, D, z, labels, real)
+    keys_before = (list(G.state_dict()), list(D.state_dict()))
+
+    monkeypatch.setattr(networks, "modulated_conv2d", _straightforward_modulated_conv2d)
+    monkeypatch.setattr(networks, "upsample2x", lambda x: torch.nn.functional.interpolate(
+        x, scale_factor=2, mode="bilinear", align_corners=False))
+    monkeypatch.setattr(networks.Conv2dLayer, "forward", _straightforward_conv2d_layer)
+    slow_out, slow_grads = _outputs_and_gradients(G, D, z, labels, real)
+
+    assert keys_before == (list(G.state_dict()), list(D.state_dict()))
+    for key in fast_out:
+        scale = slow_out[key].abs().max().clamp(min=1.0)
+        assert (fast_out[key] - slow_out[key]).abs().max() <= tolerance * scale, key
+    assert fast_grads.keys() == slow_grads.keys()
+    for key in slow_grads:
+        scale = slow_grads[key].abs().max().clamp(min=1.0)
+        assert (fast_grads[key] - slow_grads[key]).abs().max() <= tolerance * scale, key
