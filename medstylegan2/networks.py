@@ -20,12 +20,20 @@ LRELU_SLOPE = 0.2
 LRELU_GAIN = math.sqrt(2.0)
 
 
-def _activate(x: torch.Tensor, activation: str) -> torch.Tensor:
+def activation_gain(activation: str) -> float:
+    """The gain each activation is followed by (He-style sqrt(2) for leaky ReLU)."""
     if activation == "lrelu":
-        return F.leaky_relu(x, LRELU_SLOPE) * LRELU_GAIN
+        return LRELU_GAIN
     if activation == "linear":
-        return x
+        return 1.0
     raise ValueError(f"unknown activation {activation!r}; use 'lrelu' or 'linear'")
+
+
+def _nonlinearity(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """The activation without its gain: callers fold the gain into the (small) weights and bias
+    before it, because leaky ReLU is positively homogeneous, lrelu(z) * g == lrelu(g * z) for
+    g > 0. That saves a full pass over the activations per layer."""
+    return F.leaky_relu(x, LRELU_SLOPE) if activation == "lrelu" else x
 
 
 def normalize_2nd_moment(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
@@ -90,15 +98,18 @@ class FullyConnectedLayer(nn.Module):
                  lr_multiplier: float = 1.0, activation: str = "linear"):
         super().__init__()
         self.activation = activation
+        self.lr_multiplier = lr_multiplier
         self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_multiplier)
         self.bias = nn.Parameter(torch.full((out_features,), float(bias_init))) if bias else None
-        self.weight_gain = lr_multiplier / math.sqrt(in_features)
-        self.bias_gain = lr_multiplier
+        out_gain = activation_gain(activation)
+        self.weight_gain = lr_multiplier / math.sqrt(in_features) * out_gain
+        self.bias_gain = lr_multiplier * out_gain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # act(x w^T + b) * gain, with the gain folded into w and b (see _nonlinearity).
         w = self.weight * self.weight_gain
         b = self.bias * self.bias_gain if self.bias is not None else None
-        return _activate(F.linear(x, w, b), self.activation)
+        return _nonlinearity(F.linear(x, w, b), self.activation)
 
 
 class Conv2dLayer(nn.Module):
@@ -107,6 +118,8 @@ class Conv2dLayer(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, bias: bool = True,
                  activation: str = "linear", down: bool = False, gain: float = 1.0):
         super().__init__()
+        if gain <= 0:
+            raise ValueError(f"gain must be > 0 (it is folded through the activation), got {gain}")
         self.activation = activation
         self.down = down
         self.gain = gain
@@ -116,22 +129,26 @@ class Conv2dLayer(nn.Module):
         self.weight_gain = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight * self.weight_gain
+        # act(conv(x, w * weight_gain) [pooled] + b) * activation gain * gain, computed as one
+        # convolution with the gains folded into w and b (see _nonlinearity) and the bias added by
+        # the convolution itself: no pass over the activations besides the conv and the activation.
+        out_gain = activation_gain(self.activation) * self.gain
+        w = self.weight * (self.weight_gain * out_gain)
+        b = self.bias * out_gain if self.bias is not None else None
         if not self.down:
-            x = F.conv2d(x, w, padding=self.padding)
+            x = F.conv2d(x, w, b, padding=self.padding)
         elif w.shape[-1] == 1:
             # A 1x1 convolution commutes with 2x2 average pooling: pool first, 4x fewer MACs.
-            x = F.conv2d(downsample2x(x), w)
+            x = F.conv2d(downsample2x(x), w, b)
         else:
             # conv + 2x2 average pooling as one stride-2 convolution (box_filtered_kernel).
-            x = F.conv2d(x, box_filtered_kernel(w), stride=2, padding=self.padding)
-        if self.bias is not None:
-            x = x + self.bias.view(1, -1, 1, 1)
-        return _activate(x, self.activation) * self.gain
+            x = F.conv2d(x, box_filtered_kernel(w), b, stride=2, padding=self.padding)
+        return _nonlinearity(x, self.activation)
 
 
 def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, *,
-                     demodulate: bool = True, padding: int = 1, up: bool = False) -> torch.Tensor:
+                     demodulate: bool = True, padding: int = 1, up: bool = False,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample modulated convolution (optionally of the 2x upsampled input), computed as
     scale -> shared conv -> rescale.
 
@@ -145,10 +162,11 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
         # Upsampling is linear per channel, so it commutes with the per-channel style scale;
         # scaling first touches 4x fewer values.
         x = upsample2x(x)
+    if not demodulate:
+        return F.conv2d(x, weight, bias, padding=padding)
     out = F.conv2d(x, weight, padding=padding)
-    if demodulate:
-        out = out * demodulation_coefficients(weight, styles).view(batch, -1, 1, 1)
-    return out
+    out = out * demodulation_coefficients(weight, styles).view(batch, -1, 1, 1)
+    return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 
 def demodulation_coefficients(weight: torch.Tensor, styles: torch.Tensor) -> torch.Tensor:
@@ -219,18 +237,25 @@ class SynthesisLayer(nn.Module):
             self.noise_strength = nn.Parameter(torch.zeros([]))
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
+        # lrelu(conv(x * s) * d + noise * strength + bias) * sqrt(2), with sqrt(2) folded into the
+        # small factors d, strength and bias (see _nonlinearity): one multiply-add and one add over
+        # the activations besides the convolution and the activation.
+        batch = x.shape[0]
         styles = self.affine(w)
-        x = modulated_conv2d(x, self.weight, styles, demodulate=True, padding=self.padding, up=self.up)
+        x = modulated_conv2d(x, self.weight, styles, demodulate=False, padding=self.padding, up=self.up)
+        dcoefs = demodulation_coefficients(self.weight, styles) * LRELU_GAIN
+        bias = (self.bias * LRELU_GAIN).view(1, -1, 1, 1)
         if self.use_noise and noise_mode != "none":
             if noise_mode == "random":
-                noise = torch.randn(x.shape[0], 1, self.resolution, self.resolution, device=x.device,
-                                    dtype=x.dtype)
+                noise = torch.randn(batch, 1, self.resolution, self.resolution, device=x.device, dtype=x.dtype)
             elif noise_mode == "const":
                 noise = self.noise_const.view(1, 1, self.resolution, self.resolution)
             else:
                 raise ValueError(f"noise_mode must be 'random', 'const' or 'none', got {noise_mode!r}")
-            x = x + noise * self.noise_strength
-        return _activate(x + self.bias.view(1, -1, 1, 1), "lrelu")
+            x = torch.addcmul(noise * (self.noise_strength * LRELU_GAIN), x, dcoefs.view(batch, -1, 1, 1)) + bias
+        else:
+            x = torch.addcmul(bias, x, dcoefs.view(batch, -1, 1, 1))
+        return _nonlinearity(x, "lrelu")
 
 
 class ToImageLayer(nn.Module):
@@ -245,8 +270,7 @@ class ToImageLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         styles = self.affine(w) * self.weight_gain
-        x = modulated_conv2d(x, self.weight, styles, demodulate=False, padding=0)
-        return x + self.bias.view(1, -1, 1, 1)
+        return modulated_conv2d(x, self.weight, styles, demodulate=False, padding=0, bias=self.bias)
 
 
 class SynthesisBlock(nn.Module):
@@ -270,7 +294,7 @@ class SynthesisBlock(nn.Module):
                 noise_mode: str = "random") -> tuple[torch.Tensor, torch.Tensor]:
         w_iter = iter(ws.unbind(dim=1))
         if self.conv0 is None:
-            x = self.const.unsqueeze(0).repeat(ws.shape[0], 1, 1, 1)
+            x = self.const.unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
         else:
             x = self.conv0(x, next(w_iter), noise_mode)
         x = self.conv1(x, next(w_iter), noise_mode)
