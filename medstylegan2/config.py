@@ -82,6 +82,13 @@ class TrainConfig:
     grid_every: int = 100
     checkpoint_every: int = 100
     log_every: int = 10
+    # How fast, not what (medstylegan2/acceleration.py): "auto" = bf16 autocast on CUDA GPUs with
+    # bf16 (weights, optimizer state and losses stay fp32), fp32 on CPU; "bf16" forces autocast.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Layout of activations and conv weights; "auto" = channels_last on every device.
+    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
+    # torch.compile G's synthesis and D where no double backward runs (R1, path length stay eager).
+    compile: bool = False
 
 
 @dataclass

@@ -137,8 +137,8 @@ def test_diversity_sensitive_loss_lowers_the_generator_loss_by_the_weighted_imag
     plain, _ = loss.generator_main(z, labels, ds_weight=0.0)
     torch.manual_seed(1)
     with_ds, stats = loss.generator_main(z, labels, ds_weight=2.0)
-    assert stats["loss_ds"] > 0
-    assert with_ds.item() == pytest.approx(plain.item() - 2.0 * stats["loss_ds"], rel=1e-5)
+    assert float(stats["loss_ds"]) > 0
+    assert with_ds.item() == pytest.approx(plain.item() - 2.0 * float(stats["loss_ds"]), rel=1e-5)
 
 
 # -- the fast formulations compute the same functions as the straightforward ones ----------------
