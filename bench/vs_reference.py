@@ -23,8 +23,9 @@ fp32 everywhere (no fp16 blocks, no conv clamp), R1 gamma and interval, path-len
 interval, batch shrink and decay, style-mixing probability, EMA half-life. Both configurations are
 printed so that the match can be checked. Timing: ``--reps`` repetitions of ``--steps`` steps
 (a multiple of both reg intervals, so lazy regs weigh as in training), ours and the reference
-alternating, so that load from other processes hits both alike; the table gives median img/s of
-each and the median of the per-repetition ratios (ours / reference: > 1 means ours is faster).
+alternating step by step, so that load from other processes hits both alike; the table gives
+median img/s of each and the median of the per-repetition ratios (ours / reference: > 1 means
+ours is faster).
 """
 
 from __future__ import annotations
@@ -206,15 +207,19 @@ def compare(modules, cfg, device: torch.device, *, reps: int, steps: int, warmup
     _sync(device)
     ips: dict[str, list[float]] = {name: [] for name in runners}
     for rep in range(reps):
-        # Alternate who goes first, so that a slow stretch of the machine does not always hit one side.
-        order = list(runners) if rep % 2 == 0 else list(reversed(runners))
-        for name in order:
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(steps):
+        seconds = {name: 0.0 for name in runners}
+        for i in range(steps):
+            # Step by step, alternating who goes first: a slow stretch of a shared machine hits both
+            # sides alike, and step i of both has the same lazy regularization.
+            order = list(runners) if (rep * steps + i) % 2 == 0 else list(reversed(runners))
+            for name in order:
+                _sync(device)
+                start = time.perf_counter()
                 runners[name]()
-            _sync(device)
-            ips[name].append(steps * cfg.train.batch_size / (time.perf_counter() - start))
+                _sync(device)
+                seconds[name] += time.perf_counter() - start
+        for name in runners:
+            ips[name].append(steps * cfg.train.batch_size / seconds[name])
     ratios = [a / b for a, b in zip(ips["ours"], ips["reference"])]
     return {"ips": ips, "ratios": ratios,
             "params": {"ours": (_param_count(ours.trainer.G), _param_count(ours.trainer.D)),
