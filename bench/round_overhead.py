@@ -12,8 +12,9 @@ Measures, for one round (every site trains ``local_steps`` steps):
 - ``simulation``: ``python -m simulation`` (Ray, sites in parallel, one core each), per round from
   ``metrics.jsonl`` (rounds after the first) and the whole run's wall time;
 
-and the bytes one site receives and sends per round in float32 and float16 (Flower's
-``ArrayRecord.count_bytes``: array data, numpy headers and keys).
+and the bytes one site receives and sends per round in float32, float16 and int8 (Flower's
+``ArrayRecord.count_bytes``: array data, numpy headers and keys; int8 is one packed array of
+values and one of per-tensor scales).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+TRANSFER_DTYPES = ("float32", "float16", "int8")
 
 
 def _round_lines(run_dir: Path) -> list[dict]:
@@ -84,7 +87,7 @@ def transfer_bytes(cfg) -> dict[str, int]:
     weights, _ = initial_weights(cfg)
     sent = transferred(weights)
     out = {}
-    for dtype in ("float32", "float16"):
+    for dtype in TRANSFER_DTYPES:
         arrays = encode_for_transfer(sent, dtype)
         out[dtype] = ArrayRecord({k: Array(v) for k, v in arrays.items()}).count_bytes()
     out["parameters"] = int(sum(v.numel() for v in sent.values()))
@@ -136,9 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     sizes = transfer_bytes(cfg)
     print(f"\nbytes per site per round ({sizes['parameters']:,} parameters of G, G_ema, D travel; "
           "noise constants stay home):")
-    for dtype in ("float32", "float16"):
+    print("| transfer dtype | down | up | down + up | vs float32 |")
+    print("|---|---|---|---|---|")
+    for dtype in TRANSFER_DTYPES:
         mb = sizes[dtype] / 2**20
-        print(f"  {dtype}: down {mb:.2f} MiB + up {mb:.2f} MiB = {2 * mb:.2f} MiB")
+        print(f"| {dtype} | {sizes[dtype]:,} B | {sizes[dtype]:,} B | {2 * mb:.2f} MiB | "
+              f"{sizes[dtype] / sizes['float32']:.3f}x |")
     return 0
 
 

@@ -128,7 +128,9 @@ class FederationConfig:
     server_tau: float = 0.001
     # FedProx-style proximal term on local G and D weights; 0 disables.
     proximal_mu: float = 0.0
-    transfer_dtype: Literal["float32", "float16"] = "float32"
+    # float16/int8: the sites send their update (int8: per-tensor scale, error feedback kept at
+    # the site) and receive the weights in that format; float32 sends weights as they are.
+    transfer_dtype: Literal["float32", "float16", "int8"] = "float32"
     evaluate_every: int = 1
     client_num_cpus: float = 1.0
     client_num_gpus: float = 0.0
