@@ -57,7 +57,10 @@ def upsample2x(x: torch.Tensor) -> torch.Tensor:
     backward about 3x faster than ``F.interpolate``. Same values up to float rounding.
     """
     channels = x.shape[1]
-    taps = torch.tensor([0.25, 0.75, 0.75, 0.25], device=x.device, dtype=x.dtype)
+    # Filled on the device (a tensor from a Python list would be a host-to-device copy, which
+    # waits for the GPU).
+    taps = torch.full((4,), 0.25, device=x.device, dtype=x.dtype)
+    taps[1:3] = 0.75
     kernel = (taps.view(4, 1) * taps.view(1, 4)).expand(channels, 1, 4, 4)
     # Output pixel 2i takes 3/4 of x[i] and 1/4 of x[i-1], pixel 2i+1 3/4 of x[i] and 1/4 of x[i+1];
     # padding=3 crops the transposed convolution of the 1-pixel-padded input to exactly 2H x 2W.
@@ -333,8 +336,8 @@ class SynthesisNetwork(nn.Module):
 
 def high_pass(img: torch.Tensor) -> torch.Tensor:
     """3x3 Laplacian high-pass, per channel (a constant, not a buffer)."""
-    kernel = torch.tensor([[-1.0, -1.0, -1.0], [-1.0, 8.0, -1.0], [-1.0, -1.0, -1.0]],
-                          device=img.device, dtype=img.dtype) / 8.0
+    kernel = torch.full((3, 3), -1.0 / 8.0, device=img.device, dtype=img.dtype)  # filled on the device
+    kernel[1, 1] = 1.0
     kernel = kernel.view(1, 1, 3, 3).repeat(img.shape[1], 1, 1, 1)
     return F.conv2d(F.pad(img, (1, 1, 1, 1), mode="reflect"), kernel, groups=img.shape[1])
 
