@@ -8,20 +8,27 @@ step draws a Poisson batch (expected size = batch), takes exact per-sample gradi
 terms (torch.func), clips, noises and accounts with Opacus. Fakes are made once, outside the
 timing: G's cost is the same with or without DP. Prints a table of ms/step and the ratio per
 device (CUDA rows when a GPU is present); use a multiple of 16 steps so R1 is weighted as in training.
+On a GPU the DP step pads every Poisson batch to one fixed size and runs a compiled per-sample
+function (``privacy.per_sample``); the table names the padded size.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from medstylegan2.config import load_config
-from medstylegan2.privacy.engine import make_privacy_engine
-from medstylegan2.trainer import SiteTrainer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from medstylegan2.config import load_config  # noqa: E402
+from medstylegan2.privacy.engine import make_privacy_engine  # noqa: E402
+from medstylegan2.trainer import SiteTrainer  # noqa: E402
 
 
 def _sync(device: str) -> None:
@@ -71,7 +78,7 @@ def measure(cfg, device: str, steps: int, warmup: int, n: int) -> dict[str, dict
             _sync(device)
             if i >= 0:
                 times[name]["r1" if i % interval == 0 else "plain"].append(1000 * (time.perf_counter() - start))
-    result = {}
+    result = {"pad_to": trainers["dp"].privacy.pad_to}
     for name, t in times.items():
         plain, r1 = float(np.median(t["plain"])), float(np.median(t["r1"])) if t["r1"] else float("nan")
         result[name] = {"mean": float(np.mean(t["plain"] + t["r1"])), "plain": plain, "r1": r1,
@@ -93,7 +100,10 @@ def main() -> None:
                    help="experiment: replace F.one_hot by a comparison (same values) so that vmap can batch D over "
                         "labels and per-sample gradients take one vmap call instead of one per class")
     p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.vmap_safe_onehot:
         import torch.nn.functional as F
 
@@ -115,16 +125,18 @@ def main() -> None:
               flush=True)
         rows.append((name, r))
     d_params = sum(p.numel() for p in make_trainer(cfg, "cpu", False, 8).D.parameters())
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\nD step, {args.resolution} px, batch {args.batch} (DP: Poisson, expected {args.batch}), "
-          f"R1 every {cfg.train.r1_interval} steps, D {d_params / 1e6:.2f}M params, {args.steps} timed steps each")
+          f"R1 every {cfg.train.r1_interval} steps, D {d_params / 1e6:.2f}M params, {args.steps} timed steps each; "
+          f"{os.cpu_count()} CPU(s), load average {load:.1f} at the end")
     print("ms/step: R1-weighted medians ((interval-1)*plain + R1)/interval; mean of all steps in brackets")
-    print("| device | no DP | DP | DP / no DP | plain step no DP / DP | R1 step no DP / DP |")
-    print("|---|---|---|---|---|---|")
+    print("| device | no DP | DP | DP / no DP | plain step no DP / DP | R1 step no DP / DP | DP batch padded to |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in rows:
         b, d = r["base"], r["dp"]
         print(f"| {name} | {b['weighted']:.1f} ({b['mean']:.1f}) | {d['weighted']:.1f} ({d['mean']:.1f}) | "
               f"{d['weighted'] / b['weighted']:.2f}x ({d['mean'] / b['mean']:.2f}x) | "
-              f"{b['plain']:.1f} / {d['plain']:.1f} | {b['r1']:.1f} / {d['r1']:.1f} |")
+              f"{b['plain']:.1f} / {d['plain']:.1f} | {b['r1']:.1f} / {d['r1']:.1f} | {r['pad_to'] or 'no padding'} |")
 
 
 if __name__ == "__main__":
