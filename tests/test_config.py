@@ -106,3 +106,15 @@ def write_named(tmp_path, name: str, text: str):
     path.write_text(text)
     return path
 
+
+
+def test_every_shipped_config_loads_and_the_256_px_phantom_stand_in_has_covidqu_counts():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    loaded = {path.stem: load_config(path) for path in configs}
+    stand_in, real = loaded["covidqu-256-phantoms"], loaded["covidqu-256"]
+    assert stand_in.model == real.model and stand_in.metrics == real.metrics
+    total = 3 * stand_in.data.phantoms_per_class
+    assert abs(total - 33_900) < 100 and stand_in.federation.sites == 4
+    assert abs(total * (1 - stand_in.data.heldout_fraction) - 27_132) < 100  # COVID-QU-Ex Train + Val
