@@ -19,7 +19,8 @@ One "step" is one training iteration as each code base defines it:
 
 Both get the same resolution, widths (channel_base/max), latent sizes, mapping depth, class
 conditioning (3 classes; the reference gets one-hot ``c``), grayscale images, minibatch-stddev,
-fp32 everywhere (no fp16 blocks, no conv clamp), R1 gamma and interval, path-length weight,
+fp32 in the reference (no fp16 blocks, no conv clamp; ours runs its defaults, bf16 autocast on
+GPUs: pass ``--set train.precision=fp32`` for fp32 on both), R1 gamma and interval, path-length weight,
 interval, batch shrink and decay, style-mixing probability, EMA half-life. Both configurations are
 printed so that the match can be checked. Timing: ``--reps`` repetitions of ``--steps`` steps
 (a multiple of both reg intervals, so lazy regs weigh as in training), ours and the reference
@@ -221,7 +222,7 @@ def compare(modules, cfg, device: torch.device, *, reps: int, steps: int, warmup
         for name in runners:
             ips[name].append(steps * cfg.train.batch_size / seconds[name])
     ratios = [a / b for a, b in zip(ips["ours"], ips["reference"])]
-    return {"ips": ips, "ratios": ratios,
+    return {"ips": ips, "ratios": ratios, "accel": ours.trainer.accel.describe(),
             "params": {"ours": (_param_count(ours.trainer.G), _param_count(ours.trainer.D)),
                        "reference": (_param_count(theirs.G), _param_count(theirs.D))},
             "kwargs": theirs.kwargs}
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                       "in training", flush=True)
             r = compare(modules, cfg, device, reps=args.reps, steps=args.steps, warmup=args.warmup)
             kw = r["kwargs"]
-            print(f"\n[{name}, {res} px] {describe_ours(cfg)}")
+            print(f"\n[{name}, {res} px] {describe_ours(cfg)}; speed settings {r['accel']}")
             print(f"reference: Generator({kw['G']}); Discriminator({kw['D']}); StyleGAN2Loss({kw['loss']}); "
                   f"loop {kw['train']}")
             (og, od), (rg, rd) = r["params"]["ours"], r["params"]["reference"]
