@@ -36,6 +36,16 @@ def _nonlinearity(x: torch.Tensor, activation: str) -> torch.Tensor:
     return F.leaky_relu(x, LRELU_SLOPE) if activation == "lrelu" else x
 
 
+def _widened(x: torch.Tensor) -> torch.Tensor:
+    """A bf16/fp16 result of autocast as fp32; fp32 and fp64 as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _no_autocast(x: torch.Tensor):
+    """Full precision for small but sensitive computations under bf16 autocast (a no-op otherwise)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def normalize_2nd_moment(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
     return x * (x.square().mean(dim=dim, keepdim=True) + eps).rsqrt()
 
@@ -177,8 +187,11 @@ def demodulation_coefficients(weight: torch.Tensor, styles: torch.Tensor) -> tor
 
     The norm of sample n's modulated kernel for output o is sum_i s[n,i]^2 * sum_kl w[o,i,k,l]^2,
     so it is one [N, I] x [I, O] product instead of an [N, O, I, k, k] tensor of modulated kernels.
+    Computed in fp32 under bf16 autocast (a few hundred numbers per sample: precision is cheap here).
     """
-    return (styles.square() @ weight.square().sum(dim=[2, 3]).t() + 1e-8).rsqrt()
+    with _no_autocast(styles):
+        styles, weight = _widened(styles), _widened(weight)
+        return (styles.square() @ weight.square().sum(dim=[2, 3]).t().to(styles.dtype) + 1e-8).rsqrt()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,8 +259,9 @@ class SynthesisLayer(nn.Module):
         batch = x.shape[0]
         styles = self.affine(w)
         x = modulated_conv2d(x, self.weight, styles, demodulate=False, padding=self.padding, up=self.up)
-        dcoefs = demodulation_coefficients(self.weight, styles) * LRELU_GAIN
-        bias = (self.bias * LRELU_GAIN).view(1, -1, 1, 1)
+        # The small factors in the activations' dtype (bf16 under autocast), so the result stays in it.
+        dcoefs = (demodulation_coefficients(self.weight, styles) * LRELU_GAIN).to(x.dtype)
+        bias = (self.bias * LRELU_GAIN).to(x.dtype).view(1, -1, 1, 1)
         if self.use_noise and noise_mode != "none":
             if noise_mode == "random":
                 noise = torch.randn(batch, 1, self.resolution, self.resolution, device=x.device, dtype=x.dtype)
@@ -255,7 +269,8 @@ class SynthesisLayer(nn.Module):
                 noise = self.noise_const.view(1, 1, self.resolution, self.resolution)
             else:
                 raise ValueError(f"noise_mode must be 'random', 'const' or 'none', got {noise_mode!r}")
-            x = torch.addcmul(noise * (self.noise_strength * LRELU_GAIN), x, dcoefs.view(batch, -1, 1, 1)) + bias
+            strength = (self.noise_strength * LRELU_GAIN).to(x.dtype)
+            x = torch.addcmul(noise.to(x.dtype) * strength, x, dcoefs.view(batch, -1, 1, 1)) + bias
         else:
             x = torch.addcmul(bias, x, dcoefs.view(batch, -1, 1, 1))
         return _nonlinearity(x, "lrelu")
@@ -301,9 +316,12 @@ class SynthesisBlock(nn.Module):
         else:
             x = self.conv0(x, next(w_iter), noise_mode)
         x = self.conv1(x, next(w_iter), noise_mode)
-        y = self.torgb(x, next(w_iter))
-        img = y if img is None else upsample2x(img) + y
-        return x, img
+        # The image accumulates in fp32 under bf16 autocast (one channel: cheap), as in StyleGAN2-ADA.
+        y = _widened(self.torgb(x, next(w_iter)))
+        if img is not None:
+            with _no_autocast(img):
+                y = upsample2x(img) + y
+        return x, y
 
 
 class SynthesisNetwork(nn.Module):

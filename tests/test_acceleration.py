@@ -76,6 +76,12 @@ def test_bf16_autocast_keeps_fp32_master_weights_optimizer_state_and_losses(tiny
         loss, step_stats = trainer.loss.generator_main(torch.randn(4, tiny_config.model.z_dim),
                                                        torch.tensor([0, 1, 2, 0]))
     assert loss.dtype == torch.float32 and step_stats["loss_g"].dtype == torch.float32
+    with trainer.accel.autocast():
+        img = trainer.G(torch.randn(4, tiny_config.model.z_dim), torch.tensor([0, 1, 2, 0]))
+        assert img.dtype == torch.float32  # the skip image accumulates in fp32
+        assert trainer.G.synthesis.blocks[-1].conv1(
+            torch.randn(2, trainer.G.synthesis.blocks[-1].conv1.weight.shape[1], 16, 16),
+            torch.randn(2, tiny_config.model.w_dim)).dtype == torch.bfloat16  # the features in bf16
 
 
 def test_step_statistics_average_on_the_device_like_numbers():
