@@ -10,7 +10,7 @@ state-dict keys, the optimizer and the losses are the same on every path. From `
   fp32's exponent range, so no loss scaling is needed.
 - ``memory_format``: ``channels_last`` keeps activations and conv weights NHWC, the layout
   cuDNN's and oneDNN's convolutions prefer; ``auto`` uses it on every device (measured faster on
-  CPU too: see README, Benchmarks). Weights still leave the trainer contiguous.
+  CPU too, DP included: see README, Benchmarks). Weights still leave the trainer contiguous.
 - ``compile``: ``torch.compile`` the G synthesis and D calls that no double backward runs through
   (compiled graphs do not support one): G's main step, the fakes for D, and D's steps without R1.
   Off by default; worth trying on a GPU.
@@ -82,6 +82,13 @@ def to_memory_format(modules: Iterable[nn.Module], channels_last: bool) -> None:
     if channels_last:
         for module in modules:
             module.to(memory_format=torch.channels_last)
+
+
+def match_grad_layouts(module: nn.Module) -> None:
+    """Every ``.grad`` in its parameter's memory layout (a copy only where they differ)."""
+    for p in module.parameters():
+        if p.grad is not None and p.grad.stride() != p.stride():
+            p.grad = torch.empty_like(p).copy_(p.grad)
 
 
 def images_in_format(images: torch.Tensor, channels_last: bool) -> torch.Tensor:

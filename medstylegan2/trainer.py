@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 
 from medstylegan2.acceleration import (DeviceStats, as_floats, copy_indices_to, ema_update_, images_in_format,
-                                       make_adam, maybe_compile, resolve_acceleration, to_memory_format)
+                                       make_adam, match_grad_layouts, maybe_compile, resolve_acceleration,
+                                       to_memory_format)
 from medstylegan2.config import RunConfig
 from medstylegan2.errors import CheckpointError, UserError
 from medstylegan2.losses import StyleGAN2Loss
@@ -96,18 +97,14 @@ class SiteTrainer:
         # Device-level speed choices (precision, memory layout, compile): same function, see acceleration.py.
         self.accel = resolve_acceleration(cfg.train, self.device)
         self.num_examples = int(len(labels))
-        # Under DP, D and the real images stay contiguous: the per-sample gradients (torch.func) are
-        # contiguous, and Opacus sums them into D's .grad, which the fake term's backward adds to.
-        d_channels_last = self.accel.channels_last and privacy is None
-        self.real_images = (images_in_format(images_to_float(images, self.device), d_channels_last)
+        self.real_images = (images_in_format(images_to_float(images, self.device), self.accel.channels_last)
                             if self.num_examples else None)
         self.real_labels = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=self.device)
 
         self.G, self.D = build_networks(cfg.model)
         self.G.to(self.device).train()
         self.D.to(self.device).train()
-        to_memory_format([self.G], self.accel.channels_last)
-        to_memory_format([self.D], d_channels_last)
+        to_memory_format([self.G, self.D], self.accel.channels_last)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self.loss = StyleGAN2Loss(self.G, self.D, cfg.train)
         self.loss.pl_mean = self.loss.pl_mean.to(self.device)
@@ -223,6 +220,9 @@ class SiteTrainer:
         if self.privacy is not None:
             idx = copy_indices_to(self.privacy.sample_batch(), self.device)
             self.privacy.private_real_gradient(self.real_images[idx], self.real_labels[idx], r1_weight)
+            # Opacus' summed per-sample gradients are contiguous; give them each parameter's layout
+            # (channels_last) so that the fake term's backward accumulates into them in place.
+            match_grad_layouts(self.D)
             # Fake images: G's output for noise z and uniformly drawn labels, so this term reads no
             # private data (D's current weights are already DP, and anything computed from them is
             # post-processing). Its gradient is therefore added as is: clipping bounds one person's
