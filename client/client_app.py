@@ -16,9 +16,11 @@ What stays (``Context.state``, and ``<state-dir>/<run token>/<site>/round_XXX.pt
 folder is known): optimizer moments, path-length mean, batch sampler, counters and the privacy
 accountant; see ``medstylegan2.fl.site_round.local_state_of``.
 
-Node config (deployment): ``data-dir`` (required: ``<class>/*.png`` or a COVID-QU-Ex root),
-``site-name`` (default: the folder's name), ``state-dir`` (optional: local state survives a
-restart), ``device`` (default: CUDA when present), ``num-threads`` (default: torch's, all cores).
+Node config (deployment): ``data-dir`` (required: ``<class>/*.png``, a DICOM archive, or a
+COVID-QU-Ex root), ``site-name`` (default: the folder's name), ``state-dir`` (optional: local state
+survives a restart), ``device`` (default: CUDA when present), ``num-threads`` (default: torch's,
+all cores); the archive's own settings ``labels-csv``, ``label-map``, ``frontal-only``,
+``salt-file``, ``cache-dir`` (see docs/data.md; the server's values for these are ignored).
 Simulation: ``partition-id``/``num-partitions``.
 """
 
@@ -32,6 +34,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from medstylegan2.config import RunConfig, from_dict
+from medstylegan2.faults import fault_point
 from medstylegan2.fl.partition import load_site_data
 from medstylegan2.fl.site_round import LocalStateStore, local_state_from_bytes, local_state_to_bytes, run_site_round
 from medstylegan2.runfolder import site_state_folder
@@ -65,6 +68,7 @@ def train(message: Message, context: Context) -> Message:
     cfg, config = config_of(message)
     round_num, token = int(config["round"]), str(config["run_token"])
     data = load_site_data(cfg, context.node_config)
+    fault_point("site_train", round_num=round_num, site=data.name)  # tests crash a named site here
     store = _state_store(context, config, token, data.name)
     local_state = _previous_local_state(context, store, token, round_num)
     received = {key: array.numpy() for key, array in message.content["arrays"].items()}
@@ -81,9 +85,11 @@ def train(message: Message, context: Context) -> Message:
 
     if result.local_state is not None:
         blob = local_state_to_bytes(result.local_state)
-        context.state[STATE_KEY] = ConfigRecord({"round": round_num, "run_token": token, "state": blob})
-        if store is not None:
+        if store is not None:  # on disk only: a simulation's contexts (all sites) live in the driver's memory
             store.save(round_num, blob)
+            context.state.pop(STATE_KEY, None)
+        else:
+            context.state[STATE_KEY] = ConfigRecord({"round": round_num, "run_token": token, "state": blob})
 
     content = RecordDict({"metrics": MetricRecord(result.metrics),
                           "site": ConfigRecord({"site": data.name, "payload": result.payload_kind})})

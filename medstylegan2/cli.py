@@ -27,6 +27,10 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "make-phantoms": Command("medstylegan2.phantoms",
                              "write procedural chest X-ray phantoms as DIR/<class>/*.png (the built-in data set)"),
+    "inspect-data": Command("medstylegan2.inspect_data",
+                            "Show what a data folder (DICOM archive or PNG class folders) holds before training: "
+                            "counts per class, modality, view, photometric interpretation and bit depth, skipped "
+                            "files and why, and a contact sheet of the preprocessed pixels"),
     "train-local": Command("medstylegan2.train_local",
                            "Train one site's class-conditional GAN on a data folder, a COVID-QU-Ex root, or "
                            "'phantoms' (the embedded default)."),
@@ -39,9 +43,16 @@ COMMANDS: dict[str, Command] = {
     "simulate": Command("simulation.cli",
                         "Run a federated simulation: N virtual hospital sites (Flower simulation engine) over "
                         "partitioned data, with round checkpoints, metrics.jsonl and sample grids."),
+    "study": Command("simulation.study",
+                     "Run the privacy-utility study (arms central, fed-iid, fed-noniid, dp-eps10, dp-eps1): one "
+                     "run folder per arm, resumable; writes study.json, study.md, utility.png, arms.png."),
     "privacy-report": Command("medstylegan2.privacy_report",
                               "Write RUN_DIR/privacy.json and privacy.png (epsilon per site and round) and print "
                               "the table."),
+    "release": Command("medstylegan2.release",
+                       "Write a synthetic-data release: N images per class from a checkpoint, with manifest.csv "
+                       "(sha256 per image), release.json and MODEL_CARD.md (provenance, privacy, evaluation, "
+                       "intended use)."),
 }
 
 

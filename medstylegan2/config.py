@@ -4,32 +4,23 @@ Every section is a dataclass with defaults; ``load_config`` reads a YAML file, r
 (naming the full dotted key and the keys that are allowed), checks types and allowed values, and
 applies ``key.path=value`` overrides from the command line before validation.
 
-A config file may extend another: ``base: other.yaml`` (a path relative to the file that names it)
-takes every key of ``other.yaml`` (which may have a base of its own) and the file's own keys win,
-section by section and key by key; a list (e.g. ``metrics.metrics``) is replaced as a whole. Each
-file's keys are checked on their own, so a mistake in a base names the base file; a cycle of
-bases is an error naming the chain.
+A config file may extend another (``base: other.yaml``); reading files, ``base:`` chains and
+overrides as plain mappings is ``medstylegan2.config_files``'s part.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, get_args, get_origin
 
-import yaml
-
-from medstylegan2.errors import UserError
+from medstylegan2.config_files import apply_override, read_with_bases
+from medstylegan2.errors import ConfigError
 
 CLASS_NAMES: tuple[str, ...] = ("Normal", "COVID-19", "Non-COVID")
-# The key of a config file that names the file it extends.
-BASE_KEY = "base"
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration value or key is wrong; the message names the dotted key."""
 
 
 @dataclass
@@ -51,6 +42,12 @@ class ModelConfig:
     mbstd_channels: int = 1
     # Dimension of the class embedding that D projects its features onto.
     cmap_dim: int = 64
+    # Auxiliary-classifier head on D's features (AC-GAN, Odena et al. 2017): D also learns to
+    # classify real images, and G is pushed to make fakes that D classifies as their conditioning
+    # class (weight: train.class_loss_weight). Projection alone learns the classes slowly.
+    d_class_head: bool = False
+    # Learning-rate multiplier of the mapping network (StyleGAN2: 0.01).
+    mapping_lr_multiplier: float = 0.01
     # Seed paper's high-pass filter weight (StarGAN v2 ``w_hpf``); 0 disables the filter branch.
     w_hpf: float = 0.0
 
@@ -79,6 +76,15 @@ class TrainConfig:
     lambda_ds: float = 0.0
     ds_decay_steps: int = 10000
     truncation_psi: float = 1.0
+    # Weight of the auxiliary classifier's cross-entropy terms (model.d_class_head): on reals in
+    # D's loss (inside the per-sample loss that DP clips and noises) and on fakes in G's loss.
+    class_loss_weight: float = 1.0
+    # D updates per G update (each on a fresh real and fake batch); more helps under DP.
+    d_steps_per_g: int = 1
+    # Warm start: a checkpoint (train-local or a federated round) whose G, G_ema and D weights
+    # replace the fresh ones before training (e.g. pretrained on public data). Optimizer state,
+    # counters and the model constants are not taken from it.
+    init_checkpoint: Optional[str] = None
     grid_every: int = 100
     checkpoint_every: int = 100
     log_every: int = 10
@@ -106,6 +112,18 @@ class DataConfig:
     max_per_class: Optional[int] = None
     cache_dir: Optional[str] = ".cache/medstylegan2"
     seed: int = 0
+    # --- A site's own archive (DICOM or images; see docs/data.md). A federated site takes these
+    # from its node config, never from the server.
+    # The site's label words -> one of CLASS_NAMES, or "skip" to leave a label's images out on
+    # purpose (counted). Applies to class folder names and to labels_csv; matched case-insensitively.
+    label_map: dict[str, str] = field(default_factory=dict)
+    # CSV with a header row ``file,label`` (file relative to root): labels without class folders.
+    labels_csv: Optional[str] = None
+    # DICOM: keep only frontal views (ViewPosition PA or AP; files without ViewPosition are kept).
+    frontal_only: bool = True
+    # DICOM: secret salt for hashing PatientID into the per-patient grouping key; created (0600,
+    # OS entropy) on first use. None: ~/.config/medstylegan2/patient-id.salt.
+    patient_salt_file: Optional[str] = None
 
 
 @dataclass
@@ -120,6 +138,14 @@ class FederationConfig:
     # Quantity skew: site sizes drawn from a Dirichlet with this concentration.
     quantity_alpha: float = 1.0
     aggregation: Literal["fedavg", "fedavgm", "fedadam"] = "fedavg"
+    # How the sites' updates are combined before the server optimizer: the example-weighted mean,
+    # or (robust to a few hostile sites, unweighted) the coordinate-wise median or trimmed mean,
+    # which cuts int(trim_fraction * n) values off each end.
+    aggregation_rule: Literal["mean", "median", "trimmed_mean"] = "mean"
+    trim_fraction: float = 0.2
+    # Reject an update whose norm (distance to the global model) exceeds outlier_factor x the median
+    # of the round's updates; needs >= 3 valid updates; 0 disables.
+    outlier_factor: float = 10.0
     server_lr: float = 1.0
     # FedAvgM momentum; FedAdam's beta1.
     server_momentum: float = 0.9
@@ -204,7 +230,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         raw = read_config_mapping(path)
     for item in overrides or []:
-        _apply_override(raw, item)
+        apply_override(raw, item)
     where = str(path) if path is not None else "config"
     cfg = from_dict(raw, where=where)
     return cfg.validate()
@@ -216,65 +242,7 @@ def from_dict(raw: dict[str, Any], where: str = "config") -> RunConfig:
 
 def read_config_mapping(path: str | Path) -> dict[str, Any]:
     """The YAML mapping of a config file with its ``base:`` chain merged in (without the ``base`` key)."""
-    return _read_with_bases(Path(path), chain=())
-
-
-def _read_yaml_mapping(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if loaded is None:
-        loaded = {}
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
-    return loaded
-
-
-def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
-    raw = _read_yaml_mapping(path)
-    base = raw.pop(BASE_KEY, None)
-    _build(RunConfig, raw, prefix="", where=str(path))  # this file's own keys and types, named by this file
-    if base is None:
-        return raw
-    if not isinstance(base, str) or not base.strip():
-        raise ConfigError(f"{path}: '{BASE_KEY}' must be the path of the config file this one extends "
-                          f"(relative to {path.parent}), got {base!r}")
-    base_path = path.parent / base
-    if not base_path.is_file():
-        raise ConfigError(f"{path}: '{BASE_KEY}' names {base_path}, which is not a file")
-    seen = (*chain, path)
-    if any(base_path.resolve() == p.resolve() for p in seen):
-        raise ConfigError("config files extend each other in a cycle: "
-                          + " -> ".join(str(p) for p in (*seen, base_path)))
-    return _merged(_read_with_bases(base_path, seen), raw)
-
-
-def _merged(base: dict[str, Any], derived: dict[str, Any]) -> dict[str, Any]:
-    """``base`` updated by ``derived``: mappings merge key by key (the derived value wins), anything else
-    (numbers, strings, lists) is replaced. A section left empty in the derived file keeps the base's."""
-    out = dict(base)
-    for key, value in derived.items():
-        if isinstance(out.get(key), dict) and (isinstance(value, dict) or value is None):
-            out[key] = _merged(out[key], value or {})
-        else:
-            out[key] = value
-    return out
-
-
-def _apply_override(raw: dict[str, Any], item: str) -> None:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.key=value")
-    key, text = item.split("=", 1)
-    parts = key.strip().split(".")
-    node = raw
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    return read_with_bases(Path(path), check_keys=lambda raw, where: _build(RunConfig, raw, prefix="", where=where))
 
 
 def _build(cls: type, raw: Any, prefix: str, where: str):
@@ -311,6 +279,12 @@ def _coerce(hint: Any, value: Any, key: str, where: str):
             raise ConfigError(f"{where}: '{key}' = {value!r} is not allowed; use one of: "
                               f"{', '.join(map(str, allowed))}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: '{key}' must be a mapping, got {value!r}")
+        key_type, value_type = get_args(hint)
+        return {_coerce(key_type, k, f"{key}.{k}", where): _coerce(value_type, v, f"{key}.{k}", where)
+                for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: '{key}' must be a list, got {value!r}")
@@ -327,7 +301,13 @@ def _coerce(hint: Any, value: Any, key: str, where: str):
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError as exc:  # an integer too large for a float
+            raise ConfigError(f"{where}: '{key}' = {value!r} is too large") from exc
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: '{key}' must be a finite number, got {value!r}")
+        return number
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
@@ -347,6 +327,11 @@ def _check_semantics(cfg: RunConfig) -> None:
     need(m.num_classes == len(CLASS_NAMES), "model.num_classes",
          f"must be {len(CLASS_NAMES)} ({', '.join(CLASS_NAMES)})")
     need(m.w_hpf >= 0, "model.w_hpf", "must be >= 0")
+    need(not m.d_class_head or m.arch == "stylegan2", "model.d_class_head",
+         "needs model.arch 'stylegan2' (the DCGAN baseline has no class head)")
+    need(m.mapping_lr_multiplier > 0, "model.mapping_lr_multiplier", "must be > 0")
+    need(t.class_loss_weight >= 0, "train.class_loss_weight", "must be >= 0")
+    need(t.d_steps_per_g >= 1, "train.d_steps_per_g", "must be >= 1")
     for key in ("z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max", "cmap_dim"):
         need(getattr(m, key) > 0, f"model.{key}", "must be > 0")
     need(m.mbstd_group_size >= 0, "model.mbstd_group_size", "must be >= 0 (0 disables it)")
@@ -359,6 +344,7 @@ def _check_semantics(cfg: RunConfig) -> None:
     need(d.source == "phantoms" or d.root is not None, "data.root",
          f"is required when data.source is '{d.source}'")
     need(d.phantoms_per_class > 0, "data.phantoms_per_class", "must be > 0")
+    check_label_map(d.label_map)
     need(f.sites > 0 and f.rounds > 0 and f.local_steps > 0, "federation.sites/rounds/local_steps",
          "must all be > 0")
     need(0 < f.fraction_train <= 1, "federation.fraction_train", "must be in (0, 1]")
@@ -368,6 +354,9 @@ def _check_semantics(cfg: RunConfig) -> None:
     need(f.proximal_mu >= 0, "federation.proximal_mu", "must be >= 0")
     need(f.evaluate_every >= 0, "federation.evaluate_every", "must be >= 0 (0: only at the end)")
     need(f.server_lr > 0, "federation.server_lr", "must be > 0")
+    need(0 <= f.trim_fraction < 0.5, "federation.trim_fraction", "must be in [0, 0.5)")
+    need(f.outlier_factor == 0 or f.outlier_factor > 1, "federation.outlier_factor",
+         "must be > 1 (or 0 to turn the check off)")
     need(0 <= f.server_momentum < 1, "federation.server_momentum", "must be in [0, 1)")
     need(0 <= f.server_beta2 < 1, "federation.server_beta2", "must be in [0, 1)")
     need(f.server_tau > 0, "federation.server_tau", "must be > 0")
@@ -394,3 +383,22 @@ def _check_semantics(cfg: RunConfig) -> None:
         need(p.budget_epsilon > 0, "privacy.budget_epsilon", "must be > 0")
     if p.noise_seed is not None:
         need(p.noise_seed >= 0, "privacy.noise_seed", "must be >= 0 (or null for OS entropy)")
+
+
+LABEL_SKIP = "skip"
+
+
+def check_label_map(label_map: dict[str, str]) -> None:
+    """Every site word maps to a class name (exact spelling) or "skip"; no word twice ignoring case."""
+    seen: dict[str, str] = {}
+    for word, target in label_map.items():
+        key = f"data.label_map.{word}"
+        if not word.strip():
+            raise ConfigError(f"'{key}': a label word must not be empty")
+        if target not in (*CLASS_NAMES, LABEL_SKIP):
+            raise ConfigError(f"'{key}' = {target!r} is not a class; use one of: {', '.join(CLASS_NAMES)}, "
+                              f"or {LABEL_SKIP!r} to leave these images out")
+        folded = word.strip().casefold()
+        if folded in seen and seen[folded] != word:
+            raise ConfigError(f"'{key}': the same word as '{seen[folded]}' (labels match ignoring case)")
+        seen[folded] = word

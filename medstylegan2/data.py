@@ -1,28 +1,35 @@
-"""Data sets: loaders for class folders and COVID-QU-Ex, the decoded-image cache, held-out splits.
+"""Data sets: loaders for class folders and COVID-QU-Ex, held-out splits.
 
 Every loader returns ``medstylegan2.images.ImageSet``s (uint8 ``[N, 1, H, W]`` + class indices).
 
 Loading from disk decodes every file once per resolution and keeps the result in a ``.npz`` cache
-keyed by the file listing (paths, sizes, modification times): COVID-QU-Ex (33,920 PNGs) takes minutes
-to decode and a second to read back.
+(``medstylegan2.image_cache``) keyed by the file listing (paths, sizes, modification times):
+COVID-QU-Ex (33,920 PNGs) takes minutes to decode and a second to read back.
+
+DICOM files (a hospital's archive) sit beside or instead of PNGs: ``medstylegan2.ingest`` decodes
+every file, ``medstylegan2.dicom`` does the DICOM part, ``medstylegan2.labels`` reads a label CSV
+and the site's label words, and files left out are counted per reason (``medstylegan2.skips``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from medstylegan2 import phantoms
 from medstylegan2.config import CLASS_NAMES, DataConfig
+from medstylegan2.dicom import find_dicom_files
 from medstylegan2.errors import DataError
-from medstylegan2.images import ImageSet, decode_all
-from medstylegan2.phantoms import generate_phantoms
-from medstylegan2.runfolder import atomic_write
+from medstylegan2.image_cache import KEY_CHARS, cache_file, read_cache, write_cache
+from medstylegan2.images import ImageSet
+from medstylegan2.ingest import SiteOptions, decode_all
+from medstylegan2.labels import LabelVocabulary, read_label_csv
+from medstylegan2.skips import SkipTally
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +43,6 @@ COVIDQU_NESTINGS = (
     ("Infection Segmentation Data", "Infection Segmentation Data"),
     ("Infection Segmentation Data",),
 )
-# Bump when the cache layout or decoding changes, so stale caches are never read.
-CACHE_VERSION = 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -56,7 +61,9 @@ def _child_dir(parent: Path, name: str) -> Path | None:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """PNG/JPEG files in ``folder`` and DICOM files anywhere below it (archives nest series folders)."""
+    images = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(images + find_dicom_files(folder))
 
 
 def _spread_cap(files: list[Path], max_per_class: int | None) -> list[Path]:
@@ -82,7 +89,8 @@ def _require_root(root: str | Path) -> Path:
     return path.resolve()
 
 
-def _class_folder_files(root: Path, max_per_class: int | None) -> list[tuple[Path, int]]:
+def _class_folder_files(root: Path, max_per_class: int | None, vocabulary: LabelVocabulary = LabelVocabulary(),
+                        skipped: SkipTally | None = None) -> list[tuple[Path, int]]:
     expected = ", ".join(f"{root / name}/" for name in CLASS_NAMES)
     if find_covidqu_base(root) is not None:
         hint = " (this looks like COVID-QU-Ex: use data.source=covidqu)"
@@ -90,15 +98,23 @@ def _class_folder_files(root: Path, max_per_class: int | None) -> list[tuple[Pat
         hint = ""
     entries: list[tuple[Path, int]] = []
     for label, name in enumerate(CLASS_NAMES):
-        folder = _child_dir(root, name)
-        if folder is None:
+        # The class name, or any of the site's words for it (data.label_map).
+        folders = sorted({f for f in (_child_dir(root, word) for word in vocabulary.words_for(name)) if f})
+        if not folders:
             raise DataError(f"class folder missing: {root / name} (expected one folder of images per class: "
-                            f"{expected}){hint}")
-        files = _image_files(folder)
+                            f"{expected}, or folders named by data.label_map){hint}")
+        files = sorted(f for folder in folders for f in _image_files(folder))
         if not files:
-            raise DataError(f"no images in class folder {folder}: expected {'/'.join(IMAGE_SUFFIXES)} files")
+            raise DataError(f"no images in class folder {', '.join(map(str, folders))}: expected "
+                            f"{'/'.join(IMAGE_SUFFIXES)} or DICOM files")
         entries += [(f, label) for f in _spread_cap(files, max_per_class)]
-    known = {name.lower() for name in CLASS_NAMES}
+    for word in vocabulary.skipped_words():
+        folder = _child_dir(root, word)
+        if folder is not None and skipped is not None:
+            for f in _image_files(folder):
+                skipped.add("label-skipped", f.relative_to(root).as_posix())
+    known = {word.lower() for name in CLASS_NAMES for word in vocabulary.words_for(name)}
+    known |= {word.lower() for word in vocabulary.skipped_words()}
     for extra in sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.lower() not in known):
         if not extra.startswith("."):
             log.warning("ignoring folder %s: not one of the classes %s", root / extra, ", ".join(CLASS_NAMES))
@@ -139,69 +155,27 @@ def _covidqu_files(base: Path, splits: Sequence[str], max_per_class: int | None)
 
 
 # ----------------------------------------------------------------------------------------------
-# The decoded-image cache
-
-
-def _listing_key(*, kind: str, root: Path, splits: Sequence[str], resolution: int, max_per_class: int | None,
-                 entries: list[tuple[Path, int]]) -> str:
-    listing = []
-    for path, label in entries:
-        st = path.stat()
-        listing.append([path.relative_to(root).as_posix(), label, st.st_size, st.st_mtime_ns])
-    blob = json.dumps({"version": CACHE_VERSION, "kind": kind, "root": str(root), "splits": list(splits),
-                       "resolution": resolution, "max_per_class": max_per_class, "files": listing})
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _read_cache(path: Path) -> ImageSet | None:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            skipped = [str(s) for s in z["skipped"]]
-            images = ImageSet(images=z["images"], labels=z["labels"],
-                              class_names=tuple(str(c) for c in z["class_names"]),
-                              sources=[str(s) for s in z["sources"]])
-    except (OSError, KeyError, ValueError, TypeError) as exc:
-        log.warning("ignoring unreadable cache %s (%s); decoding the images again", path, exc)
-        return None
-    log.info("loaded %d images from cache %s", len(images), path)
-    if skipped:
-        log.warning("skipped %d unreadable image(s) when this cache was built: %s", len(skipped),
-                    ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
-    return images
-
-
-def _write_cache(path: Path, images: ImageSet, skipped: list[str]) -> None:
-    # Atomic: a crash or a concurrent reader never sees half a file.
-    atomic_write(path, lambda fh: np.savez(
-        fh, images=images.images, labels=images.labels, class_names=np.array(images.class_names),
-        sources=np.array(images.sources or [], dtype=str), skipped=np.array(skipped, dtype=str)))
-    log.info("cached %d images at %s", len(images), path)
+# Decoding, through the cache
 
 
 def _load_entries(entries: list[tuple[Path, int]], *, kind: str, root: Path, splits: Sequence[str],
-                  resolution: int, max_per_class: int | None, cache_dir: str | Path | None) -> ImageSet:
+                  resolution: int, max_per_class: int | None, cache_dir: str | Path | None,
+                  options: SiteOptions) -> ImageSet:
     if resolution < 1:
         raise DataError(f"resolution must be >= 1 pixel, got {resolution}")
     cache_path = None
     if cache_dir is not None:
-        key = _listing_key(kind=kind, root=root, splits=splits, resolution=resolution,
-                           max_per_class=max_per_class, entries=entries)
-        # One cache per (root, kind, resolution) is kept: the prefix names it, the suffix says
-        # which listing it was built from.
-        prefix = f"{kind}-{hashlib.sha256(str(root).encode()).hexdigest()[:8]}-{resolution}px-"
-        cache_path = Path(cache_dir).expanduser() / f"{prefix}{key[:20]}.npz"
-        if cache_path.is_file():
-            cached = _read_cache(cache_path)
-            if cached is not None:
-                return cached
-    images, skipped = decode_all(entries, root=root, resolution=resolution, desc=f"decoding {kind} {resolution}px")
+        cache_path = cache_file(cache_dir, kind=kind, root=root, splits=splits, resolution=resolution,
+                                max_per_class=max_per_class, entries=entries, options=options)
+        cached = read_cache(cache_path) if cache_path.is_file() else None
+        if cached is not None:
+            log.info("loaded %d images from cache %s", len(cached), cache_path)
+            return cached
+    images, skipped = decode_all(entries, root=root, resolution=resolution, desc=f"decoding {kind} {resolution}px",
+                                 options=options)
     _check_every_class_read(images, entries, root)
     if cache_path is not None:
-        _write_cache(cache_path, images, skipped)
-        for stale in cache_path.parent.glob(f"{prefix}*.npz"):
-            if stale != cache_path:
-                log.info("removing stale cache %s (the files under %s changed)", stale, root)
-                stale.unlink(missing_ok=True)
+        write_cache(cache_path, images, skipped, root=root)
     return images
 
 
@@ -210,8 +184,11 @@ def _check_every_class_read(images: ImageSet, entries: list[tuple[Path, int]], r
     for label, name in enumerate(CLASS_NAMES):
         if counts[label] == 0:
             folders = sorted({str(path.parent) for path, k in entries if k == label})
-            raise DataError(f"none of the images of class '{name}' could be read (under {', '.join(folders)}); "
-                            f"see the warnings above for each file")
+            if not folders:
+                raise DataError(f"no image of class '{name}' under {root}: the labels CSV names none (every class "
+                                f"needs images; check data.labels_csv and data.label_map)")
+            raise DataError(f"none of the images of class '{name}' could be used (under {', '.join(folders)}): "
+                            f"all were unreadable or filtered out; see the warnings above")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,20 +196,41 @@ def _check_every_class_read(images: ImageSet, entries: list[tuple[Path, int]], r
 
 
 def load_folder(root: str | Path, resolution: int, *, max_per_class: int | None = None,
-                cache_dir: str | Path | None = None) -> ImageSet:
-    """Images from ``root/<class name>/*.{png,jpg,jpeg}``, one folder per class in CLASS_NAMES.
+                cache_dir: str | Path | None = None, options: SiteOptions | None = None) -> ImageSet:
+    """Images from ``root/<class name>/*.{png,jpg,jpeg}`` (and DICOM files at any depth below), one
+    folder per class in CLASS_NAMES, or the files a labels CSV names (``options``).
 
-    Class folders match case-insensitively. Files are sorted by name; ``max_per_class`` keeps an
-    evenly spaced subset of each class.
+    Class folders match case-insensitively, or by the site's words for them (``options``). Files
+    are sorted by name; ``max_per_class`` keeps an evenly spaced subset of each class.
     """
+    options = options or SiteOptions()
+    base, entries, skipped = list_site_files(root, options, max_per_class=max_per_class)
+    skipped.log_summary(str(base), log)
+    kind = "csv" if options.labels_csv else "folder"
+    return _load_entries(entries, kind=kind, root=base, splits=(), resolution=resolution,
+                         max_per_class=max_per_class, cache_dir=cache_dir, options=options)
+
+
+def list_site_files(root: str | Path, options: SiteOptions, *, max_per_class: int | None = None,
+                    covidqu: bool = False) -> tuple[Path, list[tuple[Path, int]], SkipTally]:
+    """(resolved root, [(file, class index)], files left out while listing) of a class folder, a
+    folder labelled by a CSV, or (``covidqu``) a COVID-QU-Ex root with all its splits."""
     base = _require_root(root)
-    entries = _class_folder_files(base, max_per_class)
-    return _load_entries(entries, kind="folder", root=base, splits=(), resolution=resolution,
-                         max_per_class=max_per_class, cache_dir=cache_dir)
+    skipped = SkipTally()
+    if options.labels_csv:
+        entries, skipped = read_label_csv(options.labels_csv, base, options.vocabulary)
+        capped = [(f, k) for k in range(len(CLASS_NAMES))
+                  for f in _spread_cap([f for f, label in entries if label == k], max_per_class)]
+        return base, capped, skipped
+    covidqu_base = find_covidqu_base(base) if covidqu else None
+    if covidqu_base is not None:
+        return covidqu_base, _covidqu_files(covidqu_base, COVIDQU_SPLITS, max_per_class), skipped
+    return base, _class_folder_files(base, max_per_class, options.vocabulary, skipped), skipped
 
 
 def load_covidqu(root: str | Path, resolution: int, *, splits: Sequence[str] = ("Train", "Val"),
-                 max_per_class: int | None = None, cache_dir: str | Path | None = None) -> ImageSet:
+                 max_per_class: int | None = None, cache_dir: str | Path | None = None,
+                 options: SiteOptions | None = None) -> ImageSet:
     """COVID-QU-Ex X-rays of the given splits, from the Kaggle layout.
 
     ``root`` may be the folder holding ``Train/Val/Test`` or any folder above it in the download
@@ -251,7 +249,8 @@ def load_covidqu(root: str | Path, resolution: int, *, splits: Sequence[str] = (
         raise DataError(f"COVID-QU-Ex splits must be among {', '.join(COVIDQU_SPLITS)}, got {list(wanted)}")
     entries = _covidqu_files(base, wanted, max_per_class)
     return _load_entries(entries, kind="covidqu-" + "+".join(s.lower() for s in wanted), root=base, splits=wanted,
-                         resolution=resolution, max_per_class=max_per_class, cache_dir=cache_dir)
+                         resolution=resolution, max_per_class=max_per_class, cache_dir=cache_dir,
+                         options=options or SiteOptions())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,6 +285,26 @@ def split_heldout(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSe
     return images.subset(np.flatnonzero(~is_held)), images.subset(held_idx)
 
 
+def _phantoms_cached(per_class: int, resolution: int, seed: int, cache_dir: str | None) -> ImageSet:
+    """``generate_phantoms`` through the ``.npz`` cache: every process of a federated run (server and
+    each site) needs the same phantoms, and thousands take tens of seconds to render. The key holds
+    the generator's source, so a changed generator never reads an old cache."""
+    if not cache_dir:
+        return phantoms.generate_phantoms(per_class, resolution, seed=seed)
+    blob = Path(phantoms.__file__).read_bytes() + f"{per_class}:{resolution}:{seed}".encode()
+    key = hashlib.sha256(blob).hexdigest()[:KEY_CHARS]
+    path = Path(cache_dir).expanduser() / f"phantoms-{resolution}px-{per_class}-seed{seed}-{key}.npz"
+    cached = read_cache(path) if path.is_file() else None
+    if cached is not None:
+        return cached
+    images = phantoms.generate_phantoms(per_class, resolution, seed=seed)
+    try:
+        write_cache(path, images, SkipTally(), root=Path("phantoms"))
+    except OSError as exc:  # a read-only cache folder only costs the rendering time
+        log.warning("could not cache phantoms at %s (%s)", path, exc)
+    return images
+
+
 def load_dataset(cfg: DataConfig, resolution: int) -> tuple[ImageSet, ImageSet]:
     """(train, heldout) for a data config. The held-out images never appear in the training set.
 
@@ -296,18 +315,20 @@ def load_dataset(cfg: DataConfig, resolution: int) -> tuple[ImageSet, ImageSet]:
       (``cfg.heldout_fraction`` does not apply).
     """
     if cfg.source == "phantoms":
-        everything = generate_phantoms(cfg.phantoms_per_class, resolution, seed=cfg.seed)
+        everything = _phantoms_cached(cfg.phantoms_per_class, resolution, cfg.seed, cfg.cache_dir)
         return split_heldout(everything, cfg.heldout_fraction, cfg.seed)
     if cfg.root is None:
         raise DataError(f"data.root is required when data.source is '{cfg.source}'")
+    options = SiteOptions.from_config(cfg)
     if cfg.source == "folder":
-        everything = load_folder(cfg.root, resolution, max_per_class=cfg.max_per_class, cache_dir=cfg.cache_dir)
+        everything = load_folder(cfg.root, resolution, max_per_class=cfg.max_per_class, cache_dir=cfg.cache_dir,
+                                 options=options)
         return split_heldout(everything, cfg.heldout_fraction, cfg.seed)
     if cfg.source == "covidqu":
         train = load_covidqu(cfg.root, resolution, splits=("Train", "Val"), max_per_class=cfg.max_per_class,
-                             cache_dir=cfg.cache_dir)
+                             cache_dir=cfg.cache_dir, options=options)
         heldout = load_covidqu(cfg.root, resolution, splits=("Test",), max_per_class=cfg.max_per_class,
-                               cache_dir=cfg.cache_dir)
+                               cache_dir=cfg.cache_dir, options=options)
         _check_disjoint(train, heldout)
         return train, heldout
     raise DataError(f"unknown data.source {cfg.source!r}; use phantoms, folder or covidqu")
@@ -337,9 +358,10 @@ def resolve_data_argument(text: str, resolution: int, *, base: DataConfig | None
     else:
         path = Path(text).expanduser()
         if not path.exists():
-            raise DataError(f"--data {text}: no such folder; give 'phantoms', a folder of <class>/*.png "
-                            f"({', '.join(CLASS_NAMES)}), or a COVID-QU-Ex root")
-        source = "covidqu" if looks_like_covidqu(path) else "folder"
+            raise DataError(f"--data {text}: no such folder; give 'phantoms', a folder of <class>/*.png or "
+                            f"DICOM files ({', '.join(CLASS_NAMES)}), or a COVID-QU-Ex root")
+        # A labels CSV means the folder itself is the root, whatever it looks like.
+        source = "covidqu" if looks_like_covidqu(path) and not cfg.labels_csv else "folder"
         cfg = dataclasses.replace(cfg, source=source, root=str(path))
     log.info("data: %s (source=%s)", text, cfg.source)
     return load_dataset(cfg, resolution)

@@ -7,6 +7,10 @@ class UserError(Exception):
     """Bad input from the user: a file, a folder, a config key. The message says which and what to do."""
 
 
+class ConfigError(UserError, ValueError):
+    """A configuration value or key is wrong; the message names the dotted key."""
+
+
 class DataError(UserError):
     """A data folder or image file is missing, empty or unreadable."""
 

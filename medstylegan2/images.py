@@ -3,15 +3,13 @@
 An image set is uint8 ``[N, 1, H, W]`` (0 black .. 255 white) plus int64 class indices ``[N]`` into
 ``CLASS_NAMES`` (``ImageSet``). Networks convert to float themselves, so the same arrays feed the
 GAN, the domain classifier and the metrics. This module also writes them as PNG folders and
-decodes image files (any PIL format, converted to 8-bit grayscale at one resolution); finding the
-files of a data set and caching them is ``medstylegan2.data``'s job.
+decodes image files (any PIL format, converted to 8-bit grayscale at one resolution); decoding a
+site's files of every format (DICOM included) is ``medstylegan2.ingest``'s job, finding the files
+of a data set and caching them ``medstylegan2.data``'s.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -20,11 +18,6 @@ import numpy as np
 from PIL import Image
 
 from medstylegan2.config import CLASS_NAMES
-
-log = logging.getLogger(__name__)
-
-# Below this many files a progress bar is more noise than help.
-PROGRESS_MIN_FILES = 500
 
 
 # ----------------------------------------------------------------------------------------------
@@ -37,12 +30,18 @@ class ImageSet:
 
     ``sources`` optionally names where each image came from (a path relative to the data root, or a
     phantom seed), which is what makes a held-out split auditable.
+
+    ``groups`` optionally says which images belong to one patient: int64 [N], equal numbers = one
+    patient (numbered from the site-salted hash of the DICOM PatientID; an image without a
+    PatientID is a group of its own). It is the unit a patient-level privacy engine samples, and,
+    like the images, never leaves the site. Numbers are only comparable within one load.
     """
 
     images: np.ndarray
     labels: np.ndarray
     class_names: tuple[str, ...] = CLASS_NAMES
     sources: list[str] | None = None
+    groups: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.images, np.ndarray) or self.images.dtype != np.uint8:
@@ -65,6 +64,12 @@ class ImageSet:
             if len(self.sources) != len(self.images):
                 raise ValueError(f"sources must name every image: {len(self.sources)} names for "
                                  f"{len(self.images)} images")
+        if self.groups is not None:
+            self.groups = np.asarray(self.groups)
+            if self.groups.shape != (len(self.images),) or (len(self.groups) and self.groups.dtype.kind not in "iu"):
+                raise ValueError(f"groups must be integers of shape [{len(self.images)}], got "
+                                 f"{self.groups.dtype} {list(self.groups.shape)}")
+            self.groups = self.groups.astype(np.int64, copy=False)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -74,11 +79,12 @@ class ImageSet:
         return int(self.images.shape[-1])
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> "ImageSet":
-        """The images at ``indices`` (in that order), with their labels and sources."""
+        """The images at ``indices`` (in that order), with their labels, sources and groups."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         sources = [self.sources[i] for i in idx.tolist()] if self.sources is not None else None
+        groups = self.groups[idx] if self.groups is not None else None
         return ImageSet(images=self.images[idx], labels=self.labels[idx], class_names=self.class_names,
-                        sources=sources)
+                        sources=sources, groups=groups)
 
     def class_counts(self) -> list[int]:
         return np.bincount(self.labels, minlength=len(self.class_names)).tolist()
@@ -100,8 +106,12 @@ class ImageSet:
         sources = None
         if all(s.sources is not None for s in sets):
             sources = [name for s in sets for name in s.sources]
+        groups = None
+        if all(s.groups is not None for s in sets):
+            groups = np.concatenate([s.groups for s in sets])
         return ImageSet(images=np.concatenate([s.images for s in sets]),
-                        labels=np.concatenate([s.labels for s in sets]), class_names=names, sources=sources)
+                        labels=np.concatenate([s.labels for s in sets]), class_names=names, sources=sources,
+                        groups=groups)
 
 
 def save_png(image: np.ndarray, path: str | Path) -> None:
@@ -124,63 +134,48 @@ def write_image_folder(images: ImageSet, out_dir: str | Path) -> Path:
 # Decoding
 
 
+# Smaller than this on a side, an image holds too little to be a chest X-ray at any resolution.
+MIN_SIDE = 16
+# Pixel modes other than 8-bit grayscale that are converted, and how a log line names them.
+CONVERSIONS = {"colour": "colour image(s) converted to grayscale (luminance)",
+               "high-bit-depth": "16-bit or float image(s) rescaled to 8 bits (their own min..max)"}
+
+
 def decode_image(path: str | Path, resolution: int) -> np.ndarray:
     """uint8 [resolution, resolution] grayscale; raises OSError/ValueError for unreadable files."""
-    with Image.open(path) as img:
-        gray = img.convert("L")
-        if gray.size != (resolution, resolution):
-            # Box filtering averages every source pixel into the result: no aliasing when shrinking.
-            gray = gray.resize((resolution, resolution), Image.Resampling.BOX if min(gray.size) >= resolution
-                               else Image.Resampling.LANCZOS)
-        return np.asarray(gray, dtype=np.uint8)
+    return decode_image_noting(path, resolution)[0]
 
 
-def _decode_or_reason(path: Path, resolution: int) -> np.ndarray | str:
-    try:
-        return decode_image(path, resolution)
-    # PIL reports broken files through several exception types depending on the codec.
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        return f"{type(exc).__name__}: {exc}"
+def decode_image_noting(path: str | Path, resolution: int) -> tuple[np.ndarray, str | None]:
+    """``decode_image`` and which conversion it made (a key of ``CONVERSIONS``, or None).
 
-
-def _progress(total: int, desc: str):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm is a dependency, but a bar is never worth failing a load over
-        return None
-    return tqdm(total=total, desc=desc, unit="img", disable=total <= PROGRESS_MIN_FILES, leave=False)
-
-
-def decode_all(entries: list[tuple[Path, int]], *, root: Path, resolution: int,
-               desc: str) -> tuple[ImageSet, list[str]]:
-    """Decode ``(file, label)`` entries; unreadable files are skipped with a warning naming each.
-
-    Returns the image set (``sources`` relative to ``root``) and the skipped files' relative paths.
+    Colour (RGB, RGBA, palette) becomes luminance; 16-bit and float images are rescaled from their
+    own range to 0..255 (PIL's own 8-bit conversion would clip everything above 255 to white). An
+    image under ``MIN_SIDE`` pixels on a side is ``SkipFile("too-small")``; one past PIL's
+    decompression-bomb limit ``SkipFile("too-large")``.
     """
-    images = np.empty((len(entries), 1, resolution, resolution), dtype=np.uint8)
-    keep = np.zeros(len(entries), dtype=bool)
-    skipped: list[str] = []
-    bar = _progress(len(entries), desc)
-    # PIL releases the GIL while decoding, so a few threads overlap file reads and inflation.
-    workers = max(1, min(8, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(lambda e: _decode_or_reason(e[0], resolution), entries)
-        for i, ((path, _), result) in enumerate(zip(entries, results)):
-            if isinstance(result, str):
-                log.warning("skipping unreadable image %s: %s", path, result)
-                skipped.append(path.relative_to(root).as_posix())
+    from medstylegan2.skips import SkipFile
+
+    try:
+        with Image.open(path) as img:
+            if min(img.size) < MIN_SIDE:
+                raise SkipFile("too-small", f"{img.size[0]}x{img.size[1]} pixels")
+            conversion = None
+            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                values = np.asarray(img, dtype=np.float64)
+                low, high = float(values.min()), float(values.max())
+                scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+                gray = Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
+                conversion = "high-bit-depth"
+            elif img.mode != "L":
+                conversion = None if img.mode in ("1", "LA", "La") else "colour"
+                gray = img.convert("L")
             else:
-                images[i, 0] = result
-                keep[i] = True
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
-    if skipped:
-        log.warning("skipped %d unreadable image(s) of %d under %s", len(skipped), len(entries), root)
-    labels = np.array([label for _, label in entries], dtype=np.int64)
-    sources = [path.relative_to(root).as_posix() for path, _ in entries]
-    if keep.all():  # the usual case: no second copy of what may be gigabytes of pixels
-        return ImageSet(images=images, labels=labels, sources=sources), skipped
-    kept = np.flatnonzero(keep)
-    return ImageSet(images=images[kept], labels=labels[kept], sources=[sources[i] for i in kept.tolist()]), skipped
+                gray = img.copy()
+    except Image.DecompressionBombError as exc:
+        raise SkipFile("too-large", str(exc)) from exc
+    if gray.size != (resolution, resolution):
+        # Box filtering averages every source pixel into the result: no aliasing when shrinking.
+        gray = gray.resize((resolution, resolution), Image.Resampling.BOX if min(gray.size) >= resolution
+                           else Image.Resampling.LANCZOS)
+    return np.asarray(gray, dtype=np.uint8), conversion

@@ -4,6 +4,10 @@
 - ``generator_path_length``: path-length regularization (lazy; the caller scales by its interval).
 - ``discriminator_fake`` / ``discriminator_real``: logistic loss on fakes and reals; R1 on reals.
 
+With a class head on D (``model.d_class_head``, AC-GAN) D's real loss adds the head's
+cross-entropy on the real labels and G's loss adds it on the fakes' conditioning labels, both
+weighted by ``train.class_loss_weight``.
+
 The discriminator's real-image terms are written per sample (``reduction="none"``) because the
 differential-privacy path needs them one sample at a time; the non-private path takes the mean.
 """
@@ -37,18 +41,30 @@ def r1_penalty_per_sample(real_logits: torch.Tensor, real_images: torch.Tensor) 
         return at_least_fp32(grads).square().flatten(1).sum(dim=1)
 
 
+def class_weight_of(D: nn.Module, cfg: TrainConfig) -> float:
+    """The auxiliary classifier's loss weight: ``cfg.class_loss_weight`` if D has a class head, else 0."""
+    return cfg.class_loss_weight if getattr(D, "has_class_head", False) else 0.0
+
+
 def discriminator_real_loss_per_sample(D: nn.Module, real: torch.Tensor, labels: torch.Tensor,
-                                       r1_weight: float) -> torch.Tensor:
-    """softplus(-D(x)) + r1_weight * ||grad_x D(x)||^2, one value per sample.
+                                       r1_weight: float, class_weight: float = 0.0) -> torch.Tensor:
+    """softplus(-D(x)) + r1_weight * ||grad_x D(x)||^2 + class_weight * CE(head(x), y), one value per sample.
 
     ``r1_weight`` already includes gamma/2 and the lazy-regularization interval; 0 skips R1.
+    R1 penalizes the adversarial logit only; ``class_weight`` > 0 needs D's class head.
     """
     if r1_weight > 0:
         real = real.detach().requires_grad_(True)
-    logits = D(real, labels).squeeze(1)
+    if class_weight > 0:
+        logits, class_logits = D(real, labels, with_class_logits=True)
+        logits = logits.squeeze(1)
+    else:
+        logits = D(real, labels).squeeze(1)
     loss = F.softplus(-at_least_fp32(logits))
     if r1_weight > 0:
         loss = loss + r1_weight * r1_penalty_per_sample(logits, real)
+    if class_weight > 0:
+        loss = loss + class_weight * F.cross_entropy(at_least_fp32(class_logits), labels.long(), reduction="none")
     return loss
 
 
@@ -58,6 +74,7 @@ class StyleGAN2Loss:
     def __init__(self, G: nn.Module, D: nn.Module, cfg: TrainConfig):
         self.G, self.D, self.cfg = G, D, cfg
         self.has_mapping = hasattr(G, "mapping") and hasattr(G, "synthesize")
+        self.class_weight = class_weight_of(D, cfg)
         self.pl_mean = torch.zeros([])
         # The same functions, possibly torch.compile'd by the trainer (acceleration.py): used only
         # where no double backward runs through them (not for R1 or path length).
@@ -89,9 +106,18 @@ class StyleGAN2Loss:
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss and its statistics (detached tensors: read them once, not every step)."""
         fake = self.generate(z, labels, fast=True)
-        adversarial = F.softplus(-at_least_fp32(self.D_fast(fake, labels))).mean()
+        if self.class_weight > 0:
+            logits, class_logits = self.D_fast(fake, labels, with_class_logits=True)
+        else:
+            logits = self.D_fast(fake, labels)
+        adversarial = F.softplus(-at_least_fp32(logits)).mean()
         loss = adversarial
         stats = {"loss_g": adversarial.detach()}
+        if self.class_weight > 0:
+            # AC-GAN: fakes should be classified as their conditioning class by D's head.
+            class_loss = F.cross_entropy(at_least_fp32(class_logits), labels.long())
+            loss = loss + self.class_weight * class_loss
+            stats["loss_g_class"] = class_loss.detach()
         if ds_weight > 0:
             # Seed paper's "style difference" loss (StarGAN v2's diversity-sensitive loss): two
             # latents of one class should give different images; maximized, so subtracted.
@@ -128,7 +154,7 @@ class StyleGAN2Loss:
     def discriminator_real(self, real: torch.Tensor, labels: torch.Tensor, r1_weight: float) -> torch.Tensor:
         # R1 is a double backward: the eager D then.
         D = self.D if r1_weight > 0 else self.D_fast
-        return discriminator_real_loss_per_sample(D, real, labels, r1_weight).mean()
+        return discriminator_real_loss_per_sample(D, real, labels, r1_weight, self.class_weight).mean()
 
     def r1_weight(self, lazy: bool) -> float:
         """gamma/2 scaled by the lazy interval on regularization steps, else 0."""

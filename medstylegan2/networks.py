@@ -365,7 +365,7 @@ class Generator(nn.Module):
 
     def __init__(self, *, z_dim: int = 128, num_classes: int = 3, w_dim: int = 128, img_resolution: int = 64,
                  img_channels: int = 1, mapping_layers: int = 4, channel_base: int = 4096,
-                 channel_max: int = 128, w_hpf: float = 0.0):
+                 channel_max: int = 128, w_hpf: float = 0.0, mapping_lr_multiplier: float = 0.01):
         super().__init__()
         self.z_dim, self.num_classes, self.w_dim = z_dim, num_classes, w_dim
         self.img_resolution, self.img_channels = img_resolution, img_channels
@@ -376,7 +376,7 @@ class Generator(nn.Module):
                                           channel_base=channel_base, channel_max=channel_max)
         self.num_ws = self.synthesis.num_ws
         self.mapping = MappingNetwork(z_dim=z_dim, num_classes=num_classes, w_dim=w_dim, num_ws=self.num_ws,
-                                      num_layers=mapping_layers)
+                                      num_layers=mapping_layers, lr_multiplier=mapping_lr_multiplier)
 
     def synthesize(self, ws: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
         img = self.synthesis(ws, noise_mode=noise_mode)
@@ -435,9 +435,14 @@ class MinibatchStdLayer(nn.Module):
 
 
 class DiscriminatorEpilogue(nn.Module):
-    """4x4 features -> projection-conditioned logit: <features, embed(class)> / sqrt(cmap_dim)."""
+    """4x4 features -> projection-conditioned logit: <features, embed(class)> / sqrt(cmap_dim).
 
-    def __init__(self, in_channels: int, *, cmap_dim: int, mbstd_group_size: int, mbstd_channels: int):
+    With ``num_head_classes`` > 0 a linear auxiliary-classifier head on the same features also
+    gives class logits (AC-GAN), returned when ``with_class_logits`` is true.
+    """
+
+    def __init__(self, in_channels: int, *, cmap_dim: int, mbstd_group_size: int, mbstd_channels: int,
+                 num_head_classes: int = 0):
         super().__init__()
         self.cmap_dim = cmap_dim
         self.mbstd = MinibatchStdLayer(mbstd_group_size, mbstd_channels) if mbstd_group_size > 0 else None
@@ -445,14 +450,19 @@ class DiscriminatorEpilogue(nn.Module):
         self.conv = Conv2dLayer(in_channels + extra, in_channels, 3, activation="lrelu")
         self.fc = FullyConnectedLayer(in_channels * 16, in_channels, activation="lrelu")
         self.out = FullyConnectedLayer(in_channels, cmap_dim)
+        self.class_head = FullyConnectedLayer(in_channels, num_head_classes) if num_head_classes > 0 else None
 
-    def forward(self, x: torch.Tensor, cmap: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cmap: torch.Tensor, with_class_logits: bool = False):
         if self.mbstd is not None:
             x = self.mbstd(x)
         x = self.conv(x)
-        x = self.fc(x.flatten(1))
-        x = self.out(x)
-        return (x * cmap).sum(dim=1, keepdim=True) / math.sqrt(self.cmap_dim)
+        features = self.fc(x.flatten(1))
+        logit = (self.out(features) * cmap).sum(dim=1, keepdim=True) / math.sqrt(self.cmap_dim)
+        if not with_class_logits:
+            return logit
+        if self.class_head is None:
+            raise ValueError("this discriminator has no class head (model.d_class_head is false)")
+        return logit, self.class_head(features)
 
 
 class ClassEmbedding(nn.Module):
@@ -477,9 +487,10 @@ class Discriminator(nn.Module):
 
     def __init__(self, *, num_classes: int = 3, img_resolution: int = 64, img_channels: int = 1,
                  channel_base: int = 4096, channel_max: int = 128, cmap_dim: int = 128,
-                 mbstd_group_size: int = 4, mbstd_channels: int = 1):
+                 mbstd_group_size: int = 4, mbstd_channels: int = 1, class_head: bool = False):
         super().__init__()
         self.num_classes, self.img_resolution, self.img_channels = num_classes, img_resolution, img_channels
+        self.has_class_head = class_head
         self.mbstd_group_size = mbstd_group_size
         resolutions = [2 ** i for i in range(int(np.log2(img_resolution)), 2, -1)]
         self.blocks = nn.ModuleList()
@@ -490,13 +501,15 @@ class Discriminator(nn.Module):
             self.blocks.append(DiscriminatorBlock(in_ch, tmp_ch, out_ch, img_channels=img_channels))
         self.class_embedding = ClassEmbedding(num_classes, cmap_dim)
         self.epilogue = DiscriminatorEpilogue(channels_at(4, channel_base, channel_max), cmap_dim=cmap_dim,
-                                              mbstd_group_size=mbstd_group_size, mbstd_channels=mbstd_channels)
+                                              mbstd_group_size=mbstd_group_size, mbstd_channels=mbstd_channels,
+                                              num_head_classes=num_classes if class_head else 0)
 
-    def forward(self, img: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, img: torch.Tensor, labels: torch.Tensor, with_class_logits: bool = False):
+        """Logits [N, 1]; with ``with_class_logits`` also the class head's logits [N, num_classes]."""
         x = None
         for block in self.blocks:
             x = block(x, img)
-        return self.epilogue(x, self.class_embedding(labels, img.dtype))
+        return self.epilogue(x, self.class_embedding(labels, img.dtype), with_class_logits)
 
 
 def build_networks(model_cfg) -> tuple[nn.Module, nn.Module]:
@@ -512,9 +525,11 @@ def build_networks(model_cfg) -> tuple[nn.Module, nn.Module]:
     G = Generator(z_dim=model_cfg.z_dim, num_classes=model_cfg.num_classes, w_dim=model_cfg.w_dim,
                   img_resolution=model_cfg.resolution, img_channels=model_cfg.channels,
                   mapping_layers=model_cfg.mapping_layers, channel_base=model_cfg.channel_base,
-                  channel_max=model_cfg.channel_max, w_hpf=model_cfg.w_hpf)
+                  channel_max=model_cfg.channel_max, w_hpf=model_cfg.w_hpf,
+                  mapping_lr_multiplier=model_cfg.mapping_lr_multiplier)
     D = Discriminator(num_classes=model_cfg.num_classes, img_resolution=model_cfg.resolution,
                       img_channels=model_cfg.channels, channel_base=model_cfg.channel_base,
                       channel_max=model_cfg.channel_max, cmap_dim=model_cfg.cmap_dim,
-                      mbstd_group_size=model_cfg.mbstd_group_size, mbstd_channels=model_cfg.mbstd_channels)
+                      mbstd_group_size=model_cfg.mbstd_group_size, mbstd_channels=model_cfg.mbstd_channels,
+                      class_head=model_cfg.d_class_head)
     return G, D

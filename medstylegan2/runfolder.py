@@ -8,7 +8,8 @@ data cache all write through here):
   temporary file in the target's own folder, named ``.<target name>.<random>.tmp``; it is flushed
   and fsynced, ``os.replace``d over the target, and the folder is fsynced. A reader, or a crash at
   any moment, sees the old file or the new one, never half of one; a failed write leaves no
-  temporary file behind.
+  temporary file behind. ``create_once_text`` is the same for a file that must never be replaced
+  once it exists (a secret salt).
 - **strict JSON**: ``jsonable`` (NaN/Inf become null, numpy scalars plain numbers, keys strings),
   ``json_line`` and ``append_json_line``, the appender of ``metrics.jsonl`` and ``log.jsonl``
   (one line per record, flushed and fsynced before it returns).
@@ -29,7 +30,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Mapping, Optional
+from typing import IO, Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import yaml
@@ -44,11 +45,13 @@ TEMP_SUFFIX = ".tmp"
 # Atomic files
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], *,
+                 before_replace: Optional[Callable[[], None]] = None) -> Path:
     """Write ``path`` atomically: ``write(fh)`` fills a temporary binary file beside it, then it replaces ``path``.
 
     Parent folders are created. The temporary file is ``.<name>.<random>.tmp`` in the same folder
     (so ``os.replace`` never crosses file systems, and two writers never share one).
+    ``before_replace`` runs between the complete temporary file and the replace (a fault point).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,6 +61,8 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -79,16 +84,41 @@ def atomic_write_json(path: str | Path, value: Any, *, indent: Optional[int] = 2
     return atomic_write_text(path, json.dumps(jsonable(value), indent=indent, allow_nan=False) + "\n")
 
 
-def atomic_torch_save(path: str | Path, value: Any) -> Path:
+def atomic_torch_save(path: str | Path, value: Any, *, before_replace: Optional[Callable[[], None]] = None) -> Path:
     import torch
 
-    return atomic_write(path, lambda fh: torch.save(value, fh))
+    return atomic_write(path, lambda fh: torch.save(value, fh), before_replace=before_replace)
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:
     """A matplotlib ``Figure`` as an image file, atomically; the format follows the suffix (``.png``)."""
     path = Path(path)
     return atomic_write(path, lambda fh: fig.savefig(fh, format=path.suffix.lstrip(".") or "png"))
+
+
+def create_once_text(path: str | Path, text: str) -> bool:
+    """Create ``path`` holding ``text`` unless it exists; never replaces a file. True if this call made it.
+
+    For secrets (the site's patient-ID salt): the content goes to a temporary file beside the
+    target (``mkstemp``: mode 0600), is fsynced, then hard-linked to the name. A link fails when the
+    name is taken, so of two processes racing to create the file both end up reading the winner's.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    _fsync_folder(path.parent)
+    return True
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -138,21 +168,40 @@ def append_json_line(path: str | Path, record: Mapping[str, Any]) -> None:
         os.fsync(fh.fileno())
 
 
-def read_json_lines(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file (blank lines skipped; a missing file has none)."""
+def read_json_lines(path: str | Path, *, skip_broken: bool = False) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (blank lines skipped; a missing file has none).
+
+    ``skip_broken``: leave out lines that are not a JSON object (a line torn by a crash while it
+    was being appended) instead of raising.
+    """
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if skip_broken:
+                continue
+            raise
+        if isinstance(record, dict):
+            records.append(record)
+        elif not skip_broken:
+            raise ValueError(f"{path}: a line is not a JSON object: {line[:80]!r}")
+    return records
 
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 
 
-def write_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
+def write_checkpoint(path: str | Path, state: Mapping[str, Any], *,
+                     before_replace: Optional[Callable[[], None]] = None) -> Path:
     """Write a Med-StyleGAN2 checkpoint (stamped with ``CHECKPOINT_FORMAT``) atomically."""
-    return atomic_torch_save(path, {**dict(state), "format": CHECKPOINT_FORMAT})
+    return atomic_torch_save(path, {**dict(state), "format": CHECKPOINT_FORMAT}, before_replace=before_replace)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -171,11 +220,15 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def config_from_checkpoint(state: Mapping[str, Any]):
-    """The validated ``RunConfig`` a checkpoint was written with."""
+def config_from_checkpoint(state: Mapping[str, Any], path: str | Path | None = None):
+    """The validated ``RunConfig`` a checkpoint was written with (``path`` names the file in errors)."""
     from medstylegan2.config import from_dict
 
-    return from_dict(state["config"], where="checkpoint config").validate()
+    where = f"{path} (its config)" if path is not None else "checkpoint config"
+    if not isinstance(state.get("config"), Mapping):
+        raise CheckpointError(f"{path or 'the checkpoint'} holds no config; it was not written by Med-StyleGAN2 "
+                              "(or it is damaged)")
+    return from_dict(dict(state["config"]), where=where).validate()
 
 
 def config_yaml(config: Mapping[str, Any]) -> str:
@@ -258,9 +311,10 @@ class RunFolder:
     def write_config(self, config: Mapping[str, Any]) -> Path:
         return atomic_write_text(self.config, config_yaml(config))
 
-    def write_checkpoint(self, round_num: int, state: Mapping[str, Any], *, keep: int = 0) -> Path:
+    def write_checkpoint(self, round_num: int, state: Mapping[str, Any], *, keep: int = 0,
+                         before_replace: Optional[Callable[[], None]] = None) -> Path:
         """``round_XXX.pt`` for ``round_num``; then only the newest ``keep`` round checkpoints stay (0: all)."""
-        path = write_checkpoint(self.checkpoint(round_num), state)
+        path = write_checkpoint(self.checkpoint(round_num), state, before_replace=before_replace)
         if keep > 0:
             for old in self.checkpoint_rounds()[:-keep]:
                 self.checkpoint(old).unlink(missing_ok=True)
@@ -270,12 +324,72 @@ class RunFolder:
         append_json_line(self.metrics, record)
 
     def metrics_records(self) -> list[dict[str, Any]]:
-        return read_json_lines(self.metrics)
+        return read_json_lines(self.metrics, skip_broken=True)
+
+    def ensure_metrics(self, records: Sequence[Mapping[str, Any]]) -> int:
+        """Add each record whose (round, kind) ``metrics.jsonl`` lacks; returns how many were added.
+
+        Idempotent: a record already there (same round and kind) is never written twice. Records
+        of the newest round are appended; one of an earlier round (restored after a crash) is put
+        in its place in round order, by an atomic rewrite of the file.
+        """
+        existing = self.metrics_records()
+        have = {metrics_key(r) for r in existing}
+        missing = [dict(r) for r in records if metrics_key(r) not in have]
+        if not missing:
+            return 0
+        last = max((int(r.get("round") or 0) for r in existing), default=0)
+        if all(int(r.get("round") or 0) >= last for r in missing) and self._ends_cleanly():
+            for record in missing:
+                self.append_metrics(record)
+        else:
+            merged = sorted(existing + missing, key=lambda r: int(r.get("round") or 0))  # stable: kinds keep order
+            atomic_write_text(self.metrics, "".join(json_line(r) + "\n" for r in merged))
+        return len(missing)
+
+    def repair_metrics(self, last_round: int) -> None:
+        """Keep only the lines of committed rounds (<= ``last_round``), each (round, kind) once.
+
+        Lines of later rounds belong to a round that crashed before its commit point; a line torn
+        by a crash while it was appended is dropped (the round's checkpoint still holds it, and
+        ``ensure_metrics`` restores it). The file is rewritten only when something changes.
+        """
+        if not self.metrics.is_file():
+            return
+        raw = self.metrics.read_text(encoding="utf-8")
+        kept, seen = [], set()
+        for record in read_json_lines(self.metrics, skip_broken=True):
+            key = metrics_key(record)
+            if int(record.get("round") or 0) <= last_round and key not in seen:
+                seen.add(key)
+                kept.append(record)
+        text = "".join(json_line(r) + "\n" for r in kept)
+        if text != raw:
+            atomic_write_text(self.metrics, text)
 
     def truncate_metrics(self, last_round: int) -> None:
         """Drop lines of rounds after ``last_round`` (they belong to a run that crashed)."""
-        if not self.metrics.is_file():
-            return
-        kept = [line for line in self.metrics.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("round", 0) <= last_round]
-        atomic_write_text(self.metrics, "".join(line + "\n" for line in kept))
+        self.repair_metrics(last_round)
+
+    def remove_temporary_files(self) -> list[Path]:
+        """Remove the temporary files of atomic writes a crash interrupted (run folder, grids/, eval/)."""
+        removed = []
+        for folder in (self.root, self.grid(0).parent, self.eval_dir):
+            if folder.is_dir():
+                for path in folder.glob(f".*{TEMP_SUFFIX}"):
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+        return removed
+
+    def _ends_cleanly(self) -> bool:
+        """True if ``metrics.jsonl`` is absent, empty or ends with a newline (no torn last line)."""
+        if not self.metrics.is_file() or self.metrics.stat().st_size == 0:
+            return True
+        with self.metrics.open("rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            return fh.read(1) == b"\n"
+
+
+def metrics_key(record: Mapping[str, Any]) -> tuple[int, str]:
+    """What identifies a ``metrics.jsonl`` line: its round and its kind (``round``, ``eval``)."""
+    return int(record.get("round") or 0), str(record.get("kind", ""))

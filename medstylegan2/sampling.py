@@ -12,6 +12,7 @@ import torch
 from medstylegan2.config import CLASS_NAMES, RunConfig
 from medstylegan2.images import ImageSet, write_image_folder
 from medstylegan2.networks import build_networks
+from medstylegan2.errors import CheckpointError
 from medstylegan2.runfolder import config_from_checkpoint, read_checkpoint
 from medstylegan2.tiling import save_image, tile_rows
 from medstylegan2.trainer import float_to_images, load_state_dict_checked
@@ -25,9 +26,13 @@ def load_generator(checkpoint_path: str | Path, device: torch.device | str = "cp
                    which: str = "G_ema") -> tuple[torch.nn.Module, RunConfig]:
     """The EMA generator (or ``which``) of a checkpoint, in eval mode, and the run's config."""
     state = read_checkpoint(checkpoint_path)
-    cfg = config_from_checkpoint(state)
+    cfg = config_from_checkpoint(state, checkpoint_path)
     G, _ = build_networks(cfg.model)
-    load_state_dict_checked(G, state[which], what=f"{checkpoint_path}:{which}")
+    weights = state.get(which)
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"{checkpoint_path} holds no {which} weights (damaged, or not a generator "
+                              "checkpoint)")
+    load_state_dict_checked(G, weights, what=f"{checkpoint_path}:{which}")
     return G.to(device).eval().requires_grad_(False), cfg
 
 

@@ -19,6 +19,7 @@ from medstylegan2.runfolder import (append_json_line, atomic_write_text, config_
                                    read_checkpoint)
 from medstylegan2.sampling import save_class_grid
 from medstylegan2.trainer import SiteTrainer, resolve_device
+from medstylegan2.warm_start import load_init_weights, planned_d_steps
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=None,
                    help="steps between checkpoints (train.checkpoint_every)")
     p.add_argument("--seed", type=int, default=None, help="run seed (default: config, 0)")
+    p.add_argument("--init", default=None, metavar="CKPT",
+                   help="warm start from a checkpoint's G, G_ema and D (train.init_checkpoint), "
+                        "e.g. one pretrained on public data")
 
 
 def _build_config(args: argparse.Namespace) -> RunConfig:
     overrides = list(args.overrides)
     flag_overrides = {"model.resolution": args.resolution, "train.batch_size": args.batch, "model.arch": args.arch,
                       "device": args.device, "train.grid_every": args.grid_every,
-                      "train.checkpoint_every": args.checkpoint_every, "seed": args.seed}
+                      "train.checkpoint_every": args.checkpoint_every, "seed": args.seed,
+                      "train.init_checkpoint": args.init}
     overrides += [f"{k}={v}" for k, v in flag_overrides.items() if v is not None]
     return load_config(args.config, overrides)
 
@@ -82,8 +87,10 @@ def run(args: argparse.Namespace) -> int:
         from medstylegan2.privacy.engine import make_privacy_engine
 
         # Planned for the whole run, so a target epsilon is met after --steps steps.
-        privacy = make_privacy_engine(cfg, len(train_set), args.steps, seed=cfg.seed)
+        privacy = make_privacy_engine(cfg, len(train_set), planned_d_steps(cfg, args.steps), seed=cfg.seed)
     trainer = SiteTrainer(cfg, train_set.images, train_set.labels, device=device, privacy=privacy)
+    if state is None and cfg.train.init_checkpoint:
+        load_init_weights(trainer, cfg.train.init_checkpoint)
     if state is not None:
         trainer.load_state_dict(state)
         print(f"resumed from {ckpt_path} at step {trainer.step}")

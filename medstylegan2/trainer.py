@@ -194,15 +194,16 @@ class SiteTrainer:
         _sanitize_gradients(self.G)
         self.g_opt.step()
 
-        # D: logistic loss on fakes and reals, lazy R1 on reals.
+        # D: logistic loss on fakes and reals, lazy R1 on reals; d_steps_per_g updates per G update.
         self.G.requires_grad_(False)
         self.D.requires_grad_(True)
-        with torch.no_grad(), self.accel.autocast():
-            z = torch.randn(batch, self.cfg.model.z_dim, device=self.device)
-            fake_labels = self.sample_fake_labels(batch)
-            fake = self.loss.generate(z, fake_labels, update_w_avg=False, fast=True)
-        r1_weight = self.loss.r1_weight(lazy=self.step % t.r1_interval == 0)
-        stats.update(self.discriminator_step(fake, fake_labels, r1_weight))
+        for d_index in range(self.step * t.d_steps_per_g, (self.step + 1) * t.d_steps_per_g):
+            with torch.no_grad(), self.accel.autocast():
+                z = torch.randn(batch, self.cfg.model.z_dim, device=self.device)
+                fake_labels = self.sample_fake_labels(batch)
+                fake = self.loss.generate(z, fake_labels, update_w_avg=False, fast=True)
+            r1_weight = self.loss.r1_weight(lazy=d_index % t.r1_interval == 0)
+            stats.update(self.discriminator_step(fake, fake_labels, r1_weight))
         self.G.requires_grad_(True)
 
         self.update_ema()
@@ -219,7 +220,8 @@ class SiteTrainer:
         """
         if self.privacy is not None:
             idx = copy_indices_to(self.privacy.sample_batch(), self.device)
-            self.privacy.private_real_gradient(self.real_images[idx], self.real_labels[idx], r1_weight)
+            self.privacy.private_real_gradient(self.real_images[idx], self.real_labels[idx], r1_weight,
+                                               self.loss.class_weight)
             # Opacus' summed per-sample gradients are contiguous; give them each parameter's layout
             # (channels_last) so that the fake term's backward accumulates into them in place.
             match_grad_layouts(self.D)

@@ -1,59 +1,57 @@
-"""The server's evaluation hook after each round: a sample grid every round, the evaluator every
-``federation.evaluate_every`` rounds and after the last (``medstylegan2.metrics.evaluate``)."""
+"""The server's evaluator after a round: ``medstylegan2.metrics.evaluate`` every
+``federation.evaluate_every`` rounds and after the last.
+
+It runs before the round's commit point (``medstylegan2.fl.round_files``): its record goes into the
+round checkpoint, and the ``metrics.jsonl`` line, ``eval/round_XXX.json`` and ``metrics.png`` are
+derived from there. The sample grid of every round is a derived file too (``round_files.write_grid``).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from medstylegan2.config import RunConfig
-from medstylegan2.fl.wire import unflatten_weights
-from medstylegan2.networks import build_networks
+from medstylegan2.fl.round_files import generator_of
 from medstylegan2.runfolder import RunFolder
-from medstylegan2.sampling import save_class_grid
-from medstylegan2.trainer import load_state_dict_checked, resolve_device
+from medstylegan2.trainer import resolve_device
 from server.logs import info, warn
 
 
 class EvaluationHook:
-    """Per-round sample grid, and the evaluator (``medstylegan2.metrics.evaluate``) when present."""
+    """The evaluator (``medstylegan2.metrics.evaluate``) on the global G_ema, when there is data for it."""
 
     def __init__(self, cfg: RunConfig, folder: RunFolder, *, heldout: Any = None, train: Any = None):
         self.cfg, self.folder = cfg, folder
         self.heldout, self.train = heldout, train
         self.device = resolve_device(cfg.device)
 
+    @property
+    def active(self) -> bool:
+        """False without held-out data or without metrics (``metrics.metrics: []``): nothing to evaluate."""
+        return self.heldout is not None and bool(self.cfg.metrics.metrics)
+
     def generator(self, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
-        G, _ = build_networks(self.cfg.model)
-        load_state_dict_checked(G, unflatten_weights(weights)["G_ema"], what="global G_ema")
-        return G.to(self.device).eval().requires_grad_(False)
+        return generator_of(self.cfg, weights, device=self.device)
 
-    def __call__(self, round_num: int, weights: dict[str, torch.Tensor], *, evaluate: bool) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        G = self.generator(weights)
-        try:
-            path = save_class_grid(G, self.folder.grid(round_num), per_class=8, seed=0, device=self.device)
-            out["grid"] = str(Path(path).relative_to(self.folder.root))
-        except Exception as exc:  # a grid must never end a long run
-            warn("round %d: sample grid failed: %s: %s", round_num, type(exc).__name__, exc)
-        if evaluate and self.heldout is not None:
-            out["eval"] = self._evaluate(G, round_num)
-        return out
-
-    def _evaluate(self, G: torch.nn.Module, round_num: int) -> Optional[dict[str, Any]]:
+    def evaluate(self, round_num: int, weights: dict[str, torch.Tensor]
+                 ) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+        """(summary for the round's metrics line, the evaluator's full record or None)."""
+        if not self.active:
+            return {}, None
         try:
             from medstylegan2.metrics.evaluate import evaluate_generator
         except ImportError:
-            return None
+            return {}, None
         try:
-            # Writes <run>/eval/round_XXX.json and its own "kind": "eval" line in metrics.jsonl.
-            result = evaluate_generator(G, self.heldout, self.train, self.cfg.metrics, self.folder.eval_dir,
-                                        round_num, self.folder.root, str(self.device))
+            # out_dir=<run>, no run_dir: the evaluator writes eval/round_XXX.json and its PNGs but no
+            # metrics.jsonl line; the server derives that from the committed record.
+            record = evaluate_generator(self.generator(weights), self.heldout, self.train, self.cfg.metrics,
+                                        self.folder.root, round_num, None, str(self.device))
         except Exception as exc:  # an evaluation problem must never end a long run
             warn("round %d: evaluation failed: %s: %s", round_num, type(exc).__name__, exc)
-            return {"error": f"{type(exc).__name__}: {exc}"}
-        overall = dict(result.get("overall", {})) if isinstance(result, dict) else {}
+            return {"eval": {"error": f"{type(exc).__name__}: {exc}"}}, None
+        overall = dict(record.get("overall", {}))
         info("round %d: evaluation %s", round_num, overall)
-        return {"file": result.get("json") if isinstance(result, dict) else None, "overall": overall}
+        return {"eval": {"file": record.get("json"), "overall": overall}}, record

@@ -6,7 +6,8 @@ The strategy and the ClientApp run exactly as under the simulation engine, which
 tool for fast tests (aggregation, rejection of bad updates, resume, what leaves a site) and for
 measuring what the Flower engines add on top (``bench/round_overhead.py``).
 
-``tamper`` lets a test play a faulty or malicious site: it sees each reply and may replace it.
+``tamper`` lets a test play a faulty or malicious site: it sees each reply and may replace it, or
+drop it (return None: the reply never arrives, as from a site that timed out or disconnected).
 ``outgoing`` keeps every reply a site sent, for inspection.
 """
 
@@ -37,7 +38,7 @@ def _claim_task_identity() -> None:
 
 class LoopbackGrid(Grid):
     def __init__(self, client_app: ClientApp, node_configs: Sequence[Mapping[str, object]], *,
-                 tamper: Optional[Callable[[int, Message], Message]] = None, first_node_id: int = 1000):
+                 tamper: Optional[Callable[[int, Message], Optional[Message]]] = None, first_node_id: int = 1000):
         _claim_task_identity()
         self.client_app = client_app
         self.tamper = tamper
@@ -71,7 +72,9 @@ class LoopbackGrid(Grid):
         ids = []
         for message in messages:
             message_id = f"loopback-{next(self._ids)}"
-            self._pending[message_id] = self._handle(message, message_id)
+            reply = self._handle(message, message_id)
+            if reply is not None:
+                self._pending[message_id] = reply
             ids.append(message_id)
         return ids
 
@@ -82,7 +85,7 @@ class LoopbackGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
     # -- delivery --------------------------------------------------------------------------------
-    def _handle(self, message: Message, message_id: str) -> Message:
+    def _handle(self, message: Message, message_id: str) -> Optional[Message]:
         node_id = message.metadata.dst_node_id
         context = self.contexts[node_id]
         try:
@@ -92,5 +95,53 @@ class LoopbackGrid(Grid):
             reply = Message(Error(code=ERROR_CODE_CLIENT_EXCEPTION, reason=reason), reply_to=message)
         if self.tamper is not None:
             reply = self.tamper(node_id, reply)
-        self.outgoing.append((node_id, reply))
+        if reply is not None:
+            self.outgoing.append((node_id, reply))
         return reply
+
+
+def run_in_process(config_path: str, overrides: list[str], run_dir: str, *, resume: bool = False,
+                   server_data: bool = True) -> None:
+    """A whole federated run in this process: the real strategy and ClientApp, one simulated site per
+    ``federation.sites``, sites one after the other (site state in ``<run_dir>/site_state``)."""
+    from pathlib import Path
+
+    from client.client_app import app
+    from medstylegan2.config import load_config
+    from server.strategy import run_federation
+
+    cfg = load_config(config_path, overrides)
+    sites = cfg.federation.sites
+    grid = LoopbackGrid(app, [{"partition-id": i, "num-partitions": sites} for i in range(sites)])
+    run_federation(grid, cfg, run_dir, resume=resume, site_state_dir=str(Path(run_dir) / "site_state"),
+                   server_data=server_data)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m server.loopback --config C --out DIR [--set k=v] [--resume]``: one process, no Ray.
+
+    The tool of the fault-injection tests (``MEDSTYLEGAN2_FAULT`` kills this process at a named
+    point; see ``medstylegan2.faults``)."""
+    import argparse
+
+    import torch
+
+    from medstylegan2.cli_support import run_reporting_user_errors, setup_logging
+
+    parser = argparse.ArgumentParser(prog="python -m server.loopback", description=main.__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--no-server-data", action="store_true", help="no evaluation data at the server")
+    args = parser.parse_args(argv)
+    setup_logging()
+    torch.set_num_threads(1)  # the sites run one after the other, as single-threaded as in the engines
+    return run_reporting_user_errors(lambda a: run_in_process(a.config, a.overrides, a.out, resume=a.resume,
+                                                              server_data=not a.no_server_data), args)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -6,12 +6,13 @@
    reproducible from (seed, round): ``fl.aggregation.sample_sites``), send them the global weights
    (float32, float16 or int8, model constants excluded: ``fl.wire``) and a ConfigRecord with the
    validated run config as JSON.
-2. ``aggregate_train``: turn every reply into a plain ``SiteReply`` and hand them to
-   ``fl.aggregation.aggregate_round`` (errors, declines under DP, zero-example sites, keys,
-   shapes, dtypes, NaN/Inf: a bad update is dropped with a log line naming the site and the key;
-   the rest averaged by examples through the server optimizer), then save ``round_XXX.pt``
-   (``fl.server_state``), run the evaluation hook (``server.evaluation_hook``) and append one
-   line to ``metrics.jsonl`` (``medstylegan2.runfolder``).
+2. ``aggregate_train``: turn every reply into a plain ``SiteReply`` (a chosen site without a reply:
+   an error entry) and hand them to ``fl.aggregation.aggregate_round`` (errors, declines, keys,
+   shapes, dtypes, NaN/Inf, outlier norms: a bad update is dropped with a log line naming the site
+   and the reason; the rest combined by ``aggregation_rule`` through the server optimizer), run the
+   evaluator when due (``server.evaluation_hook``), commit the round (``fl.round_files.commit_round``:
+   ``round_XXX.pt`` with the round's records) and write its derived files (``ensure_round_files``:
+   ``metrics.jsonl`` lines, eval record, grid, privacy report), again checked before every round.
 
 ``run_federation`` wraps a run: fresh start or resume from the last round checkpoint (global
 weights, server optimizer state, run token: the sites find their own local state by it), a roll
@@ -22,6 +23,7 @@ rounds. No federated evaluation round: a GAN is evaluated centrally from G_ema.
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -38,10 +40,14 @@ from medstylegan2.errors import UserError
 from medstylegan2.fl.aggregation import (SiteReply, aggregate_round, averaged_only_keys, make_server_optimizer,
                                          sample_sites)
 from medstylegan2.fl.partition import load_split
-from medstylegan2.fl.server_state import ServerState, load_server_state, save_round_checkpoint
+from medstylegan2.faults import fault_point
+from medstylegan2.fl.round_files import commit_round, ensure_round_files, restore_run_folder
+from medstylegan2.fl.server_state import ServerState, load_server_state
 from medstylegan2.fl.wire import (PAYLOAD_WEIGHTS, constants_digest, decode_from_transfer, encode_for_transfer,
                                   initial_weights, is_packed_int8, transferred)
+from medstylegan2.metrics.evaluate import eval_metrics_line
 from medstylegan2.runfolder import RunFolder
+from medstylegan2.trainer import resolve_device
 from server.evaluation_hook import EvaluationHook
 from server.logs import emit, info, warn
 
@@ -72,6 +78,9 @@ class FederatedGAN(FedAvg):
         self.config_json = json.dumps(cfg.to_dict())
         self._round_started = 0.0
         self._sent: dict[str, torch.Tensor] = {}
+        self._chosen: list[str] = []
+        self._outgoing: dict[str, Message] = {}
+        self._left_out: set[int] = set()  # nodes whose site name another connected node already has
         self._bytes_down = 0
 
     # -- Flower strategy interface -----------------------------------------------------------------
@@ -91,9 +100,9 @@ class FederatedGAN(FedAvg):
             return []
         if self._halted(round_num):
             return []
+        self._ensure_round_files()  # a crash or error after the last commit may have left some out
         f = self.cfg.federation
-        connected = set(grid.get_node_ids())
-        present = {site.name: node for node, site in self.sites.items() if node in connected}
+        present = self._present_sites(grid)
         chosen = sample_sites(list(present), f.fraction_train, f.min_sites, seed=self.cfg.seed, round_num=round_num)
         info("round %d: training on %d of %d site(s): %s", round_num, len(chosen), len(present), ", ".join(chosen))
 
@@ -106,8 +115,10 @@ class FederatedGAN(FedAvg):
             "constants_digest": self.digest, "site_state_dir": self.site_state_dir,
         })
         content = RecordDict({"arrays": record, "config": train_config})
-        return [Message(content=content, dst_node_id=present[name], message_type=MessageType.TRAIN)
-                for name in chosen]
+        self._chosen = list(chosen)
+        self._outgoing = {name: Message(content=content, dst_node_id=present[name], message_type=MessageType.TRAIN)
+                          for name in chosen}
+        return list(self._outgoing.values())
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
@@ -115,10 +126,19 @@ class FederatedGAN(FedAvg):
         if self.state.stopped or self._halted(round_num):
             return None, None
         f = self.cfg.federation
-        outcome = aggregate_round([self._site_reply(msg) for msg in replies], round_num=round_num,
+        site_replies = [self._site_reply(msg) for msg in replies]
+        answered = {reply.name for reply in site_replies}
+        # A site that crashed, hung or lost its connection sends nothing before the round's timeout.
+        site_replies += [SiteReply(name=name, bytes_down=self._bytes_down,
+                                   error=f"no reply within federation.round_timeout_s={f.round_timeout_s:g} s "
+                                         "(site down, disconnected or stalled)")
+                         for name in self._chosen if name not in answered]
+        outcome = aggregate_round(site_replies, round_num=round_num,
                                   global_weights=self.state.weights, sent=self._sent,
                                   expected_shapes=self.expected_shapes, optimizer=self.optimizer,
-                                  plain_keys=self.plain_keys, min_sites=f.min_sites, known_sites=len(self.sites))
+                                  plain_keys=self.plain_keys, min_sites=f.min_sites, known_sites=len(self.sites),
+                                  rule=f.aggregation_rule, trim_fraction=f.trim_fraction,
+                                  outlier_factor=f.outlier_factor)
         for level, text in outcome.events:
             emit(level, "%s", text)
         if outcome.weights is not None:
@@ -131,21 +151,25 @@ class FederatedGAN(FedAvg):
         if outcome.all_declined:
             self.state.stopped = True
             info("round %d: every site declined (privacy budgets spent): the run ends here", round_num)
-        save_round_checkpoint(self.folder, self.cfg, self.state,
-                              {site.name: site.num_examples for site in self.sites.values()})
+        fault_point("after_aggregation", round_num=round_num)
 
         evaluate = (f.evaluate_every > 0 and round_num % f.evaluate_every == 0) or round_num >= f.rounds \
             or self.state.stopped
-        extra = self.hook(round_num, self.state.weights, evaluate=evaluate)
+        summary, eval_record = self.hook.evaluate(round_num, self.state.weights) if evaluate else ({}, None)
+        fault_point("after_evaluation", round_num=round_num)
         seconds = time.perf_counter() - self._round_started
         aggregated = outcome.aggregated
         record = {"round": round_num, "kind": "round", "seconds": seconds, "aggregated": aggregated,
                   "sites": outcome.sites,
                   "bytes_down_per_site": self._bytes_down,
                   "bytes_up": int(sum(e.get("bytes_up", 0) for e in outcome.sites.values())),
-                  "transfer_dtype": f.transfer_dtype, **extra}
-        self.folder.append_metrics(record)
-        self._write_privacy_report()
+                  "transfer_dtype": f.transfer_dtype,
+                  "grid": str(self.folder.grid(round_num).relative_to(self.folder.root)),
+                  "server_rss_mb": _rss_mb(), **summary}
+        self.state.records = [record] + ([eval_metrics_line(eval_record)] if eval_record is not None else [])
+        self.state.eval_record = eval_record
+        commit_round(self.folder, self.cfg, self.state, {site.name: site.num_examples for site in self.sites.values()})
+        self._ensure_round_files()
         info("round %d: %d site(s) aggregated, loss_g %.4f, loss_d %.4f, %.1f s", round_num, outcome.contributing,
              aggregated.get("loss_g", float("nan")),
              aggregated.get("loss_d_fake", float("nan")) + aggregated.get("loss_d_real", float("nan")), seconds)
@@ -170,7 +194,50 @@ class FederatedGAN(FedAvg):
             return True
         return False
 
+    def _present_sites(self, grid: Grid) -> dict[str, int]:
+        """Known sites connected now (name -> node id); waits up to ``connect_timeout_s`` for ``min_sites``.
+
+        A site whose SuperNode died and was restarted (with SuperNode authentication it keeps its
+        node id) is back as soon as it has reconnected.
+        """
+        f = self.cfg.federation
+        deadline = time.monotonic() + f.connect_timeout_s
+        while True:
+            connected = set(grid.get_node_ids())
+            self._welcome(grid, connected)
+            present = {site.name: node for node, site in self.sites.items() if node in connected}
+            if len(present) >= min(f.min_sites, len(self.sites)) or time.monotonic() > deadline:
+                return present
+            info("waiting for sites: %d of %d known site(s) connected, min_sites %d", len(present),
+                 len(self.sites), f.min_sites)
+            time.sleep(1.0)
+
+    def _welcome(self, grid: Grid, connected: set[int]) -> None:
+        """Nodes that connected since the last round: a known site back under a new node id (a SuperNode
+        restarted, or re-enrolled with a new key) takes the place of its old node; a new site joins."""
+        unknown = sorted(connected - set(self.sites) - self._left_out)
+        if not unknown:
+            return
+        for site in ask_sites(grid, self.cfg, unknown):
+            old = next((node for node, s in self.sites.items() if s.name == site.name), None)
+            if old is not None and old in connected:
+                warn("node %d calls itself %r, which node %d already is; it is left out", site.node_id,
+                     site.name, old)
+                self._left_out.add(site.node_id)
+                continue
+            if old is not None:
+                del self.sites[old]
+                info("site %s is back (node %d, was %d)", site.name, site.node_id, old)
+            else:
+                info("site %s joins: %d training image(s)", site.name, site.num_examples)
+            self.sites[site.node_id] = site
+
     def _site_of(self, msg: Message) -> str:
+        # An error the SuperLink writes for a node that went away (Node Unavailable) comes from the
+        # link, not from the node: the message it answers names the site.
+        answered = {sent.metadata.message_id: name for name, sent in self._outgoing.items() if sent.metadata.message_id}
+        if msg.metadata.reply_to_message_id and msg.metadata.reply_to_message_id in answered:
+            return answered[msg.metadata.reply_to_message_id]
         node = msg.metadata.src_node_id
         if node in self.sites:
             return self.sites[node].name
@@ -178,18 +245,13 @@ class FederatedGAN(FedAvg):
             return str(msg.content["site"]["site"])
         return f"node-{node}"
 
-    def _write_privacy_report(self) -> None:
-        """``privacy.json`` + ``privacy.png`` (the contract of ``medstylegan2.privacy_report``)."""
-        if not self.state.privacy:
-            return
-        from medstylegan2.privacy_report import write_privacy_report
-
-        p = self.cfg.privacy
+    def _ensure_round_files(self) -> None:
+        """The committed round's derived files (idempotent; after each commit and before each round)."""
         try:
-            write_privacy_report(self.folder.root, self.state.privacy, p.delta, p.accountant, budget=p.budget_epsilon,
-                                 echo=False)
-        except Exception as exc:  # a report problem must never end a run; metrics.jsonl has the figures
-            warn("privacy report not written: %s: %s", type(exc).__name__, exc)
+            ensure_round_files(self.folder, self.cfg, self.state, device=self.hook.device)
+        except Exception as exc:  # derived files must never end a run: retried next round / --resume
+            warn("round %d: writing its files failed (retried next round): %s: %s", self.state.round,
+                 type(exc).__name__, exc)
 
     def _site_reply(self, msg: Message) -> SiteReply:
         """A Flower reply as plain data for ``aggregate_round``."""
@@ -217,8 +279,33 @@ class FederatedGAN(FedAvg):
         return reply
 
 
+def _rss_mb() -> Optional[float]:
+    """This (server) process' resident memory in MB, for leak watching over long runs (Linux)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 # ----------------------------------------------------------------------------------------------
 # A whole run
+
+
+def ask_sites(grid: Grid, cfg: RunConfig, nodes: Iterable[int]) -> list[SiteInfo]:
+    """Ask the given nodes for their site name and example count (a QUERY message each)."""
+    config = ConfigRecord({"run_config": json.dumps(cfg.to_dict())})
+    messages = [Message(content=RecordDict({"config": config}), dst_node_id=node, message_type=MessageType.QUERY)
+                for node in nodes]
+    found = []
+    for msg in grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s):
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            warn("site at node %d cannot take part: %s", node, msg.error.reason)
+            continue
+        found.append(SiteInfo(node_id=node, name=str(msg.content["site"]["site"]),
+                              num_examples=int(msg.content["metrics"]["num_examples"])))
+    return found
 
 
 def roll_call(grid: Grid, cfg: RunConfig) -> dict[int, SiteInfo]:
@@ -234,22 +321,13 @@ def roll_call(grid: Grid, cfg: RunConfig) -> dict[int, SiteInfo]:
     if len(nodes) < f.min_sites:
         raise UserError(f"only {len(nodes)} site(s) connected within {f.connect_timeout_s:g} s; "
                         f"federation.min_sites is {f.min_sites}")
-    config = ConfigRecord({"run_config": json.dumps(cfg.to_dict())})
-    messages = [Message(content=RecordDict({"config": config}), dst_node_id=node, message_type=MessageType.QUERY)
-                for node in nodes]
-    replies = grid.send_and_receive(messages, timeout=f.round_timeout_s)
     sites: dict[int, SiteInfo] = {}
-    for msg in replies:
-        node = msg.metadata.src_node_id
-        if msg.has_error():
-            warn("site at node %d cannot take part: %s", node, msg.error.reason)
-            continue
-        name = str(msg.content["site"]["site"])
-        if name in {s.name for s in sites.values()}:
+    for site in ask_sites(grid, cfg, nodes):
+        if site.name in {s.name for s in sites.values()}:
             warn("two nodes call themselves %r; node %d is left out (give each SuperNode its own site-name)",
-                 name, node)
+                 site.name, site.node_id)
             continue
-        sites[node] = SiteInfo(node_id=node, name=name, num_examples=int(msg.content["metrics"]["num_examples"]))
+        sites[site.node_id] = site
     if len(sites) < f.min_sites:
         raise UserError(f"only {len(sites)} site(s) answered the roll call; federation.min_sites is {f.min_sites}")
     for site in sorted(sites.values(), key=lambda s: s.name):
@@ -263,8 +341,10 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: str | Path, *, resume: b
     folder = RunFolder(Path(run_dir))
     if resume:
         state = load_server_state(folder, cfg)
-        folder.truncate_metrics(state.round)
         info("resuming %s after round %d of %d", folder.root, state.round, cfg.federation.rounds)
+        restored = restore_run_folder(folder, cfg, state, device=resolve_device(cfg.device))
+        if restored:
+            info("restored from the round checkpoints: %s", ", ".join(restored))
         _, buffer_keys = initial_weights(cfg)
     else:
         if folder.checkpoint_rounds():
@@ -295,4 +375,5 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: str | Path, *, resume: b
                             site_state_dir=site_state_dir, stop_after=stop_after)
     initial = ArrayRecord({k: Array(v.numpy()) for k, v in transferred(state.weights).items()})
     strategy.start(grid=grid, initial_arrays=initial, num_rounds=remaining, timeout=cfg.federation.round_timeout_s)
+    strategy._ensure_round_files()  # the last round's files, if writing them failed the first time
     return state

@@ -15,11 +15,12 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from medstylegan2.cli_support import run_reporting_user_errors, setup_logging
 from medstylegan2.config import RunConfig, load_config
 from medstylegan2.errors import UserError
+from simulation import runtime
 
 COMMAND_HELP = ("Run a federated simulation: N virtual hospital sites (Flower simulation engine) over "
                 "partitioned data, with round checkpoints, metrics.jsonl and sample grids.")
@@ -40,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the last round_XXX.pt in the run folder")
     p.add_argument("--ray-address", default=None, metavar="ADDRESS",
                    help="run the sites on an existing Ray cluster ('auto' or HOST:PORT of its head; "
-                        "default: $RAY_ADDRESS, else a Ray instance on this machine)")
+                        "default: $RAY_ADDRESS, else a fresh Ray instance on this machine)")
     p.add_argument("--stop-after", type=int, default=0, metavar="N",
                    help="end after round N as if interrupted (to try --resume); 0: run all rounds")
 
@@ -63,29 +64,13 @@ def _absolute_data_paths(cfg: RunConfig) -> list[str]:
     return extra
 
 
-def backend_config(cfg: RunConfig, ray_address: Optional[str] = None) -> dict[str, Any]:
-    """Ray resources per virtual site from the config; GPUs only when CUDA is present here.
-
-    With ``ray_address`` the sites run on an existing Ray cluster (Flower's Ray backend passes
-    ``init_args`` to ``ray.init``); every node of it needs this project installed, as here.
-    """
-    import torch
-
-    f = cfg.federation
-    if ray_address:  # GPUs live on the cluster's nodes, not necessarily here
-        return {"client_resources": {"num_cpus": f.client_num_cpus, "num_gpus": f.client_num_gpus},
-                "init_args": {"address": ray_address}}
-    gpus = f.client_num_gpus if torch.cuda.is_available() else 0.0
-    if f.client_num_gpus > 0 and gpus == 0:
-        log.warning("federation.client_num_gpus=%g but CUDA is not available: sites train on the CPU",
-                    f.client_num_gpus)
-    return {"client_resources": {"num_cpus": f.client_num_cpus, "num_gpus": gpus}}
-
-
 def simulate(config_path: str | Path, overrides: list[str], *, run_dir: Optional[str | Path] = None,
              resume: bool = False, stop_after: int = 0, ray_address: Optional[str] = None,
              verbose: bool = False) -> Path:
     """Run the simulation; returns the run folder. Raises on failure."""
+    lean = os.environ.get("MEDSTYLEGAN2_RAY_DEFAULTS") != "1"  # "1": Ray as Flower leaves it (benchmarks)
+    if lean:
+        runtime.lean_ray_environment()  # before torch is imported here and before Ray starts
     config_path = Path(config_path).resolve()
     cfg = load_config(config_path, overrides)  # config errors first, before the slow imports
     overrides = overrides + _absolute_data_paths(cfg)
@@ -100,6 +85,11 @@ def simulate(config_path: str | Path, overrides: list[str], *, run_dir: Optional
 
     run_dir = Path(run_dir if run_dir is not None else cfg.run_dir).resolve()
     sites = cfg.federation.sites
+    if resume:  # a missing, damaged or foreign checkpoint: one clear line now, not a traceback from Ray
+        from medstylegan2.fl.server_state import load_server_state
+        from medstylegan2.runfolder import RunFolder
+
+        load_server_state(RunFolder(run_dir), cfg)
 
     train, parts = simulation_partitions(cfg, sites)
     rows = partition_table(train.labels, parts, train.class_names)
@@ -112,8 +102,13 @@ def simulate(config_path: str | Path, overrides: list[str], *, run_dir: Optional
     server_app = create_server_app({"config-path": str(config_path), "overrides": shlex.join(overrides),
                                     "run-dir": str(run_dir), "resume": resume, "site-state-dir": "auto",
                                     "server-data": "config", "stop-after": stop_after})
+    backend = runtime.backend_config(cfg, ray_address, lean=lean)
+    runtime.start_ray(backend)
+    if lean:
+        runtime.deliver_by_pending_nodes()
+    runtime.install_stop_handlers(run_dir)
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=sites,
-                   backend_config=backend_config(cfg, ray_address), verbose_logging=verbose)
+                   backend_config=backend, verbose_logging=verbose)
     return run_dir
 
 
@@ -130,10 +125,8 @@ def run(args: argparse.Namespace) -> int:
         run_dir = simulate(args.config, _overrides(args), run_dir=args.out, resume=args.resume,
                            stop_after=args.stop_after, ray_address=args.ray_address,
                            verbose=getattr(args, "verbose", False))
-    except KeyboardInterrupt:
-        # The ServerApp thread would keep the process alive; the last round checkpoint is complete
-        # (written atomically), so --resume continues from it.
-        print("interrupted; continue with --resume", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # before the stop handlers are installed (simulation.runtime)
+        print("interrupted before the first round; start again (or --resume)", file=sys.stderr, flush=True)
         os._exit(130)
     rounds = sorted(run_dir.glob("round_*.pt"))
     if not rounds:

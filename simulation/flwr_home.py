@@ -69,6 +69,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.deployment and not (args.root_certificates or args.insecure):
         p.error("--deployment needs --root-certificates CA.crt (TLS) or --insecure")
+    if args.deployment and args.insecure:
+        print("WARNING: --insecure: the connection to the SuperLink is not encrypted; for local trials only",
+              file=sys.stderr)
     cfg = load_config(args.config)
     config = flower_config(deployment=args.deployment, root_certificates=args.root_certificates,
                            insecure=args.insecure)

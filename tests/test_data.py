@@ -132,7 +132,8 @@ def test_corrupt_image_is_skipped_with_a_warning_naming_it(tmp_path, caplog):
     assert "COVID-19/img_001.png" not in images.sources
     messages = [r.getMessage() for r in caplog.records]
     assert any(str(bad) in m for m in messages), messages
-    assert any(f"skipped 1 unreadable image(s) of 9 under {root.resolve()}" in m for m in messages), messages
+    assert any(f"skipped 1 of 9 file(s) under {root.resolve()}" in m for m in messages), messages
+    assert any("1 unreadable or corrupt file: COVID-19/img_001.png" in m for m in messages), messages
 
 
 def test_class_whose_images_are_all_unreadable_is_an_error(tmp_path):
@@ -229,7 +230,7 @@ def test_covidqu_dataset_trains_on_train_and_val_and_holds_out_its_own_test_spli
 
 
 def test_second_load_reads_the_cache_and_a_changed_tree_rebuilds_it(tmp_path, caplog, monkeypatch):
-    import medstylegan2.images as images
+    import medstylegan2.ingest as ingest
 
     root = _class_tree(tmp_path / "data")
     cache = tmp_path / "cache"
@@ -237,10 +238,10 @@ def test_second_load_reads_the_cache_and_a_changed_tree_rebuilds_it(tmp_path, ca
     files = list(cache.glob("*.npz"))
     assert len(files) == 1 and not list(cache.glob("*.tmp"))
 
-    def no_decoding(path, resolution):
+    def no_decoding(path, *args):
         raise AssertionError(f"decoded {path} although the cache is valid")
 
-    monkeypatch.setattr(images, "_decode_or_reason", no_decoding)
+    monkeypatch.setattr(ingest, "decode_file", no_decoding)
     with caplog.at_level(logging.INFO, logger="medstylegan2.data"):
         second = load_folder(root, 16, cache_dir=cache)
     assert any("from cache" in r.getMessage() and r.levelno == logging.INFO for r in caplog.records)
@@ -347,3 +348,19 @@ def test_data_argument_tells_phantoms_covidqu_and_class_folders_apart(tmp_path):
 def test_data_argument_naming_a_missing_folder_says_what_is_accepted(tmp_path):
     with pytest.raises(DataError, match="phantoms"):
         resolve_data_argument(str(tmp_path / "typo"), 16)
+
+
+def test_phantoms_are_rendered_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    from medstylegan2 import phantoms
+
+    cfg = DataConfig(source="phantoms", phantoms_per_class=4, heldout_fraction=0.25, cache_dir=str(tmp_path))
+    first_train, first_held = load_dataset(cfg, 16)
+    assert len(list(tmp_path.glob("phantoms-16px-4-seed0-*.npz"))) == 1
+
+    def no_rendering(*args, **kwargs):
+        raise AssertionError("phantoms rendered again despite the cache")
+
+    monkeypatch.setattr(phantoms, "generate_phantoms", no_rendering)
+    train, held = load_dataset(cfg, 16)
+    assert np.array_equal(train.images, first_train.images) and np.array_equal(held.labels, first_held.labels)
+    assert train.sources == first_train.sources

@@ -82,6 +82,53 @@ def test_two_tls_supernodes_with_their_own_folders_train_two_rounds(tmp_path, ce
     assert _sha(REPO / "pyproject.toml") == pyproject
 
 
+def test_a_killed_supernode_costs_its_site_one_round_and_rejoins_after_a_restart(tmp_path, certs):
+    """TLS + SuperNode authentication (registered keys). hospital-b's ClientApp kills its SuperNode's whole
+    process group at a named point of round 2 (SuperNode, SuperExec, ClientApp: ``kill-group``); the test
+    restarts that SuperNode (re-enrolled with a new key: Flower 1.42 keeps a killed node's old identity
+    "online" for a while) as soon as it has exited (an event, not a timer). The server recognises the
+    new node as hospital-b at the start of round 3 (it waits for min_sites=2), and asks it again."""
+    import threading
+
+    _need("flower-superlink", "flower-supernode", "flwr", "ssh-keygen")
+    deploy = _deploy_module()
+    sites = {}
+    for i, name in enumerate(("hospital-a", "hospital-b")):
+        sites[name] = tmp_path / "data" / name
+        write_phantom_folder(sites[name], per_class=8, resolution=32, seed=10 + i)
+    run_dir = tmp_path / "run"
+    fault = {"hospital-b": {"MEDSTYLEGAN2_FAULT": "site_train:2:kill-group:site=hospital-b"}}
+    restarted = threading.Event()
+
+    with deploy.LocalDeployment(tmp_path / "deployment", sites, certs=certs, node_env=fault) as deployment:
+        assert deployment.auth
+        victim = deployment.nodes["hospital-b"]
+
+        def restart_when_dead() -> None:
+            victim.wait()  # returns when the fault point has killed it
+            deployment.register_node("hospital-b", new_key=True)  # re-enrolled: a new node id
+            deployment.start_node("hospital-b")
+            restarted.set()
+
+        watcher = threading.Thread(target=restart_when_dead, daemon=True)
+        watcher.start()
+        result = deployment.run({"config-path": str(SMOKE), "run-dir": str(run_dir), "server-data": "none",
+                                 # min_sites=2: round 3 waits until hospital-b has reconnected
+                                 "overrides": "federation.rounds=3 federation.round_timeout_s=90 "
+                                              "federation.min_sites=2 federation.connect_timeout_s=300"},
+                                timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert restarted.is_set() and victim.returncode is not None
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    status = {line["round"]: {s: v["status"] for s, v in line["sites"].items()} for line in lines
+              if line.get("kind") == "round"}
+    assert status[1] == {"hospital-a": "ok", "hospital-b": "ok"}
+    assert status[2]["hospital-a"] == "ok" and status[2]["hospital-b"].startswith("error")
+    assert status[3] == {"hospital-a": "ok", "hospital-b": "ok"}
+    assert "hospital-b" in result.stdout + result.stderr  # the failure is logged with the site's name
+    assert "--enable-supernode-auth" in " ".join(deployment.processes_started["superlink"])
+
+
 def test_flwr_run_simulation_uses_the_app_config_and_leaves_pyproject_alone(tmp_path):
     _need("flower-superlink", "flwr")
     deploy = _deploy_module()

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -55,29 +54,69 @@ def test_smoke_simulation_writes_checkpoints_metrics_grids_and_partition_table(t
 
 @pytest.mark.slow
 def test_killed_simulation_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
-    """SIGKILL the whole simulation (server and Ray workers) once round 2 of 4 is saved, resume."""
+    """SIGKILL the simulation's server process right after round 2 of 4 is committed (its checkpoint in
+    place, its metrics line and grid not yet written: a named fault point, not a race), then resume.
+    Every write point of a round is covered, faster, in tests/test_commit_point.py."""
     common = ("--config", "configs/smoke.yaml", "--rounds", "4", "--set", "federation.aggregation=fedavgm")
     straight = simulate(*common, "--out", str(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     run_dir = tmp_path / "killed"
-    log = (tmp_path / "killed.log").open("w")
-    process = subprocess.Popen([sys.executable, "-m", "simulation", *common, "--out", str(run_dir)], cwd=REPO,
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not (run_dir / "round_002.pt").exists():
-            assert process.poll() is None, "the simulation ended before round 2"
-            assert time.monotonic() < deadline, "no round 2 after 300 s"
-            time.sleep(0.2)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-    assert not (run_dir / "round_004.pt").exists()
+    killed = subprocess.run([sys.executable, "-m", "simulation", *common, "--out", str(run_dir)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, MEDSTYLEGAN2_FAULT="after_checkpoint:2:kill"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert sorted(p.name for p in run_dir.glob("round_*.pt")) == ["round_001.pt", "round_002.pt"]
+    assert [line["round"] for line in _round_lines(run_dir)] == [1]  # round 2's line: not yet written
 
     resumed = simulate(*common, "--out", str(run_dir), "--resume")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     a, b = weights(tmp_path / "straight" / "round_004.pt"), weights(run_dir / "round_004.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [line["round"] for line in _round_lines(run_dir)] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (run_dir / "grids").iterdir()) == [f"round_00{r}.png" for r in (1, 2, 3, 4)]
+
+
+def _round_lines(run_dir: Path) -> list[dict]:
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [line["round"] for line in lines if line.get("kind") == "round"] == [1, 2, 3, 4]
+    return [line for line in lines if line.get("kind") == "round"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,status", [("sigterm", 143), ("sigint", 130)])
+def test_a_signal_stops_the_run_with_one_line_and_a_stale_ray_address_is_never_joined(tmp_path, sig, status):
+    """SIGTERM / SIGINT arrive right after round 2 is committed (a fault point sends them: no race).
+    Ray's temp folder holds the address file of a dead ``ray start`` cluster: the run must start its
+    own Ray instead of waiting for that one."""
+    import tempfile
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")  # nothing listens there
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, MEDSTYLEGAN2_FAULT=f"after_checkpoint:2:{sig}", RAY_TMPDIR=str(ray_tmp))
+    env.pop("RAY_ADDRESS", None)
+    result = subprocess.run([sys.executable, "-m", "simulation", "--config", "configs/smoke.yaml", "--rounds", "4",
+                             "--out", str(run_dir)], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == status, result.stderr[-3000:]
+    last = [line for line in result.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith(f"{sig.upper()}: stopped after round 2; continue with --resume"), result.stderr[-3000:]
+    # The stop itself prints nothing else. (Flower logs a traceback of its own when a site's Ray actor is
+    # killed during a round, e.g. by Ray's memory monitor on a crowded machine; such a round is a failed
+    # site and is not what this test is about.)
+    assert (run_dir / "round_002.pt").is_file() and not (run_dir / "round_003.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_site_actor_that_dies_costs_its_site_one_round_and_the_run_goes_on(tmp_path):
+    """site-1's Ray actor process is SIGKILLed in the middle of its round 2 (a fault point, not a timer):
+    that round closes without it, Ray restarts the actor, and site-1 trains again in round 3."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "simulation", "--config", "configs/smoke.yaml", "--rounds", "3",
+                             "--out", str(run_dir)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, MEDSTYLEGAN2_FAULT="site_train:2:kill:site=site-1"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    status = {line["round"]: {s: v["status"] for s, v in line["sites"].items()} for line in _round_lines(run_dir)}
+    assert status[1] == {"site-0": "ok", "site-1": "ok"}
+    assert status[2]["site-0"] == "ok" and status[2]["site-1"].startswith("error")
+    assert status[3] == {"site-0": "ok", "site-1": "ok"}

@@ -61,3 +61,16 @@ def test_exact_copy_distance_is_zero_despite_fast_search():
     d, i = nearest(ref[[7, 123]], ref)
     assert list(i) == [7, 123] and list(d) == [0.0, 0.0]
     assert COPY_RMS > 0
+
+
+def test_pixel_nearest_over_training_chunks_matches_one_search():
+    from medstylegan2.metrics.memorization import pixel_nearest, pixel_vectors
+
+    rng = np.random.default_rng(1)
+    train = rng.integers(0, 256, (50, 1, 8, 8), dtype=np.uint8)
+    query = np.concatenate([train[[3, 41]], rng.integers(0, 256, (5, 1, 8, 8), dtype=np.uint8)])
+    d_chunked, i_chunked = pixel_nearest(query, train, train_chunk=7)
+    d_one, i_one = nearest(pixel_vectors(query), pixel_vectors(train))
+    assert list(i_chunked) == list(i_one) and i_chunked[:2].tolist() == [3, 41]
+    np.testing.assert_allclose(d_chunked, d_one / 8.0)
+    assert d_chunked[0] == 0.0 and d_chunked[1] == 0.0

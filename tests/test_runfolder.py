@@ -10,8 +10,8 @@ import pytest
 
 from medstylegan2.errors import CheckpointError
 from medstylegan2.runfolder import (CHECKPOINT_FORMAT, RunFolder, append_json_line, atomic_write, atomic_write_json,
-                                   atomic_write_text, json_line, read_checkpoint, read_json_lines, round_numbers_in,
-                                   site_state_folder, write_checkpoint)
+                                   atomic_write_text, create_once_text, json_line, read_checkpoint, read_json_lines,
+                                   round_numbers_in, site_state_folder, write_checkpoint)
 
 
 def test_atomic_write_replaces_the_file_and_leaves_no_temporary_file(tmp_path):
@@ -34,6 +34,15 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_removes_its_temporary_file
         atomic_write(path, half_then_crash)
     assert path.read_text() == "complete"
     assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
+
+
+def test_create_once_never_replaces_an_existing_file_and_keeps_it_private(tmp_path):
+    path = tmp_path / "secret" / "salt"
+    assert create_once_text(path, "first\n") is True
+    assert create_once_text(path, "second\n") is False
+    assert path.read_text() == "first\n"
+    assert path.stat().st_mode & 0o077 == 0
+    assert [p.name for p in path.parent.iterdir()] == ["salt"]
 
 
 def test_json_is_strict_nan_and_inf_become_null_and_numpy_scalars_numbers(tmp_path):
@@ -105,3 +114,22 @@ def test_truncating_metrics_drops_the_lines_of_later_rounds(tmp_path):
     folder.truncate_metrics(2)
     assert [(line["round"], line["kind"]) for line in folder.metrics_records()] == \
         [(1, "round"), (1, "eval"), (2, "round"), (2, "eval")]
+
+
+def test_ensure_metrics_never_writes_a_round_and_kind_twice_and_keeps_round_order(tmp_path):
+    folder = RunFolder(tmp_path)
+    folder.ensure_metrics([{"round": 1, "kind": "round"}, {"round": 3, "kind": "round"}])
+    assert folder.ensure_metrics([{"round": 1, "kind": "round", "x": 2}]) == 0  # already there
+    assert folder.ensure_metrics([{"round": 2, "kind": "round"}, {"round": 2, "kind": "eval"}]) == 2
+    assert [(r["round"], r["kind"]) for r in folder.metrics_records()] == \
+        [(1, "round"), (2, "round"), (2, "eval"), (3, "round")]
+
+
+def test_repair_drops_a_torn_line_duplicates_and_uncommitted_rounds(tmp_path):
+    folder = RunFolder(tmp_path)
+    lines = [{"round": 1, "kind": "round"}, {"round": 1, "kind": "round"}, {"round": 2, "kind": "round"}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json_line(r) + "\n" for r in lines) + '{"round": 3, "ki')
+    folder.repair_metrics(1)
+    assert (tmp_path / "metrics.jsonl").read_text() == json_line({"round": 1, "kind": "round"}) + "\n"
+    (tmp_path / ".round_002.pt.abc.tmp").write_bytes(b"half")
+    assert [p.name for p in folder.remove_temporary_files()] == [".round_002.pt.abc.tmp"]

@@ -1,8 +1,11 @@
 """The server's arithmetic: which sites train, how their updates are checked and combined.
 
 - **site sampling**: the sites of a round, reproducible from (seed, round);
-- **aggregation**: the example-weighted average of site updates and the server optimizers
-  (FedAvg, FedAvgM, FedAdam) applied to that average, with state for exact resume, and the
+- **aggregation**: how site updates are combined (``federation.aggregation_rule``: the
+  example-weighted mean, or, robust to a few hostile sites, the coordinate-wise median or trimmed
+  mean, with Flower's FedMedian / FedTrimmedAvg arithmetic in plain torch), the rejection of update
+  norms far outside the cohort (``federation.outlier_factor``), the server optimizers (FedAvg,
+  FedAvgM, FedAdam) applied to the combined update, with state for exact resume, and the
   example-weighted mean of the sites' metrics;
 - **one server round** (``aggregate_round``): every site's reply (plain data: name, metrics,
   arrays, payload kind, error) checked, the valid updates averaged and applied to the global
@@ -78,6 +81,73 @@ def weighted_average(updates: Sequence[Mapping[str, torch.Tensor]], weights: Seq
             acc += update[key].to(torch.float64) * (w / total)
         out[key] = acc.to(torch.float32)
     return out
+
+
+AGGREGATION_RULES = ("mean", "median", "trimmed_mean")
+
+
+def coordinate_median(updates: Sequence[Mapping[str, torch.Tensor]]) -> Flat:
+    """Coordinate-wise median, unweighted (Flower's FedMedian: ``np.median`` over the stacked arrays).
+
+    For an even count it is the mean of the two middle values, computed as numpy does, so the
+    result is bit for bit FedMedian's on the same arrays (``torch.median`` would take the lower one).
+    """
+    n = len(updates)
+    out: Flat = {}
+    for key in updates[0]:
+        ordered = torch.sort(torch.stack([u[key] for u in updates]), dim=0).values
+        middle = ordered[n // 2]
+        out[key] = middle.clone() if n % 2 else (ordered[n // 2 - 1] + middle) / 2
+    return out
+
+
+def trimmed_mean(updates: Sequence[Mapping[str, torch.Tensor]], trim_fraction: float) -> Flat:
+    """Coordinate-wise mean after cutting ``int(trim_fraction * n)`` values off each end, unweighted
+    (Flower's FedTrimmedAvg ``trim_mean``, scipy's rule). With a cut of 0 it is the plain mean."""
+    if not 0.0 <= trim_fraction < 0.5:
+        raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+    n = len(updates)
+    cut = int(trim_fraction * n)
+    out: Flat = {}
+    for key in updates[0]:
+        kept = torch.sort(torch.stack([u[key] for u in updates]), dim=0).values[cut:n - cut]
+        out[key] = kept.sum(dim=0) / kept.shape[0]
+    return out
+
+
+def update_norm(update: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of a whole update (all keys): its distance to the global model it started from."""
+    return math.sqrt(sum(float(torch.sum(v.to(torch.float64) ** 2)) for v in update.values()))
+
+
+def norm_outliers(norms: Mapping[str, float], factor: float) -> dict[str, str]:
+    """Sites whose update norm exceeds ``factor`` x the median norm of the cohort, with the reason.
+
+    Needs at least 3 updates: with two, the median is their mean and cannot tell which of them is
+    far off (the robust rules still apply). A zero median (nobody moved) rejects nothing either.
+    """
+    if factor <= 0 or len(norms) < 3:
+        return {}
+    median = float(np.median(list(norms.values())))
+    if median <= 0:
+        return {}
+    return {name: (f"update norm {norm:.4g} is {norm / median:.1f} x the cohort's median {median:.4g} "
+                   f"(federation.outlier_factor {factor:g})")
+            for name, norm in norms.items() if norm > factor * median}
+
+
+def combine_updates(updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], rule: str,
+                    trim_fraction: float = 0.2) -> Optional[Flat]:
+    """The round's update by ``rule``: ``mean`` (example-weighted), ``median``, ``trimmed_mean`` (unweighted)."""
+    if rule == "mean":
+        return weighted_average(updates, weights)
+    if not updates:
+        return None
+    if rule == "median":
+        return coordinate_median(updates)
+    if rule == "trimmed_mean":
+        return trimmed_mean(updates, trim_fraction)
+    raise ValueError(f"aggregation rule must be one of {', '.join(AGGREGATION_RULES)}, got {rule!r}")
 
 
 class ServerOptimizer:
@@ -204,13 +274,16 @@ class RoundOutcome:
 def aggregate_round(replies: Sequence[SiteReply], *, round_num: int, global_weights: Mapping[str, torch.Tensor],
                     sent: Mapping[str, torch.Tensor], expected_shapes: Mapping[str, tuple[int, ...]],
                     optimizer: ServerOptimizer, plain_keys: set[str], min_sites: int,
-                    known_sites: int) -> RoundOutcome:
+                    known_sites: int, rule: str = "mean", trim_fraction: float = 0.2,
+                    outlier_factor: float = 0.0) -> RoundOutcome:
     """Check every reply, average the valid updates weighted by examples, apply the server optimizer.
 
     A reply is left out, with a status and a log line naming the site (and the key), when it is an
     error, lacks a valid ``num_examples``, declines (privacy budget), has no examples, carries no
     weights, or fails ``validate_update`` (keys, shapes, dtype, NaN/Inf) or names an unknown
-    payload kind. The global weights move only when at least ``min(min_sites, known_sites)``
+    payload kind, or its update norm is more than ``outlier_factor`` x the cohort's median (with at
+    least 3 valid updates; ``norm_outliers``). The valid updates are combined by ``rule``
+    (``combine_updates``). The global weights move only when at least ``min(min_sites, known_sites)``
     updates are valid. ``global_weights``: the full global weights (constants included);
     ``sent``: the weights as the sites received them (what a float32 payload is a difference to);
     ``optimizer`` keeps its state across rounds (it is updated in place).
@@ -238,6 +311,11 @@ def aggregate_round(replies: Sequence[SiteReply], *, round_num: int, global_weig
         figures = {k[len(PRIVACY_PREFIX):]: float(v) for k, v in metrics.items() if k.startswith(PRIVACY_PREFIX)}
         if figures:
             outcome.privacy[name] = figures
+        if float(metrics.get("too_few_images", 0)) > 0:
+            entry["status"] = "declined: fewer training images than one batch"
+            events.append((logging.WARNING, f"round {round_num}: site {name} declined: it has fewer training "
+                                            "images than one batch (train.batch_size)"))
+            continue
         if float(metrics.get("declined", 0)) > 0:
             outcome.declined += 1
             entry["status"] = "declined"
@@ -269,10 +347,16 @@ def aggregate_round(replies: Sequence[SiteReply], *, round_num: int, global_weig
         entry["status"] = "ok"
 
     accepted.sort(key=lambda item: item[0])  # summation order fixed: resumable bit for bit
+    outliers = norm_outliers({name: update_norm(u) for name, u, _, _ in accepted}, outlier_factor)
+    for name, reason in outliers.items():
+        outcome.sites[name]["status"] = f"rejected: {reason}"
+        events.append((logging.WARNING, f"round {round_num}: rejected the update of site {name}: {reason}"))
+    accepted = [item for item in accepted if item[0] not in outliers]
     contributing = outcome.contributing = len(accepted)
     if contributing and contributing >= min(min_sites, known_sites):
-        average = weighted_average([u for _, u, _, _ in accepted], [w for _, _, w, _ in accepted])
-        outcome.weights = optimizer.step(transferred(global_weights), average, plain_keys)
+        combined = combine_updates([u for _, u, _, _ in accepted], [w for _, _, w, _ in accepted], rule,
+                                   trim_fraction)
+        outcome.weights = optimizer.step(transferred(global_weights), combined, plain_keys)
     elif contributing:
         events.append((logging.WARNING, f"round {round_num}: only {contributing} valid update(s), fewer than "
                                         f"min_sites={min_sites}: global weights unchanged"))

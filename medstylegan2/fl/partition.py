@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import re
@@ -21,7 +22,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from medstylegan2.config import CLASS_NAMES, RunConfig
-from medstylegan2.runfolder import atomic_write_text
+from medstylegan2.ingest import site_data_config
+from medstylegan2.runfolder import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +124,7 @@ class SiteData:
     name: str                 # stable site identity: seeds and state folders depend on it
     images: np.ndarray        # uint8 [N, 1, H, W]; never leaves the site
     labels: np.ndarray        # int64 [N]
+    groups: Optional[np.ndarray] = None  # int64 [N] patient numbers (ImageSet.groups); never leaves the site
 
 
 def _data_key(cfg: RunConfig) -> str:
@@ -146,8 +149,31 @@ def load_split(cfg: RunConfig):
 def _cached_partitions(key: str, num_sites: int) -> tuple[np.ndarray, ...]:
     spec = json.loads(key)
     train, _ = _cached_split(spec["data_key"])
-    return tuple(partition_indices(train.labels, num_sites, spec["partitioner"], dirichlet_alpha=spec["dirichlet_alpha"],
-                                   quantity_alpha=spec["quantity_alpha"], seed=spec["seed"]))
+    # The driver partitions once and leaves the indices beside the decoded-image cache: every site
+    # process of a simulation then reads a small file instead of importing flwr-datasets (with HF
+    # datasets, pyarrow and pandas: ~190 MB and seconds of CPU per process on a crowded machine).
+    stored = _partition_file(spec, num_sites, train.labels)
+    if stored is not None and stored.is_file():
+        try:
+            with np.load(stored) as data:
+                return tuple(data[f"site_{i}"] for i in range(num_sites))
+        except (OSError, KeyError, ValueError):
+            pass  # damaged: partition again below and rewrite it
+    parts = tuple(partition_indices(train.labels, num_sites, spec["partitioner"], dirichlet_alpha=spec["dirichlet_alpha"],
+                                    quantity_alpha=spec["quantity_alpha"], seed=spec["seed"]))
+    if stored is not None:
+        atomic_write(stored, lambda fh: np.savez(fh, **{f"site_{i}": p for i, p in enumerate(parts)}))
+    return parts
+
+
+def _partition_file(spec: Mapping[str, Any], num_sites: int, labels: np.ndarray) -> Optional[Path]:
+    """Where the partition of ``spec`` over ``num_sites`` is kept (None without a data cache folder)."""
+    cache_dir = json.loads(spec["data_key"])["data"].get("cache_dir")
+    if not cache_dir:
+        return None
+    digest = hashlib.sha256(json.dumps({**spec, "num_sites": num_sites}, sort_keys=True).encode()
+                            + np.ascontiguousarray(labels).tobytes()).hexdigest()[:20]
+    return Path(cache_dir) / f"partition-{digest}.npz"
 
 
 def simulation_partitions(cfg: RunConfig, num_sites: int) -> tuple[Any, tuple[np.ndarray, ...]]:
@@ -182,14 +208,17 @@ def site_name(node_config: Mapping[str, Any]) -> str:
 def load_site_data(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteData:
     """This site's training images: its own folder (deployment) or its partition (simulation).
 
-    Deployment: ``data-dir`` is a ``<class>/*.png`` folder or a COVID-QU-Ex root, read at the model
-    resolution; the site trains on its training split (``data.heldout_fraction`` stays home).
+    Deployment: ``data-dir`` is a ``<class>/*.png`` folder, a DICOM archive or a COVID-QU-Ex root,
+    read at the model resolution; the site trains on its training split (``data.heldout_fraction``
+    stays home). Labels, filters, salt and cache folder come from the node config
+    (``ingest.site_data_config``), never from the server.
     Simulation: ``partition-id`` of ``num-partitions`` over the training split of ``cfg.data``.
     """
     name = site_name(node_config)
     if node_config.get("data-dir"):
-        train = _cached_folder(str(node_config["data-dir"]), _data_key(cfg))
-        return SiteData(name=name, images=train.images, labels=train.labels)
+        site_cfg = dataclasses.replace(cfg, data=site_data_config(cfg.data, node_config))
+        train = _cached_folder(str(node_config["data-dir"]), _data_key(site_cfg))
+        return SiteData(name=name, images=train.images, labels=train.labels, groups=train.groups)
     pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
     if num != cfg.federation.sites:
         log.warning("simulation has %d virtual sites but federation.sites is %d; partitioning over %d",

@@ -25,11 +25,14 @@ from medstylegan2.fl.wire import (PAYLOAD_DELTA, PAYLOAD_WEIGHTS, PRIVACY_PREFIX
                                   quantize_with_error_feedback, transferred, unflatten_weights, zero_update_like)
 from medstylegan2.runfolder import atomic_write_bytes, round_file, round_numbers_in
 from medstylegan2.trainer import ShuffleSampler, SiteTrainer
+from medstylegan2.warm_start import planned_d_steps
 
 log = logging.getLogger(__name__)
 
 # The local-state entry of int8 transfer's error feedback: what of the last update did not fit int8.
 TRANSFER_RESIDUAL = "transfer_residual"
+# Reply metric of a site that declines because it has fewer training images than one batch.
+TOO_FEW_IMAGES = "too_few_images"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,10 +152,17 @@ def run_site_round(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, recei
         return SiteRoundResult(payload=payload, payload_kind=kind, metrics={"num_examples": 0.0, "steps": 0.0},
                                local_state=None)
 
+    if num_examples < cfg.train.batch_size:
+        # Every batch would repeat images (and DP-SGD's sampling rate would pass 1): decline, say why.
+        log.warning("site %s: %d training image(s), fewer than one batch (train.batch_size=%d): declining round %d",
+                    site, num_examples, cfg.train.batch_size, round_num)
+        return SiteRoundResult(payload={}, payload_kind=PAYLOAD_WEIGHTS, local_state=None,
+                               metrics={"num_examples": 0.0, "declined": 1.0, TOO_FEW_IMAGES: 1.0, "steps": 0.0})
+
     seed = site_seed(cfg.seed, round_num, site)
     engine = None
     if privacy_factory is not None:
-        planned = f.local_steps * f.rounds
+        planned = planned_d_steps(cfg, f.local_steps * f.rounds)
         engine = privacy_factory(cfg, num_examples, planned, site_seed(cfg.seed, 0, site))
     # The trainer is built from cfg.seed, as the server built the global model: the constants
     # (fixed noise buffers) are then identical and need not travel.
@@ -176,7 +186,8 @@ def run_site_round(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, recei
         nested = unflatten_weights({k: v.to(trainer.device) for k, v in full.items()})
         trainer.proximal_reference = {"G": nested["G"], "D": nested["D"]}
 
-    if engine is not None and hasattr(engine, "would_exceed_budget") and engine.would_exceed_budget(f.local_steps):
+    if engine is not None and hasattr(engine, "would_exceed_budget") and engine.would_exceed_budget(
+            planned_d_steps(cfg, f.local_steps)):
         metrics = {"num_examples": 0.0, "declined": 1.0, "steps": 0.0}
         metrics.update(_privacy_metrics(engine, round_num))
         state = local_state_of(trainer)

@@ -261,4 +261,8 @@ def initial_weights(cfg: RunConfig) -> tuple[Flat, set[str]]:
     """The global model every party builds from ``cfg.seed`` (constants included) + buffer keys."""
     empty = np.zeros((0, 1, cfg.model.resolution, cfg.model.resolution), dtype=np.uint8)
     trainer = SiteTrainer(cfg, empty, np.zeros(0, dtype=np.int64), device="cpu", seed=cfg.seed)
+    if cfg.train.init_checkpoint:
+        from medstylegan2.warm_start import load_init_weights
+
+        load_init_weights(trainer, cfg.train.init_checkpoint)
     return flatten_weights(trainer.get_weights()), buffer_keys_of(trainer)

@@ -318,15 +318,19 @@ def evaluate_images(fake, real_heldout, *, train=None, cfg: MetricsConfig | None
     atomic_write_json(json_path, record)
     record["json"] = str(json_path)
     if run_dir is not None:
-        line = {"round": round_num, "kind": "eval", "time": record["time"], "overall": record["overall"],
-                "per_class": record["per_class"], "errors": record["errors"], "file": str(json_path)}
-        RunFolder(run_dir).append_metrics(line)
+        RunFolder(run_dir).append_metrics(eval_metrics_line(record))
         try:
             plot_metrics(run_dir)
         except Exception:  # noqa: BLE001 - a plotting problem must not fail the server's round
             log.exception("could not draw %s", run_dir / "metrics.png")
     log.info("eval: wrote %s (%.1f s)", json_path, record["elapsed_s"])
     return record
+
+
+def eval_metrics_line(record: dict) -> dict:
+    """The ``metrics.jsonl`` line (kind ``eval``) of an evaluation record ``evaluate_images`` returned."""
+    return {"round": record["round"], "kind": "eval", "time": record["time"], "overall": record["overall"],
+            "per_class": record["per_class"], "errors": record["errors"], "file": str(record["json"])}
 
 
 def evaluate_generator(G_ema, real_heldout, train, cfg: MetricsConfig, out_dir: str | Path | None = None,

@@ -23,6 +23,9 @@ from medstylegan2.classifier import XrayClassifier, extract_features
 
 COPY_RMS = 2.0 / 255.0
 PERCENTILES = (1, 5, 25, 50, 75)
+THRESHOLD_PERCENTILE = 5.0
+# Training images converted to float at a time by ``pixel_nearest`` (bounds its memory).
+TRAIN_CHUNK = 4096
 
 
 def nearest(query: np.ndarray, reference: np.ndarray, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
@@ -45,6 +48,30 @@ def pixel_vectors(images: np.ndarray) -> np.ndarray:
     return images.reshape(len(images), -1).astype(np.float32) / 255.0
 
 
+def pixel_nearest(query_images: np.ndarray, train_images: np.ndarray, *, train_chunk: int = TRAIN_CHUNK
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The audit's pixel-space distance: RMS difference in [0, 1] units from each query image to its nearest
+    training image, and that image's index.
+
+    The training set is converted to float ``train_chunk`` images at a time, so a large training set costs
+    its uint8 size plus one chunk; a tie goes to the lower index, as in one ``nearest`` call.
+    """
+    query = pixel_vectors(query_images)
+    best_d = np.full(len(query), np.inf)
+    best_i = np.zeros(len(query), dtype=np.int64)
+    for start in range(0, len(train_images), train_chunk):
+        d, i = nearest(query, pixel_vectors(train_images[start:start + train_chunk]))
+        closer = d < best_d
+        best_d[closer], best_i[closer] = d[closer], i[closer] + start
+    return best_d / np.sqrt(query.shape[1]), best_i
+
+
+def memorization_threshold(heldout_distances: np.ndarray, percentile: float = THRESHOLD_PERCENTILE) -> float:
+    """The audit's "too close" threshold: this percentile of the real held-out images' distances to their
+    nearest training image. A generated image is flagged when its own distance is below it (strictly)."""
+    return float(np.percentile(heldout_distances, percentile))
+
+
 def summarize(d: np.ndarray) -> dict[str, float]:
     out = {"min": float(d.min()), "mean": float(d.mean())}
     for p, v in zip(PERCENTILES, np.percentile(d, PERCENTILES)):
@@ -59,7 +86,7 @@ def _space_report(fake_d: np.ndarray, heldout_d: np.ndarray | None, fake_labels:
         report["threshold"] = None
         report["fraction_below"] = None
         return report
-    threshold = float(np.percentile(heldout_d, threshold_percentile))
+    threshold = memorization_threshold(heldout_d, threshold_percentile)
     report["heldout_to_train"] = summarize(heldout_d)
     report["threshold"] = threshold
     report["fraction_below"] = float((fake_d < threshold).mean())
@@ -72,7 +99,7 @@ def _space_report(fake_d: np.ndarray, heldout_d: np.ndarray | None, fake_labels:
 def memorization_audit(fake_images: np.ndarray, fake_labels: np.ndarray, train_images: np.ndarray,
                        train_labels: np.ndarray, heldout_images: np.ndarray | None,
                        class_names: tuple[str, ...], *, domain_model: XrayClassifier | None = None,
-                       threshold_percentile: float = 5.0, n_pairs: int = 8) -> dict:
+                       threshold_percentile: float = THRESHOLD_PERCENTILE, n_pairs: int = 8) -> dict:
     """Nearest-training-image distances of generated images in pixel and domain space (see module docstring).
 
     Returns a JSON-ready dict; ``closest_pairs`` lists the ``n_pairs`` generated/training pairs closest in
@@ -81,13 +108,10 @@ def memorization_audit(fake_images: np.ndarray, fake_labels: np.ndarray, train_i
     if fake_images.shape[1:] != train_images.shape[1:]:
         raise ValueError(f"generated images {fake_images.shape[1:]} and training images {train_images.shape[1:]} "
                          "differ in size")
-    train_px = pixel_vectors(train_images)
-    scale = 1.0 / np.sqrt(train_px.shape[1])
-    fake_px_d, fake_px_i = nearest(pixel_vectors(fake_images), train_px)
-    fake_px_d *= scale
+    fake_px_d, fake_px_i = pixel_nearest(fake_images, train_images)
     held_px_d = None
     if heldout_images is not None and len(heldout_images):
-        held_px_d = nearest(pixel_vectors(heldout_images), train_px)[0] * scale
+        held_px_d = pixel_nearest(heldout_images, train_images)[0]
     out = {
         "rule": (f"fraction of generated images whose nearest training image is closer than the "
                  f"{threshold_percentile:g}th percentile of the real held-out images' nearest-training-image "

@@ -209,7 +209,8 @@ class DPEngine:
         """Indices of one Poisson-sampled batch (each image with probability q; may be empty)."""
         return torch.as_tensor(next(iter(self.sampler)), dtype=torch.long)
 
-    def private_real_gradient(self, real: torch.Tensor, labels: torch.Tensor, r1_weight: float) -> torch.Tensor:
+    def private_real_gradient(self, real: torch.Tensor, labels: torch.Tensor, r1_weight: float,
+                              class_weight: float = 0.0) -> torch.Tensor:
         """Set every D ``p.grad`` to the private real-data gradient and count one accountant step.
 
         That is (sum of per-sample gradients, each clipped to C, + N(0, (sigma C)^2)) / (q n).
@@ -217,8 +218,8 @@ class DPEngine:
         Returns the per-sample real losses (private: for local logs only, as ``last_private_stats``).
         """
         assert self.D is not None, "bind(D, optimizer) first"
-        grads, losses, _ = per_sample_real_gradients(self.D, real, labels, r1_weight, pad_to=self.pad_to,
-                                                     compile=self.compile_per_sample)
+        grads, losses, _ = per_sample_real_gradients(self.D, real, labels, r1_weight, class_weight,
+                                                     pad_to=self.pad_to, compile=self.compile_per_sample)
         self.clip_and_noise(grads)
         self.last_private_stats = {"loss_d_real": float(losses.mean()) if len(losses) else float("nan"),
                                    "real_batch_size": float(len(losses))}
@@ -247,7 +248,7 @@ class DPEngine:
 
     def epsilon(self) -> float:
         """Epsilon spent so far at this engine's delta (all rounds), from the Opacus accountant."""
-        return _epsilon_of(self.accountant, self.delta)
+        return epsilon_of(self.accountant, self.delta)
 
     def epsilon_after(self, extra_steps: int) -> float:
         """Epsilon if ``extra_steps`` more updates were taken (the real accountant is untouched)."""
@@ -255,7 +256,7 @@ class DPEngine:
         hypothetical.history = copy.deepcopy(self.accountant.history)
         if extra_steps > 0:
             hypothetical.history.append((self.noise_multiplier, self.sample_rate, int(extra_steps)))
-        return _epsilon_of(hypothetical, self.delta)
+        return epsilon_of(hypothetical, self.delta)
 
     def would_exceed_budget(self, next_steps: int) -> bool:
         """True when ``next_steps`` more updates would take epsilon past ``budget_epsilon``."""
@@ -330,7 +331,8 @@ class DPEngine:
                 f"epsilon so far {self.epsilon():.4g} after {self.spent_steps} steps, budget {budget}")
 
 
-def _epsilon_of(accountant: Any, delta: float) -> float:
+def epsilon_of(accountant: Any, delta: float) -> float:
+    """Epsilon at ``delta`` of an Opacus accountant's history: 0 with no noised step, inf when unbounded."""
     if not accountant.history or all(steps == 0 for _, _, steps in accountant.history):
         return 0.0
     with warnings.catch_warnings():

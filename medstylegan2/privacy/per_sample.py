@@ -1,6 +1,7 @@
-"""Exact per-sample gradients of D's real-data loss (logistic + R1), with ``torch.func``.
+"""Exact per-sample gradients of D's real-data loss (logistic + R1 + class head), with ``torch.func``.
 
-The real-data loss of D is ``softplus(-D(x)) + r1_weight * ||grad_x D(x)||^2``. The R1 term is a
+The real-data loss of D is ``softplus(-D(x)) + r1_weight * ||grad_x D(x)||^2`` (+ the class
+head's cross-entropy when D has one). The R1 term is a
 double backward that Opacus' grad-sample hooks do not support (every mode fails or, with ``ew``,
 is silently wrong), so each sample's gradient is taken exactly with
 ``vmap(grad(loss_of_one_sample))`` over ``functional_call(D, params, ...)``, with a nested ``grad``
@@ -16,11 +17,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import functional_call, grad, grad_and_value, vmap
 
 log = logging.getLogger(__name__)
 
-# Compiled per-sample functions per D architecture, R1 weight and padded size (``_masked_function``).
+# Compiled per-sample functions per D architecture, R1 weight, class-loss weight and padded size (``_masked_function``).
 _COMPILED: dict[tuple, Callable] = {}
 
 
@@ -41,10 +42,12 @@ def padded_batch_size(expected_batch_size: float, num_examples: int, *, multiple
 _LABELS_VMAP_SAFE: dict[type, bool] = {}
 
 
-def per_sample_real_gradients(D: nn.Module, images: torch.Tensor, labels: torch.Tensor, r1_weight: float, *,
-                              pad_to: Optional[int] = None, compile: bool = False
+def per_sample_real_gradients(D: nn.Module, images: torch.Tensor, labels: torch.Tensor, r1_weight: float,
+                              class_weight: float = 0.0, *, pad_to: Optional[int] = None, compile: bool = False
                               ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Exact per-sample gradients of ``softplus(-D(x)) + r1_weight * ||grad_x D(x)||^2``.
+    """Exact per-sample gradients of ``softplus(-D(x)) + r1_weight * ||grad_x D(x)||^2``
+    (+ ``class_weight * CE(head(x), y)`` with D's class head: the same loss as
+    ``losses.discriminator_real_loss_per_sample``, so the class term is clipped and noised too).
 
     Returns ``(grads, losses, order)``: ``grads[name]`` has shape ``[m, *param.shape]`` for every
     named parameter of D, ``losses`` has shape ``[m]``, and row ``i`` of both belongs to sample
@@ -77,7 +80,9 @@ def per_sample_real_gradients(D: nn.Module, images: torch.Tensor, labels: torch.
     def logit(p: dict[str, torch.Tensor], x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         return functional_call(D, p, (x.unsqueeze(0), label.view(1))).reshape(())
 
-    if r1_weight > 0:
+    if class_weight > 0:
+        loss_one = _loss_with_class_term(D, r1_weight, class_weight)
+    elif r1_weight > 0:
         def loss_one(p: dict[str, torch.Tensor], x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
             # Nested grad w.r.t. this sample's image: the R1 penalty of this sample alone.
             image_grad, value = grad_and_value(logit, argnums=1)(p, x, label)
@@ -87,7 +92,7 @@ def per_sample_real_gradients(D: nn.Module, images: torch.Tensor, labels: torch.
             return F.softplus(-logit(p, x, label))
 
     if pad_to is not None and _LABELS_VMAP_SAFE.get(type(D), True):
-        return _padded_per_sample(D, loss_one, params, images, labels, r1_weight, pad_to, compile)
+        return _padded_per_sample(D, loss_one, params, images, labels, r1_weight, class_weight, pad_to, compile)
 
     if _LABELS_VMAP_SAFE.get(type(D), True):
         try:
@@ -119,7 +124,7 @@ def per_sample_real_gradients(D: nn.Module, images: torch.Tensor, labels: torch.
 
 
 def _padded_per_sample(D: nn.Module, loss_one: Callable, params: dict[str, torch.Tensor], images: torch.Tensor,
-                       labels: torch.Tensor, r1_weight: float, pad_to: int, compile: bool
+                       labels: torch.Tensor, r1_weight: float, class_weight: float, pad_to: int, compile: bool
                        ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Per-sample gradients in fixed chunks of ``pad_to`` rows, blank rows masked out (see above)."""
     m = images.shape[0]
@@ -131,7 +136,7 @@ def _padded_per_sample(D: nn.Module, loss_one: Callable, params: dict[str, torch
     padded_labels[:m] = labels
     mask = torch.zeros(rows, device=images.device, dtype=images.dtype)
     mask[:m] = 1.0
-    fn = _masked_function(D, loss_one, r1_weight, pad_to, compile)
+    fn = _masked_function(D, loss_one, r1_weight, class_weight, pad_to, compile)
     parts = [fn(params, padded_images[i:i + pad_to], padded_labels[i:i + pad_to], mask[i:i + pad_to])
              for i in range(0, rows, pad_to)]
     if len(parts) == 1:
@@ -142,7 +147,8 @@ def _padded_per_sample(D: nn.Module, loss_one: Callable, params: dict[str, torch
     return grads, losses[:m], torch.arange(m, device=labels.device)
 
 
-def _masked_function(D: nn.Module, loss_one: Callable, r1_weight: float, pad_to: int, compile: bool) -> Callable:
+def _masked_function(D: nn.Module, loss_one: Callable, r1_weight: float, class_weight: float, pad_to: int,
+                     compile: bool) -> Callable:
     """vmap(grad(mask * loss)) over a chunk of ``pad_to`` rows; torch.compile'd if asked."""
     def masked_loss(p: dict[str, torch.Tensor], x: torch.Tensor, label: torch.Tensor, keep: torch.Tensor
                     ) -> torch.Tensor:
@@ -157,7 +163,7 @@ def _masked_function(D: nn.Module, loss_one: Callable, r1_weight: float, pad_to:
     # and D is a pure function of its parameters (no buffers: privacy.validation), which are
     # passed in, so the first D of an architecture serves as the template for all of them.
     key = (type(D).__qualname__, tuple((n, tuple(p.shape)) for n, p in D.named_parameters()),
-           float(r1_weight), int(pad_to))
+           float(r1_weight), float(class_weight), int(pad_to))
     if key not in _COMPILED:
         _COMPILED[key] = _EagerOnFailure(torch.compile(fn, dynamic=False), fn)
     return _COMPILED[key]
@@ -178,3 +184,28 @@ class _EagerOnFailure:
                 log.warning("torch.compile of the per-sample gradient failed (%s: %s); using eager vmap",
                             type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         return self.eager(*args)
+
+
+def _loss_with_class_term(D: nn.Module, r1_weight: float, class_weight: float):
+    """One sample's real loss with D's class head: logistic + R1 (on the adversarial logit only)
+    + class_weight * cross-entropy of the head on the sample's label."""
+
+    def logit_and_class_loss(p: dict[str, torch.Tensor], x: torch.Tensor, label: torch.Tensor
+                             ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        value, class_logits = functional_call(D, p, (x.unsqueeze(0), label.view(1)), {"with_class_logits": True})
+        # Cross-entropy through a one-hot by comparison: vmap cannot index by a batched label.
+        target = (label.view(1) == torch.arange(class_logits.shape[1], device=label.device)).to(x.dtype)
+        class_loss = -(F.log_softmax(class_logits.reshape(-1), dim=0) * target).sum()
+        value = value.reshape(())
+        return value, (value, class_loss)
+
+    def loss_one(p: dict[str, torch.Tensor], x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        if r1_weight > 0:
+            image_grad, (value, class_loss) = grad(logit_and_class_loss, argnums=1, has_aux=True)(p, x, label)
+            r1 = r1_weight * image_grad.square().sum()
+        else:
+            _, (value, class_loss) = logit_and_class_loss(p, x, label)
+            r1 = 0.0
+        return F.softplus(-value) + r1 + class_weight * class_loss
+
+    return loss_one

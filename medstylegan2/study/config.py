@@ -1,0 +1,210 @@
+"""The study's typed config (``configs/study.yaml``), each arm's run-config overrides, and the
+public stand-in data set of the warm-started arms."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Sequence
+
+import yaml
+
+from medstylegan2.config import ConfigError, _build, load_config
+
+PUBLIC_LABEL = 0  # the public stand-in set holds Normal chests only
+
+
+@dataclass
+class ProfileSpec:
+    # Run-config overrides of this profile (resolution, widths, data size, ...).
+    overrides: list[str] = field(default_factory=list)
+    # Compute per arm: G updates + D updates, summed over the arm's sites. An arm with
+    # train.d_steps_per_g = d takes total_updates / (sites x rounds x (1 + d)) local steps a round.
+    total_updates: int = 4800
+    # Federation rounds of every arm (one site: rounds of total_steps / rounds local steps).
+    rounds: int = 10
+    # Generated images per class that every arm is evaluated on.
+    n_per_class: int = 500
+    # Run seeds; an arm's figures are the mean over them.
+    seeds: list[int] = field(default_factory=lambda: [0])
+    # Steps of the public-data pretraining (arms with public_init); 0: no arm may use it.
+    public_steps: int = 0
+    # Steps of the classifiers (real-trained domain classifier, train-on-synthetic).
+    classifier_steps: int = 300
+
+
+@dataclass
+class ArmSpec:
+    sites: int = 3
+    partitioner: Literal["iid", "dirichlet", "quantity"] = "iid"
+    dirichlet_alpha: float = 0.3
+    # DP-SGD at each site's D to this epsilon over the whole run (None: no DP).
+    epsilon: Optional[float] = None
+    delta: float = 1e-5
+    # Start from the checkpoint pretrained on the public stand-in set (Normal-only phantoms of
+    # another seed range), then train on the private sites.
+    public_init: bool = False
+    # Extra run-config overrides of this arm (applied after the profile's).
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PublicSpec:
+    # Normal-only phantoms rendered from this seed: a seed range the private data never uses.
+    data_seed: int = 1_000_003
+    per_class: int = 2000
+
+
+@dataclass
+class StudySpec:
+    # The run config every arm starts from (relative to the study file).
+    base_config: str = "default.yaml"
+    overrides: list[str] = field(default_factory=list)
+    public: PublicSpec = field(default_factory=PublicSpec)
+
+
+@dataclass
+class StudyConfig:
+    spec: StudySpec
+    profiles: dict[str, ProfileSpec]
+    arms: dict[str, ArmSpec]
+    base_config_path: Path
+
+    def arm_names(self, selected: Optional[Sequence[str]] = None) -> list[str]:
+        if not selected:
+            return list(self.arms)
+        unknown = [a for a in selected if a not in self.arms]
+        if unknown:
+            raise ConfigError(f"unknown arm '{unknown[0]}'; the study defines: {', '.join(self.arms)}")
+        return [a for a in self.arms if a in selected]
+
+    def profile(self, name: str) -> ProfileSpec:
+        if name not in self.profiles:
+            raise ConfigError(f"unknown profile '{name}'; the study defines: {', '.join(self.profiles)}")
+        return self.profiles[name]
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    """Read and validate a study YAML; errors name the file and the dotted key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study config not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    allowed = ("base_config", "overrides", "public", "profiles", "arms")
+    unknown = [k for k in raw if k not in allowed]
+    if unknown:
+        raise ConfigError(f"{path}: unknown key '{unknown[0]}'; allowed keys here: {', '.join(allowed)}")
+    where = str(path)
+    spec = _build(StudySpec, {k: raw[k] for k in ("base_config", "overrides", "public") if k in raw}, "", where)
+    profiles = _named(ProfileSpec, raw.get("profiles"), "profiles", where)
+    arms = _named(ArmSpec, raw.get("arms"), "arms", where)
+    base = (path.parent / spec.base_config).resolve()
+    if not base.is_file():
+        raise ConfigError(f"{where}: 'base_config' = {spec.base_config!r}: no such file ({base})")
+    study = StudyConfig(spec=spec, profiles=profiles, arms=arms, base_config_path=base)
+    _validate(study, where)
+    return study
+
+
+def _named(cls: type, raw: Any, key: str, where: str) -> dict[str, Any]:
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"{where}: '{key}' must be a non-empty mapping of name -> settings")
+    return {str(name): _build(cls, value, f"{key}.{name}.", where) for name, value in raw.items()}
+
+
+def _validate(study: StudyConfig, where: str) -> None:
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{where}: '{key}' {msg}")
+
+    for name, p in study.profiles.items():
+        k = f"profiles.{name}"
+        need(p.rounds > 0, f"{k}.rounds", "must be > 0")
+        need(p.n_per_class > 1, f"{k}.n_per_class", "must be > 1")
+        need(len(p.seeds) > 0, f"{k}.seeds", "must list at least one seed")
+        need(p.public_steps >= 0 and p.classifier_steps > 0, f"{k}.public_steps/classifier_steps",
+             "must be >= 0 / > 0")
+        for arm_name, arm in study.arms.items():
+            need(p.total_updates >= 2 * arm.sites * p.rounds, f"{k}.total_updates",
+                 f"= {p.total_updates} leaves arm {arm_name} less than one local step a round")
+            need(not arm.public_init or p.public_steps > 0, f"{k}.public_steps",
+                 f"must be > 0: arm {arm_name} starts from the public pretraining")
+    for name, arm in study.arms.items():
+        k = f"arms.{name}"
+        need(arm.sites > 0, f"{k}.sites", "must be > 0")
+        need(arm.dirichlet_alpha > 0, f"{k}.dirichlet_alpha", "must be > 0")
+        need(arm.epsilon is None or arm.epsilon > 0, f"{k}.epsilon", "must be > 0 (or null: no DP)")
+        need(0 < arm.delta <= 1e-5, f"{k}.delta", "must be in (0, 1e-5]")
+    # Every (profile, arm) must make a valid run config.
+    for pname in study.profiles:
+        for arm in study.arms:
+            load_config(study.base_config_path, arm_overrides(study, pname, arm, seed=0))
+
+
+# ----------------------------------------------------------------------------------------------
+# One arm's run config
+
+
+def arm_overrides(study: StudyConfig, profile: str, arm: str, *, seed: int,
+                  public_checkpoint: Optional[str | Path] = None) -> list[str]:
+    """Run-config overrides (on the study's base config) for one seed of one arm."""
+    p, a = study.profile(profile), study.arms[arm]
+    out = list(study.spec.overrides) + list(p.overrides) + [
+        f"name={arm}", f"seed={seed}",
+        f"federation.sites={a.sites}", f"federation.rounds={p.rounds}",
+        f"federation.partitioner={a.partitioner}", f"federation.dirichlet_alpha={a.dirichlet_alpha}",
+        # The study evaluates every arm itself; the run's own evaluation happens once, at the end.
+        "federation.evaluate_every=0", f"metrics.classifier_steps={p.classifier_steps}",
+    ]
+    if a.epsilon is not None:
+        # Scientific notation with a dot: YAML reads "1e-05" as a string, "1.000000e-05" as a number.
+        out += ["privacy.enabled=true", f"privacy.target_epsilon={a.epsilon:.6e}", f"privacy.delta={a.delta:.6e}",
+                f"privacy.budget_epsilon={a.epsilon:.6e}", "model.mbstd_group_size=0"]
+    if a.public_init and public_checkpoint is not None:
+        out.append(f"train.init_checkpoint={Path(public_checkpoint).resolve()}")
+    out += list(a.overrides)
+    d_steps = load_config(study.base_config_path, out).train.d_steps_per_g
+    local_steps = max(1, p.total_updates // (a.sites * p.rounds * (1 + d_steps)))
+    return out + [f"federation.local_steps={local_steps}"]
+
+
+def updates_of(cfg) -> int:
+    """G + D updates a run takes, summed over its sites (the study's unit of compute)."""
+    f = cfg.federation
+    return f.sites * f.rounds * f.local_steps * (1 + cfg.train.d_steps_per_g)
+
+
+def settings_digest(overrides: Sequence[str], extra: Mapping[str, Any]) -> str:
+    """What decides an arm's result: a finished arm is reused only when this is unchanged."""
+    text = json.dumps({"overrides": list(overrides), **extra}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Data shared by every arm
+
+
+def public_images(study: StudyConfig, resolution: int):
+    """The public stand-in set: Normal-only phantoms from a seed range the private data never uses."""
+    from medstylegan2.phantoms import generate_phantoms
+
+    normals = generate_phantoms(study.spec.public.per_class, resolution, seed=study.spec.public.data_seed)
+    return normals.of_class(PUBLIC_LABEL)
+
+
+def check_public_differs(study: StudyConfig, private_seed: int) -> None:
+    if study.spec.public.data_seed == private_seed:
+        raise ConfigError(f"public.data_seed ({private_seed}) equals the private data.seed: the public set would "
+                          "hold the private images; choose another seed")
+
+
+def dataclass_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)

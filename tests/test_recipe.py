@@ -1,0 +1,122 @@
+"""The recipe's levers: D's class head (AC-GAN) in both losses and under DP, several D updates per G
+update, and the warm start from another checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from medstylegan2.config import ConfigError, load_config
+from medstylegan2.losses import discriminator_real_loss_per_sample
+from medstylegan2.networks import Discriminator
+from medstylegan2.privacy.engine import make_privacy_engine
+from medstylegan2.privacy.per_sample import per_sample_real_gradients
+from medstylegan2.trainer import SiteTrainer
+from medstylegan2.warm_start import load_init_weights, planned_d_steps
+
+TINY = ["model.resolution=16", "model.channel_base=256", "model.channel_max=32", "model.z_dim=16", "model.w_dim=16",
+        "model.mapping_layers=2", "model.cmap_dim=16", "train.batch_size=4", "train.r1_interval=2",
+        "train.pl_weight=0", "model.d_class_head=true"]
+
+
+def random_site(n: int = 24, resolution: int = 16, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 1, resolution, resolution), dtype=np.uint8), rng.integers(0, 3, n)
+
+
+@pytest.mark.parametrize("r1_weight", [0.0, 0.8])
+def test_class_head_per_sample_grads_match_autograd_loop(r1_weight):
+    torch.manual_seed(0)
+    D = Discriminator(img_resolution=16, channel_base=256, channel_max=32, cmap_dim=16, mbstd_group_size=0,
+                      class_head=True).double()
+    images = torch.randn(6, 1, 16, 16, dtype=torch.float64)
+    labels = torch.tensor([2, 0, 1, 1, 0, 2])
+    grads, losses, order = per_sample_real_gradients(D, images, labels, r1_weight, class_weight=0.7)
+    for row, i in enumerate(order.tolist()):
+        D.zero_grad()
+        loss = discriminator_real_loss_per_sample(D, images[i:i + 1], labels[i:i + 1], r1_weight, 0.7).sum()
+        loss.backward()
+        assert abs(losses[row].item() - loss.item()) < 1e-10
+        assert D.epilogue.class_head.weight.grad.abs().sum() > 0  # the class term reaches the head
+        for name, p in D.named_parameters():
+            assert (grads[name][row] - p.grad).abs().max().item() < 1e-5, name
+
+
+def test_class_loss_pushes_the_head_towards_the_real_label():
+    torch.manual_seed(0)
+    D = Discriminator(img_resolution=16, channel_base=256, channel_max=32, cmap_dim=16, class_head=True)
+    images, labels = torch.randn(8, 1, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    with_class = discriminator_real_loss_per_sample(D, images, labels, 0.0, class_weight=1.0)
+    without = discriminator_real_loss_per_sample(D, images, labels, 0.0, class_weight=0.0)
+    _, class_logits = D(images, labels, with_class_logits=True)
+    ce = torch.nn.functional.cross_entropy(class_logits, labels, reduction="none")
+    assert torch.allclose(with_class - without, ce, atol=1e-6)
+
+
+def test_generator_loss_adds_the_class_term_only_with_a_head():
+    cfg = load_config(None, TINY)
+    trainer = SiteTrainer(cfg, *random_site(), device="cpu")
+    _, stats = trainer.loss.generator_main(torch.randn(4, 16), torch.tensor([0, 1, 2, 0]))
+    assert "loss_g_class" in stats and np.isfinite(stats["loss_g_class"])
+    plain = load_config(None, TINY + ["model.d_class_head=false"])
+    trainer = SiteTrainer(plain, *random_site(), device="cpu")
+    assert trainer.loss.class_weight == 0.0
+    assert "loss_g_class" not in trainer.loss.generator_main(torch.randn(4, 16), torch.tensor([0, 1, 2, 0]))[1]
+
+
+def test_private_training_with_the_class_head_runs_and_accounts_every_d_update():
+    cfg = load_config(None, TINY + ["model.mbstd_group_size=0", "privacy.enabled=true", "privacy.noise_seed=3",
+                                    "privacy.noise_multiplier=1.0", "train.d_steps_per_g=3"])
+    images, labels = random_site()
+    engine = make_privacy_engine(cfg, len(labels), planned_d_steps(cfg, 2))
+    trainer = SiteTrainer(cfg, images, labels, device="cpu", privacy=engine)
+    stats = trainer.train_steps(2)
+    assert np.isfinite(stats["loss_g"]) and np.isfinite(stats["loss_g_class"])
+    assert engine.spent_steps == 6  # 2 G steps x 3 private D steps
+
+
+def test_d_steps_per_g_shows_d_that_many_real_batches():
+    cfg = load_config(None, TINY + ["train.d_steps_per_g=2"])
+    trainer = SiteTrainer(cfg, *random_site(), device="cpu")
+    trainer.train_steps(3)
+    assert trainer.step == 3 and trainer.cur_nimg == 3 * 2 * cfg.train.batch_size
+
+
+def test_warm_start_takes_the_networks_but_keeps_this_runs_constants(tmp_path):
+    cfg = load_config(None, TINY)
+    donor = SiteTrainer(dataclasses.replace(cfg, seed=5), *random_site(), device="cpu", seed=5)
+    donor.train_steps(1)
+    path = donor.save_checkpoint(tmp_path / "public.pt")
+    trainer = SiteTrainer(cfg, *random_site(seed=1), device="cpu", seed=0)
+    own_noise = {k: v.clone() for k, v in trainer.G.state_dict().items() if k.endswith("noise_const")}
+    load_init_weights(trainer, path)
+    for name in ("G", "G_ema", "D"):
+        mine, theirs = trainer.network(name).state_dict(), donor.network(name).state_dict()
+        for key in mine:
+            if key.endswith("noise_const"):
+                assert name != "G" or torch.equal(mine[key], own_noise[key])
+            else:
+                assert torch.equal(mine[key], theirs[key]), (name, key)
+    assert trainer.step == 0  # counters and optimizers start fresh
+
+
+def test_warm_start_from_another_model_size_is_a_clear_error(tmp_path):
+    from medstylegan2.errors import CheckpointError
+
+    donor = SiteTrainer(load_config(None, TINY + ["model.channel_max=16"]), *random_site(), device="cpu")
+    path = donor.save_checkpoint(tmp_path / "small.pt")
+    trainer = SiteTrainer(load_config(None, TINY), *random_site(), device="cpu")
+    with pytest.raises(CheckpointError, match="another model config"):
+        load_init_weights(trainer, path)
+
+
+def test_new_recipe_keys_are_validated():
+    with pytest.raises(ConfigError, match="train.d_steps_per_g"):
+        load_config(None, ["train.d_steps_per_g=0"])
+    with pytest.raises(ConfigError, match="model.d_class_head"):
+        load_config(None, ["model.arch=dcgan", "model.d_class_head=true"])
+    with pytest.raises(ConfigError, match="model.mapping_lr_multiplier"):
+        load_config(None, ["model.mapping_lr_multiplier=0"])

@@ -1,0 +1,154 @@
+"""The privacy-utility study: its config, the study.json contract, and a tiny study end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from medstylegan2.config import ConfigError, load_config
+from medstylegan2.study.config import arm_overrides, load_study
+from medstylegan2.study.report import CONTRACT_KEYS, validate_study_json
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_study(tmp_path: Path, *, dp_arm: bool = True) -> Path:
+    arms = {"central": {"sites": 1}}
+    if dp_arm:
+        arms["dp-eps10"] = {"sites": 2, "epsilon": 10.0, "public_init": True}
+    doc = {
+        "base_config": str(REPO / "configs" / "smoke.yaml"),
+        "overrides": ["model.d_class_head=true", "metrics.metrics=[fd_domain]", "metrics.n_per_class=4"],
+        "public": {"data_seed": 777, "per_class": 8},
+        "profiles": {"quick": {"total_updates": 16, "rounds": 2, "n_per_class": 6, "classifier_steps": 5,
+                               "public_steps": 2, "seeds": [0]}},
+        "arms": arms,
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_study_config_splits_compute_equally_over_sites(tmp_path):
+    study = load_study(tiny_study(tmp_path))
+    central = arm_overrides(study, "quick", "central", seed=0)
+    dp = arm_overrides(study, "quick", "dp-eps10", seed=0)
+    assert "federation.local_steps=4" in central and "federation.sites=1" in central
+    assert "federation.local_steps=2" in dp and "federation.sites=2" in dp
+    doc = json.loads((tmp_path / "study.yaml").read_text())
+    doc["arms"]["dp-eps10"]["overrides"] = ["train.d_steps_per_g=3"]
+    (tmp_path / "study.yaml").write_text(json.dumps(doc))
+    study = load_study(tmp_path / "study.yaml")
+    dp = arm_overrides(study, "quick", "dp-eps10", seed=0)
+    assert dp[-1] == "federation.local_steps=1"  # 16 updates / (2 sites x 2 rounds x (1 + 3))
+    cfg = load_config(study.base_config_path, dp)
+    assert cfg.privacy.enabled and cfg.privacy.delta == 1e-5 and cfg.privacy.target_epsilon == 10.0
+
+
+def test_study_config_rejects_delta_above_1e5_and_unknown_keys(tmp_path):
+    path = tiny_study(tmp_path)
+    doc = json.loads(path.read_text())
+    doc["arms"]["dp-eps10"]["delta"] = 1e-4
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match="arms.dp-eps10.delta"):
+        load_study(path)
+    doc["arms"]["dp-eps10"]["delta"] = 1e-6
+    doc["arms"]["dp-eps10"]["epsilonn"] = 3
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match="epsilonn"):
+        load_study(path)
+
+
+def test_study_json_validator_flags_missing_and_extra_keys():
+    good = {"profile": "quick", "arms": {"central": {"checkpoint": "central/seed-0/round_002.pt", "epsilon": None,
+                                                     "cas": 0.9, "tstr_relative": 0.95, "fd_domain": 3.0,
+                                                     "lpips_diversity": 0.2, "minutes": 1.5}}}
+    assert validate_study_json(good) == []
+    bad = json.loads(json.dumps(good))
+    del bad["arms"]["central"]["cas"]
+    assert validate_study_json(bad)
+    bad = json.loads(json.dumps(good))
+    bad["arms"]["central"]["checkpoint"] = "/abs/path.pt"
+    assert validate_study_json(bad)
+
+
+def test_shipped_study_config_is_valid():
+    study = load_study(REPO / "configs" / "study.yaml")
+    assert {"central", "fed-iid", "fed-noniid", "dp-eps10", "dp-eps1"} <= set(study.arms)
+    assert {"quick", "full"} <= set(study.profiles)
+    assert all(a.delta <= 1e-5 for a in study.arms.values() if a.epsilon is not None)
+
+
+@pytest.mark.slow
+def test_tiny_study_runs_end_to_end_and_resumes_without_retraining(tmp_path):
+    from simulation.study import run_study
+
+    config, out = tiny_study(tmp_path), tmp_path / "study"
+    doc = run_study(config, out, profile="quick")
+    assert validate_study_json(doc) == []
+    assert set(doc["arms"]) == {"central", "dp-eps10"}
+    assert doc["arms"]["central"]["epsilon"] is None
+    assert 0 < doc["arms"]["dp-eps10"]["epsilon"] <= 10.0
+    for arm in doc["arms"].values():
+        assert set(arm) == set(CONTRACT_KEYS)
+        assert (out / arm["checkpoint"]).is_file()
+    for name in ("study.md", "utility.png", "arms.png"):
+        assert (out / name).is_file()
+    assert (out / "public-pretrain").is_dir()
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished arm was trained again")
+
+    again = run_study(config, out, profile="quick", simulate_fn=must_not_train)
+    assert again == doc
+
+    # An arm killed after round 1 (its round-2 checkpoint and result gone) resumes, not restarts.
+    (out / "central" / "seed-0" / "arm.json").unlink()
+    (out / "central" / "seed-0" / "round_002.pt").unlink()
+    calls = []
+
+    def record(config_path, overrides, *, run_dir, resume):
+        calls.append((Path(run_dir).name, resume))
+        return run_dir
+
+    run_study(config, out, profile="quick", arms=["central"], simulate_fn=record)
+    assert calls == [("seed-0", True)]
+    assert (out / "central" / "seed-0" / "arm.json").is_file()
+
+
+def test_arm_killed_before_its_first_checkpoint_restarts_clean(tmp_path, monkeypatch):
+    import simulation.study as study_cmd
+
+    config, out = tiny_study(tmp_path, dp_arm=False), tmp_path / "study"
+    leftover = out / "central" / "seed-0" / "site_state" / "junk"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_text("from a killed run")
+    calls = []
+
+    def stop_before_training(config_path, overrides, *, run_dir, resume):
+        calls.append(resume)
+        assert not leftover.exists()
+        raise KeyboardInterrupt  # as if killed before any round finished
+
+    with pytest.raises(KeyboardInterrupt):
+        study_cmd.run_study(config, out, profile="quick", simulate_fn=stop_before_training)
+    assert calls == [False]
+
+
+def test_a_round_in_which_a_site_failed_is_dropped_so_the_arm_resumes_before_it(tmp_path):
+    from medstylegan2.errors import UserError
+    from simulation.study import _drop_failed_rounds, failed_rounds
+
+    lines = [{"round": 1, "kind": "round", "sites": {"site-0": {"status": "ok"}}},
+             {"round": 2, "kind": "round", "sites": {"site-0": {"status": "error: worker killed (out of memory)"}}},
+             {"round": 2, "kind": "eval"},
+             {"round": 3, "kind": "round", "sites": {"site-0": {"status": "declined"}}}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    for r in (1, 2, 3):
+        (tmp_path / f"round_{r:03d}.pt").write_bytes(b"x")
+    assert failed_rounds(tmp_path) == [2]
+    with pytest.raises(UserError, match="round\\(s\\) 2"):
+        _drop_failed_rounds(tmp_path, "central", 0)
+    assert sorted(p.name for p in tmp_path.glob("round_*.pt")) == ["round_001.pt"]
