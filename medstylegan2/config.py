@@ -4,8 +4,7 @@ Every section is a dataclass with defaults; ``load_config`` reads a YAML file, r
 (naming the full dotted key and the keys that are allowed), checks types and allowed values, and
 applies ``key.path=value`` overrides from the command line before validation.
 
-A config file may extend another (``base: other.yaml``); reading files, ``base:`` chains and
-overrides as plain mappings is ``medstylegan2.config_files``'s part.
+A config file may extend another (``base: other.yaml``): ``medstylegan2.config_files`` reads it.
 """
 
 from __future__ import annotations
@@ -88,12 +87,10 @@ class TrainConfig:
     grid_every: int = 100
     checkpoint_every: int = 100
     log_every: int = 10
-    # How fast, not what (medstylegan2/acceleration.py): "auto" = bf16 autocast on CUDA GPUs with
-    # bf16 (weights, optimizer state and losses stay fp32), fp32 on CPU; "bf16" forces autocast.
+    # How fast, not what (acceleration.py): "auto" = bf16 autocast on bf16 CUDA GPUs (fp32 weights and
+    # losses), fp32 on CPU, channels_last everywhere; compile: where no double backward runs (not R1, PL).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    # Layout of activations and conv weights; "auto" = channels_last on every device.
     memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
-    # torch.compile G's synthesis and D where no double backward runs (R1, path length stay eager).
     compile: bool = False
 
 
@@ -154,8 +151,7 @@ class FederationConfig:
     server_tau: float = 0.001
     # FedProx-style proximal term on local G and D weights; 0 disables.
     proximal_mu: float = 0.0
-    # float16/int8: the sites send their update (int8: per-tensor scale, error feedback kept at
-    # the site) and receive the weights in that format; float32 sends weights as they are.
+    # float16/int8: weights go out and updates come back so (int8: error feedback kept at the site).
     transfer_dtype: Literal["float32", "float16", "int8"] = "float32"
     evaluate_every: int = 1
     client_num_cpus: float = 1.0
