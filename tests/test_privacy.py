@@ -361,12 +361,13 @@ def test_compiled_padded_per_sample_function_matches_eager(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="aot_eager", **kw))
     monkeypatch.setattr(per_sample, "_COMPILED", {})
     torch.manual_seed(0)
-    D = tiny_discriminator()
+    D = tiny_discriminator(class_head=True)
     images, labels = torch.randn(5, 1, 16, 16), torch.tensor([0, 2, 1, 1, 0])
-    eager, eager_losses, _ = per_sample_real_gradients(D, images, labels, 0.8, pad_to=8)
-    compiled, compiled_losses, _ = per_sample_real_gradients(D, images, labels, 0.8, pad_to=8, compile=True)
-    (fn,) = per_sample._COMPILED.values()
-    assert not fn.failed
-    assert torch.allclose(compiled_losses, eager_losses, atol=1e-6)
-    for name in eager:
-        assert torch.allclose(compiled[name], eager[name], atol=1e-5), name
+    for class_weight in (0.0, 0.7):  # the class head's term is part of the compiled loss (one function each)
+        eager, eager_losses, _ = per_sample_real_gradients(D, images, labels, 0.8, class_weight, pad_to=8)
+        compiled, compiled_losses, _ = per_sample_real_gradients(D, images, labels, 0.8, class_weight, pad_to=8,
+                                                                 compile=True)
+        assert torch.allclose(compiled_losses, eager_losses, atol=1e-6)
+        for name in eager:
+            assert torch.allclose(compiled[name], eager[name], atol=1e-5), name
+    assert len(per_sample._COMPILED) == 2 and not any(fn.failed for fn in per_sample._COMPILED.values())
