@@ -303,8 +303,9 @@ def test_int8_error_feedback_carries_what_did_not_fit_into_the_next_round():
     assert decode_from_transfer(no_feedback, shapes)["G/w"][1:].abs().max() == 0
 
 
-def test_int8_site_rounds_keep_the_residual_in_local_state_and_send_a_packed_update(tiny_config):
-    from medstylegan2.fl.site_round import TRANSFER_RESIDUAL
+def test_int8_site_rounds_keep_the_residual_in_local_state_and_send_a_packed_update(tiny_config, tmp_path):
+    from medstylegan2.fl.site_round import (TRANSFER_RESIDUAL, LocalStateStore, local_state_from_bytes,
+                                            local_state_to_bytes)
     from medstylegan2.fl.wire import INT8_VALUES_KEY
 
     cfg = dataclasses.replace(tiny_config, federation=dataclasses.replace(
@@ -318,8 +319,21 @@ def test_int8_site_rounds_keep_the_residual_in_local_state_and_send_a_packed_upd
     assert first.payload[INT8_VALUES_KEY].dtype == np.int8
     residual = first.local_state[TRANSFER_RESIDUAL]
     assert set(residual) == set(transferred(weights)) and any(r.abs().sum() > 0 for r in residual.values())
+    # The site's on-disk store (a restarted site, a resumed run), written before round 2 trains: the
+    # optimizers of round 2 update the moments of first.local_state in place.
+    store = LocalStateStore(tmp_path / "site")
+    store.save(1, local_state_to_bytes(first.local_state))
     second = run_site_round(cfg, images, labels, received, round_num=2, site="s", local_state=first.local_state)
     assert second.local_state[TRANSFER_RESIDUAL].keys() == residual.keys()
+    # The residual survives the store ...
+    restored = local_state_from_bytes(store.latest_before(2)[1])
+    assert all(torch.equal(restored[TRANSFER_RESIDUAL][k], residual[k]) for k in residual)
+    from_disk = run_site_round(cfg, images, labels, received, round_num=2, site="s", local_state=restored)
+    assert all(np.array_equal(from_disk.payload[k], second.payload[k]) for k in second.payload)
+    # ... and is what the second update carries on top of its own.
+    restored.pop(TRANSFER_RESIDUAL)
+    forgetful = run_site_round(cfg, images, labels, received, round_num=2, site="s", local_state=restored)
+    assert not all(np.array_equal(forgetful.payload[k], second.payload[k]) for k in second.payload)
 
 
 def test_site_seeds_depend_on_seed_round_and_site_only():
