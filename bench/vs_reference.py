@@ -237,7 +237,18 @@ def describe_ours(cfg) -> str:
             f"batch={t.batch_size} r1_gamma={t.r1_gamma} r1_interval={t.r1_interval} pl_weight={t.pl_weight} "
             f"pl_interval={t.pl_interval} pl_batch_shrink={t.pl_batch_shrink} pl_decay={t.pl_decay} "
             f"style_mixing_prob={t.style_mixing_prob} g_lr={t.g_lr} d_lr={t.d_lr} betas=({t.beta1}, {t.beta2}) "
-            f"ema_kimg={t.ema_kimg} ema_rampup={t.ema_rampup}")
+            f"ema_kimg={t.ema_kimg} ema_rampup={t.ema_rampup} d_class_head={m.d_class_head} "
+            f"d_steps_per_g={t.d_steps_per_g}")
+
+
+def unmatched_by_reference(cfg) -> list[str]:
+    """Our settings the reference has no counterpart for (the comparison is then not like for like)."""
+    notes = []
+    if cfg.model.d_class_head:
+        notes.append("model.d_class_head=true (the reference's D has no auxiliary-classifier head)")
+    if cfg.train.d_steps_per_g != 1:
+        notes.append(f"train.d_steps_per_g={cfg.train.d_steps_per_g} (the reference does one D update per G update)")
+    return notes
 
 
 def machine() -> str:
@@ -292,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.steps % lcm:
                 print(f"  note: --steps {args.steps} is not a multiple of {lcm}: lazy regs are not weighted as "
                       "in training", flush=True)
+            for note in unmatched_by_reference(cfg):
+                print(f"  note: {note}: ours does more work per step than the reference", flush=True)
             r = compare(modules, cfg, device, reps=args.reps, steps=args.steps, warmup=args.warmup)
             kw = r["kwargs"]
             print(f"\n[{name}, {res} px] {describe_ours(cfg)}; speed settings {r['accel']}")
