@@ -126,6 +126,7 @@ class DPEngine:
         self.D: Optional[nn.Module] = None
         self.pad_to: Optional[int] = None        # set by bind(): fixed padded batch size on GPUs
         self.compile_per_sample = False           # set by bind(): torch.compile on GPUs
+        self.layer_gradients = True               # steps without R1: privacy.layer_grads (same values as vmap)
         self.d_optimizer: Optional[torch.optim.Optimizer] = None  # D's own optimizer, wrapped by ``optimizer``
         self.optimizer: Optional[DPOptimizer] = None
         self._named_params: list[tuple[str, nn.Parameter]] = []
@@ -219,7 +220,8 @@ class DPEngine:
         """
         assert self.D is not None, "bind(D, optimizer) first"
         grads, losses, _ = per_sample_real_gradients(self.D, real, labels, r1_weight, class_weight,
-                                                     pad_to=self.pad_to, compile=self.compile_per_sample)
+                                                     pad_to=self.pad_to, compile=self.compile_per_sample,
+                                                     layer_gradients=self.layer_gradients)
         self.clip_and_noise(grads)
         self.last_private_stats = {"loss_d_real": float(losses.mean()) if len(losses) else float("nan"),
                                    "real_batch_size": float(len(losses))}
