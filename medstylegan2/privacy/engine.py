@@ -5,8 +5,9 @@ What it offers the trainer, which owns D's whole step:
 - ``bind(D, optimizer, ...)``: validate D (``privacy.validation``) and take note of D's parameters
   and their optimizer, before any training;
 - ``sample_batch()``: the indices of the next Poisson-sampled batch of the site's images;
-- ``private_real_gradient(real, labels, r1_weight)``: set every ``p.grad`` of D to the clipped and
-  noised gradient of that batch's real-data loss, and account one step.
+- ``private_real_gradient(real, labels, r1_weight, class_weight)``: set every ``p.grad`` of D to the
+  clipped and noised gradient of that batch's real-data loss (class head's term included), and
+  account one step.
 
 Three separable pieces, as Opacus itself keeps them:
 
