@@ -12,8 +12,9 @@ Measures, for one round (every site trains ``local_steps`` steps):
 - ``simulation``: ``python -m simulation`` (Ray, sites in parallel, one core each), per round from
   ``metrics.jsonl`` (rounds after the first) and the whole run's wall time;
 
-and the bytes one site receives and sends per round in float32 and float16 (Flower's
-``ArrayRecord.count_bytes``: array data, numpy headers and keys).
+and the bytes one site receives and sends per round in float32, float16 and int8 (Flower's
+``ArrayRecord.count_bytes``: array data, numpy headers and keys; int8 is one packed array of
+values and one of per-tensor scales).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+TRANSFER_DTYPES = ("float32", "float16", "int8")
 
 
 def _round_lines(run_dir: Path) -> list[dict]:
@@ -84,7 +87,7 @@ def transfer_bytes(cfg) -> dict[str, int]:
     weights, _ = initial_weights(cfg)
     sent = transferred(weights)
     out = {}
-    for dtype in ("float32", "float16"):
+    for dtype in TRANSFER_DTYPES:
         arrays = encode_for_transfer(sent, dtype)
         out[dtype] = ArrayRecord({k: Array(v) for k, v in arrays.items()}).count_bytes()
     out["parameters"] = int(sum(v.numel() for v in sent.values()))
@@ -97,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="rounds per federated run (>= 2: the first is warm-up)")
     p.add_argument("--local-steps", type=int, default=None, help="federation.local_steps (default: the config's)")
     p.add_argument("--skip-simulation", action="store_true", help="no Ray run (local and loopback only)")
+    p.add_argument("--bytes-only", action="store_true", help="only the bytes per site per round (no training)")
     args = p.parse_args(argv)
 
     import torch
@@ -110,12 +114,20 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"federation.local_steps={args.local_steps}")
     cfg = load_config(REPO / args.config, overrides)
     f = cfg.federation
-    steps = f.sites * f.local_steps
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"config {args.config}: {f.sites} sites x {f.local_steps} local steps per round, {cfg.model.resolution} px, "
           f"batch {cfg.train.batch_size}, {os.cpu_count()} CPU(s), 1 torch thread per site, "
           f"load average {load:.1f} at start", flush=True)
 
+    if not args.bytes_only:
+        time_rounds(cfg, args, overrides)
+    print_bytes(cfg)
+    return 0
+
+
+def time_rounds(cfg, args, overrides: list[str]) -> None:
+    f = cfg.federation
+    steps = f.sites * f.local_steps
     rows: list[tuple[str, float, str]] = []
     local = bench_local(cfg, steps)
     rows.append((f"local: {steps} steps, one process", local, ""))
@@ -133,13 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     for name, seconds, note in rows:
         print(f"{name:<52} {seconds:8.1f} {seconds / local:6.2f}  {note}")
 
+
+def print_bytes(cfg) -> None:
     sizes = transfer_bytes(cfg)
     print(f"\nbytes per site per round ({sizes['parameters']:,} parameters of G, G_ema, D travel; "
           "noise constants stay home):")
-    for dtype in ("float32", "float16"):
+    print("| transfer dtype | down | up | down + up | vs float32 |")
+    print("|---|---|---|---|---|")
+    for dtype in TRANSFER_DTYPES:
         mb = sizes[dtype] / 2**20
-        print(f"  {dtype}: down {mb:.2f} MiB + up {mb:.2f} MiB = {2 * mb:.2f} MiB")
-    return 0
+        print(f"| {dtype} | {sizes[dtype]:,} B | {sizes[dtype]:,} B | {2 * mb:.2f} MiB | "
+              f"{sizes[dtype] / sizes['float32']:.3f}x |")
 
 
 if __name__ == "__main__":

@@ -4,11 +4,11 @@ Thin by design: records in, records out. The site's round itself is ``medstylega
 (``run_site_round``), its data ``medstylegan2.fl.partition`` (``load_site_data``).
 
 What arrives (from the ServerApp): the global G, G_ema and D weights as the ArrayRecord
-``arrays`` (float32 or float16, model constants excluded) and the ConfigRecord ``config`` with
+``arrays`` (float32, float16 or packed int8, model constants excluded) and the ConfigRecord ``config`` with
 the run's validated configuration (``run_config``, JSON), the round, the run token and the
 digest of the model constants.
 
-What leaves: the ArrayRecord ``arrays`` (new weights, or the float16 update), the MetricRecord
+What leaves: the ArrayRecord ``arrays`` (new weights, or the float16 or int8 update), the MetricRecord
 ``metrics`` (num_examples, losses, images/s; under DP only the allow-list of
 ``medstylegan2.privacy.reply``: the policy's nominal size as num_examples, G/D-on-fake losses and the
 privacy figures ``dp_*`` from the site's ledger) and the ConfigRecord ``site`` (site name, payload

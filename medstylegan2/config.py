@@ -4,21 +4,18 @@ Every section is a dataclass with defaults; ``load_config`` reads a YAML file, r
 (naming the full dotted key and the keys that are allowed), checks types and allowed values, and
 applies ``key.path=value`` overrides from the command line before validation.
 
-A config file may extend another (``base: other.yaml``); reading files, ``base:`` chains and
-overrides as plain mappings is ``medstylegan2.config_files``'s part.
+A config file may extend another (``base: other.yaml``): ``medstylegan2.config_files`` reads it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args, get_origin
+from typing import Any, Literal, Optional
 
 from medstylegan2.config_files import apply_override, read_with_bases
+from medstylegan2.config_types import build_dataclass
 from medstylegan2.errors import ConfigError
 from medstylegan2.metrics import check_metrics_config  # names only: no heavy imports
 
@@ -90,6 +87,11 @@ class TrainConfig:
     grid_every: int = 100
     checkpoint_every: int = 100
     log_every: int = 10
+    # How fast, not what (acceleration.py): "auto" = bf16 autocast on bf16 CUDA GPUs (fp32 weights and
+    # losses), fp32 on CPU, channels_last everywhere; compile: where no double backward runs (not R1, PL).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
+    compile: bool = False
 
 
 @dataclass
@@ -149,7 +151,8 @@ class FederationConfig:
     server_tau: float = 0.001
     # FedProx-style proximal term on local G and D weights; 0 disables.
     proximal_mu: float = 0.0
-    transfer_dtype: Literal["float32", "float16"] = "float32"
+    # float16/int8: weights go out and updates come back so (int8: error feedback kept at the site).
+    transfer_dtype: Literal["float32", "float16", "int8"] = "float32"
     evaluate_every: int = 1
     client_num_cpus: float = 1.0
     client_num_gpus: float = 0.0
@@ -236,88 +239,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def from_dict(raw: dict[str, Any], where: str = "config") -> RunConfig:
-    return _build(RunConfig, raw, prefix="", where=where)
+    return build_dataclass(RunConfig, raw, prefix="", where=where)
 
 
 def read_config_mapping(path: str | Path) -> dict[str, Any]:
     """The YAML mapping of a config file with its ``base:`` chain merged in (without the ``base`` key)."""
-    return read_with_bases(Path(path), check_keys=lambda raw, where: _build(RunConfig, raw, prefix="", where=where))
-
-
-def _build(cls: type, raw: Any, prefix: str, where: str):
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: '{prefix or '<top>'}' must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in raw if k not in names]
-    if unknown:
-        key = f"{prefix}{unknown[0]}"
-        raise ConfigError(f"{where}: unknown key '{key}'; allowed keys here: {', '.join(names)}")
-    kwargs = {}
-    for name in names:
-        if name not in raw:
-            continue
-        kwargs[name] = _coerce(hints[name], raw[name], f"{prefix}{name}", where)
-    return cls(**kwargs)
-
-
-_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-def _coerce(hint: Any, value: Any, key: str, where: str):
-    origin = get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, prefix=f"{key}.", where=where)
-    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
-        args = [a for a in get_args(hint) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(args[0], value, key, where)
-    if origin is Literal:
-        allowed = get_args(hint)
-        if value not in allowed:
-            raise ConfigError(f"{where}: '{key}' = {value!r} is not allowed; use one of: "
-                              f"{', '.join(map(str, allowed))}")
-        return value
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: '{key}' must be a mapping, got {value!r}")
-        key_type, value_type = get_args(hint)
-        return {_coerce(key_type, k, f"{key}.{k}", where): _coerce(value_type, v, f"{key}.{k}", where)
-                for k, v in value.items()}
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: '{key}' must be a list, got {value!r}")
-        (item_type,) = get_args(hint)
-        return [_coerce(item_type, v, f"{key}[{i}]", where) for i, v in enumerate(value)]
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: '{key}' must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: '{key}' must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
-            # PyYAML follows YAML 1.1, where 1e-5 (no dot) is a string; every user means a number.
-            value = float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}")
-        try:
-            number = float(value)
-        except OverflowError as exc:  # an integer too large for a float
-            raise ConfigError(f"{where}: '{key}' = {value!r} is too large") from exc
-        if not math.isfinite(number):
-            raise ConfigError(f"{where}: '{key}' must be a finite number, got {value!r}")
-        return number
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
-        return value
-    return value
+    return read_with_bases(Path(path), check_keys=lambda raw, where: build_dataclass(RunConfig, raw, prefix="", where=where))
 
 
 def _check_semantics(cfg: RunConfig) -> None:

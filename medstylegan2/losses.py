@@ -23,10 +23,22 @@ import torch.nn.functional as F
 from medstylegan2.config import TrainConfig
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 results of autocast as fp32 (the losses stay fp32); fp32 and fp64 unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def full_precision(t: torch.Tensor):
+    """No autocast: for the double-backward gradients of R1 and path length (backward passes under
+    autocast are not supported) and the losses, which stay fp32 under bf16 autocast."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 def r1_penalty_per_sample(real_logits: torch.Tensor, real_images: torch.Tensor) -> torch.Tensor:
     """||d D(x) / d x||^2 for each sample (needs ``real_images.requires_grad``)."""
-    (grads,) = torch.autograd.grad(real_logits.sum(), real_images, create_graph=True)
-    return grads.square().flatten(1).sum(dim=1)
+    with full_precision(real_logits):
+        (grads,) = torch.autograd.grad(real_logits.sum(), real_images, create_graph=True)
+        return at_least_fp32(grads).square().flatten(1).sum(dim=1)
 
 
 def class_weight_of(D: nn.Module, cfg: TrainConfig) -> float:
@@ -48,11 +60,11 @@ def discriminator_real_loss_per_sample(D: nn.Module, real: torch.Tensor, labels:
         logits = logits.squeeze(1)
     else:
         logits = D(real, labels).squeeze(1)
-    loss = F.softplus(-logits)
+    loss = F.softplus(-at_least_fp32(logits))
     if r1_weight > 0:
         loss = loss + r1_weight * r1_penalty_per_sample(logits, real)
     if class_weight > 0:
-        loss = loss + class_weight * F.cross_entropy(class_logits, labels.long(), reduction="none")
+        loss = loss + class_weight * F.cross_entropy(at_least_fp32(class_logits), labels.long(), reduction="none")
     return loss
 
 
@@ -64,48 +76,59 @@ class StyleGAN2Loss:
         self.has_mapping = hasattr(G, "mapping") and hasattr(G, "synthesize")
         self.class_weight = class_weight_of(D, cfg)
         self.pl_mean = torch.zeros([])
+        # The same functions, possibly torch.compile'd by the trainer (acceleration.py): used only
+        # where no double backward runs through them (not for R1 or path length).
+        self.D_fast = D
+        self.synthesize_fast = G.synthesize if self.has_mapping else None
 
     # -- generation ------------------------------------------------------------------------------
-    def generate(self, z: torch.Tensor, labels: torch.Tensor, *, update_w_avg: bool = True) -> torch.Tensor:
-        """G(z, c) with style mixing (a second latent of the SAME class takes over after a cutoff)."""
+    def generate(self, z: torch.Tensor, labels: torch.Tensor, *, update_w_avg: bool = True,
+                 fast: bool = False) -> torch.Tensor:
+        """G(z, c) with style mixing (a second latent of the SAME class takes over after a cutoff).
+
+        ``fast``: through ``synthesize_fast`` (no double backward may run through the result).
+        """
         if not self.has_mapping:
             return self.G(z, labels)
         ws = self.G.mapping(z, labels, update_w_avg=update_w_avg)
         if self.cfg.style_mixing_prob > 0 and ws.shape[1] > 1:
+            # Drawn by the CPU generator: reading it is no GPU sync.
             cutoff = int(torch.randint(1, ws.shape[1], ()).item())
             mix = torch.rand(ws.shape[0], device=ws.device) < self.cfg.style_mixing_prob
             cut = torch.where(mix, torch.full_like(labels, cutoff), torch.full_like(labels, ws.shape[1]))
             layer_idx = torch.arange(ws.shape[1], device=ws.device).view(1, -1, 1)
             ws2 = self.G.mapping(torch.randn_like(z), labels, update_w_avg=False)
             ws = torch.where(layer_idx < cut.view(-1, 1, 1), ws, ws2)
-        return self.G.synthesize(ws)
+        return (self.synthesize_fast if fast else self.G.synthesize)(ws)
 
     # -- generator phases ------------------------------------------------------------------------
     def generator_main(self, z: torch.Tensor, labels: torch.Tensor, ds_weight: float = 0.0
-                       ) -> tuple[torch.Tensor, dict[str, float]]:
-        fake = self.generate(z, labels)
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss and its statistics (detached tensors: read them once, not every step)."""
+        fake = self.generate(z, labels, fast=True)
         if self.class_weight > 0:
-            logits, class_logits = self.D(fake, labels, with_class_logits=True)
+            logits, class_logits = self.D_fast(fake, labels, with_class_logits=True)
         else:
-            logits = self.D(fake, labels)
-        adversarial = F.softplus(-logits).mean()
+            logits = self.D_fast(fake, labels)
+        adversarial = F.softplus(-at_least_fp32(logits)).mean()
         loss = adversarial
-        stats = {"loss_g": adversarial.item()}
+        stats = {"loss_g": adversarial.detach()}
         if self.class_weight > 0:
             # AC-GAN: fakes should be classified as their conditioning class by D's head.
-            class_loss = F.cross_entropy(class_logits, labels.long())
+            class_loss = F.cross_entropy(at_least_fp32(class_logits), labels.long())
             loss = loss + self.class_weight * class_loss
-            stats["loss_g_class"] = class_loss.item()
+            stats["loss_g_class"] = class_loss.detach()
         if ds_weight > 0:
             # Seed paper's "style difference" loss (StarGAN v2's diversity-sensitive loss): two
             # latents of one class should give different images; maximized, so subtracted.
             other = self.generate(torch.randn_like(z), labels, update_w_avg=False)
             diversity = (fake - other).abs().mean()
             loss = loss - ds_weight * diversity
-            stats["loss_ds"] = diversity.item()
+            stats["loss_ds"] = diversity.detach()
         return loss, stats
 
-    def generator_path_length(self, z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def generator_path_length(self, z: torch.Tensor, labels: torch.Tensor
+                              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Penalty on the deviation of |J_w^T y| from its running mean (scaled by weight * interval)."""
         if not self.has_mapping or self.cfg.pl_weight <= 0:
             return torch.zeros([], device=z.device), {}
@@ -113,21 +136,25 @@ class StyleGAN2Loss:
         z, labels = z[:batch], labels[:batch]
         ws = self.G.mapping(z, labels)
         img = self.G.synthesize(ws)
-        noise = torch.randn_like(img) / math.sqrt(img.shape[2] * img.shape[3])
-        (grads,) = torch.autograd.grad((img * noise).sum(), ws, create_graph=True)
-        lengths = grads.square().sum(dim=2).mean(dim=1).sqrt()
+        with full_precision(img):
+            img = at_least_fp32(img)
+            noise = torch.randn(img.shape, device=img.device, dtype=img.dtype) / math.sqrt(img.shape[2] * img.shape[3])
+            (grads,) = torch.autograd.grad((img * noise).sum(), ws, create_graph=True)
+            lengths = at_least_fp32(grads).square().sum(dim=2).mean(dim=1).sqrt()
         self.pl_mean = self.pl_mean.to(lengths.device)
         pl_mean = self.pl_mean.lerp(lengths.mean().detach(), self.cfg.pl_decay)
         self.pl_mean = pl_mean.detach()
         penalty = (lengths - pl_mean).square().mean()
-        return penalty * self.cfg.pl_weight * self.cfg.pl_interval, {"loss_pl": penalty.item()}
+        return penalty * self.cfg.pl_weight * self.cfg.pl_interval, {"loss_pl": penalty.detach()}
 
     # -- discriminator phases --------------------------------------------------------------------
     def discriminator_fake(self, fake: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.softplus(self.D(fake.detach(), labels)).mean()
+        return F.softplus(at_least_fp32(self.D_fast(fake.detach(), labels))).mean()
 
     def discriminator_real(self, real: torch.Tensor, labels: torch.Tensor, r1_weight: float) -> torch.Tensor:
-        return discriminator_real_loss_per_sample(self.D, real, labels, r1_weight, self.class_weight).mean()
+        # R1 is a double backward: the eager D then.
+        D = self.D if r1_weight > 0 else self.D_fast
+        return discriminator_real_loss_per_sample(D, real, labels, r1_weight, self.class_weight).mean()
 
     def r1_weight(self, lazy: bool) -> float:
         """gamma/2 scaled by the lazy interval on regularization steps, else 0."""

@@ -12,7 +12,6 @@ import copy
 import logging
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -20,6 +19,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from medstylegan2.acceleration import (DeviceStats, as_floats, copy_indices_to, ema_update_, images_in_format,
+                                       make_adam, match_grad_layouts, maybe_compile, resolve_acceleration,
+                                       to_memory_format)
 from medstylegan2.config import RunConfig
 from medstylegan2.errors import CheckpointError, UserError
 from medstylegan2.losses import StyleGAN2Loss
@@ -82,22 +84,6 @@ class ShuffleSampler:
         self.order, self.position = state["order"].clone(), int(state["position"])
 
 
-@dataclass
-class StepStats:
-    """Running sums of per-step statistics, averaged on read."""
-
-    sums: dict[str, float] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
-
-    def add(self, values: dict[str, float]) -> None:
-        for key, value in values.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value)
-            self.counts[key] = self.counts.get(key, 0) + 1
-
-    def means(self) -> dict[str, float]:
-        return {k: self.sums[k] / self.counts[k] for k in self.sums}
-
-
 class SiteTrainer:
     """Trains one site's class-conditional GAN on its own images (uint8 [N,1,H,W] + labels)."""
 
@@ -108,15 +94,24 @@ class SiteTrainer:
         self.device = torch.device(device) if device is not None else resolve_device(cfg.device)
         self.seed = cfg.seed if seed is None else seed
         _seed_everything(self.seed)
+        # Device-level speed choices (precision, memory layout, compile): same function, see acceleration.py.
+        self.accel = resolve_acceleration(cfg.train, self.device)
         self.num_examples = int(len(labels))
-        self.real_images = images_to_float(images, self.device) if self.num_examples else None
+        self.real_images = (images_in_format(images_to_float(images, self.device), self.accel.channels_last)
+                            if self.num_examples else None)
         self.real_labels = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=self.device)
 
         self.G, self.D = build_networks(cfg.model)
         self.G.to(self.device).train()
         self.D.to(self.device).train()
+        to_memory_format([self.G, self.D], self.accel.channels_last)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self.loss = StyleGAN2Loss(self.G, self.D, cfg.train)
+        self.loss.pl_mean = self.loss.pl_mean.to(self.device)
+        if self.accel.compile:
+            self.loss.D_fast = maybe_compile(self.D, True)
+            if self.loss.has_mapping:
+                self.loss.synthesize_fast = maybe_compile(self.G.synthesize, True)
         self.g_opt = self._make_optimizer(self.G, cfg.train.g_lr, cfg.train.pl_interval if self.loss.has_mapping
                                           and cfg.train.pl_weight > 0 else None)
         self.d_opt = self._make_optimizer(self.D, cfg.train.d_lr, cfg.train.r1_interval if cfg.train.r1_gamma > 0
@@ -145,7 +140,7 @@ class SiteTrainer:
             # lr and betas to keep the effective schedule (StyleGAN2, Appendix B).
             ratio = reg_interval / (reg_interval + 1)
             lr, beta1, beta2 = lr * ratio, beta1 ** ratio, beta2 ** ratio
-        return torch.optim.Adam(module.parameters(), lr=lr, betas=(beta1, beta2), eps=1e-8)
+        return make_adam(module.parameters(), lr=lr, betas=(beta1, beta2), eps=1e-8, device=self.device)
 
     def sample_fake_labels(self, n: int) -> torch.Tensor:
         num_classes = self.cfg.model.num_classes
@@ -156,7 +151,7 @@ class SiteTrainer:
         return self.real_labels[idx]
 
     def real_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = self.sampler.next_indices().to(self.device)
+        idx = copy_indices_to(self.sampler.next_indices(), self.device)
         return self.real_images[idx], self.real_labels[idx]
 
     def ds_weight(self) -> float:
@@ -167,11 +162,16 @@ class SiteTrainer:
 
     # -- one step --------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
+        """One G+D step; its statistics as numbers (``train_steps`` reads them once per call instead)."""
+        return as_floats(self._train_step())
+
+    def _train_step(self) -> dict[str, Any]:
+        """One G+D step; statistics stay on the device (no host sync)."""
         if self.num_examples == 0:
             raise ValueError("this site has no training images")
         t = self.cfg.train
         batch = t.batch_size
-        stats: dict[str, float] = {}
+        stats: dict[str, Any] = {}
 
         # G main: non-saturating loss (+ diversity-sensitive term).
         self.D.requires_grad_(False)
@@ -179,13 +179,15 @@ class SiteTrainer:
         self.g_opt.zero_grad(set_to_none=True)
         z = torch.randn(batch, self.cfg.model.z_dim, device=self.device)
         labels = self.sample_fake_labels(batch)
-        loss_g, s = self.loss.generator_main(z, labels, ds_weight=self.ds_weight())
+        with self.accel.autocast():
+            loss_g, s = self.loss.generator_main(z, labels, ds_weight=self.ds_weight())
         loss_g.backward()
         stats.update(s)
         # G reg: lazy path-length regularization.
         if self.loss.has_mapping and t.pl_weight > 0 and self.step % t.pl_interval == 0:
             z = torch.randn(batch, self.cfg.model.z_dim, device=self.device)
-            loss_pl, s = self.loss.generator_path_length(z, self.sample_fake_labels(batch))
+            with self.accel.autocast():
+                loss_pl, s = self.loss.generator_path_length(z, self.sample_fake_labels(batch))
             loss_pl.backward()
             stats.update(s)
         self._add_proximal_gradient("G", self.G)
@@ -196,10 +198,10 @@ class SiteTrainer:
         self.G.requires_grad_(False)
         self.D.requires_grad_(True)
         for d_index in range(self.step * t.d_steps_per_g, (self.step + 1) * t.d_steps_per_g):
-            with torch.no_grad():
+            with torch.no_grad(), self.accel.autocast():
                 z = torch.randn(batch, self.cfg.model.z_dim, device=self.device)
                 fake_labels = self.sample_fake_labels(batch)
-                fake = self.loss.generate(z, fake_labels, update_w_avg=False)
+                fake = self.loss.generate(z, fake_labels, update_w_avg=False, fast=True)
             r1_weight = self.loss.r1_weight(lazy=d_index % t.r1_interval == 0)
             stats.update(self.discriminator_step(fake, fake_labels, r1_weight))
         self.G.requires_grad_(True)
@@ -208,7 +210,7 @@ class SiteTrainer:
         self.step += 1
         return stats
 
-    def discriminator_step(self, fake: torch.Tensor, fake_labels: torch.Tensor, r1_weight: float) -> dict[str, float]:
+    def discriminator_step(self, fake: torch.Tensor, fake_labels: torch.Tensor, r1_weight: float) -> dict[str, Any]:
         """One D update on ``fake`` and a batch of real images (DP-SGD under privacy); shareable stats.
 
         Without privacy: a shuffled batch of reals, the mean loss over fakes and reals, backward.
@@ -219,28 +221,33 @@ class SiteTrainer:
         if self.privacy is not None:
             idx = self.privacy.sample_batch()
             units = self.privacy.units_of(idx)  # with patient-level privacy: each row's patient
-            idx = idx.to(self.device)
+            idx = copy_indices_to(idx, self.device)
             self.privacy.private_real_gradient(self.real_images[idx], self.real_labels[idx], r1_weight,
                                                self.loss.class_weight, units=units)
+            # Opacus' summed per-sample gradients are contiguous; give them each parameter's layout
+            # (channels_last) so that the fake term's backward accumulates into them in place.
+            match_grad_layouts(self.D)
             # Fake images: G's output for noise z and uniformly drawn labels, so this term reads no
             # private data (D's current weights are already DP, and anything computed from them is
             # post-processing). Its gradient is therefore added as is: clipping bounds one person's
             # influence and noise hides it, and no person influences this term. Its 1/B mean matches
             # the 1/(q*n) scaling Opacus applied to the real term, as in the non-private loss.
-            loss_fake = self.loss.discriminator_fake(fake, fake_labels)
+            with self.accel.autocast():
+                loss_fake = self.loss.discriminator_fake(fake, fake_labels)
             loss_fake.backward()
             # The real loss stays local (engine.last_private_stats): it was computed without noise.
-            stats = {"loss_d_fake": loss_fake.item()}
+            stats = {"loss_d_fake": loss_fake.detach()}
             # Count the expected number of real images, not the drawn one: the actual Poisson batch
             # size is not part of what the accountant releases.
             seen = int(round(self.privacy.expected_batch_size))
         else:
             real, real_labels = self.real_batch()
             self.d_opt.zero_grad(set_to_none=True)
-            loss_fake = self.loss.discriminator_fake(fake, fake_labels)
-            loss_real = self.loss.discriminator_real(real, real_labels, r1_weight)
+            with self.accel.autocast():
+                loss_fake = self.loss.discriminator_fake(fake, fake_labels)
+                loss_real = self.loss.discriminator_real(real, real_labels, r1_weight)
             (loss_fake + loss_real).backward()
-            stats = {"loss_d_fake": loss_fake.item(), "loss_d_real": loss_real.item()}
+            stats = {"loss_d_fake": loss_fake.detach(), "loss_d_real": loss_real.detach()}
             seen = real.shape[0]
         # The FedProx pull towards the global weights is data-independent: it needs no noise.
         self._add_proximal_gradient("D", self.D)
@@ -267,21 +274,20 @@ class SiteTrainer:
         if t.ema_rampup is not None:
             ema_nimg = min(ema_nimg, seen * t.ema_rampup)
         beta = 0.5 ** (t.batch_size / max(ema_nimg, 1e-8))
-        for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters()):
-            p_ema.copy_(p.detach().lerp(p_ema, beta))
-        for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers()):
-            b_ema.copy_(b)
+        ema_update_(self.G_ema, self.G, beta)
 
     def train_steps(self, num_steps: int, *, progress: Optional[Callable[[int, dict[str, float]], None]] = None
                     ) -> dict[str, float]:
         """Run ``num_steps`` G+D steps; returns mean losses plus images/s and images seen."""
-        running = StepStats()
+        running = DeviceStats()
         start, start_nimg = time.perf_counter(), self.cur_nimg
         for _ in range(num_steps):
-            stats = self.train_step()
+            stats = self._train_step()
             running.add(stats)
             if progress is not None:
-                progress(self.step, stats)
+                progress(self.step, as_floats(stats))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - start
         result = running.means()
         # Each step shows one batch of fakes to G and one of fakes + reals to D.
@@ -298,7 +304,9 @@ class SiteTrainer:
         return {"G": self.G, "G_ema": self.G_ema, "D": self.D}[name]
 
     def get_weights(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {name: {k: v.detach().cpu().clone() for k, v in self.network(name).state_dict().items()}
+        # Contiguous whatever the training layout (channels_last): checkpoints and the wire see one format.
+        return {name: {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+                       for k, v in self.network(name).state_dict().items()}
                 for name in NETWORK_NAMES}
 
     def set_weights(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:

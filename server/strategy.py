@@ -4,7 +4,7 @@
 
 1. ``configure_train``: pick this round's sites (``fraction_train``, at least ``min_sites``,
    reproducible from (seed, round): ``fl.aggregation.sample_sites``), send them the global weights
-   (float32 or float16, model constants excluded: ``fl.wire``) and a ConfigRecord with the
+   (float32, float16 or int8, model constants excluded: ``fl.wire``) and a ConfigRecord with the
    validated run config as JSON.
 2. ``aggregate_train``: turn every reply into a plain ``SiteReply`` (a chosen site without a reply:
    an error entry) and hand them to ``fl.aggregation.aggregate_round`` (errors, declines, keys,
@@ -44,7 +44,7 @@ from medstylegan2.faults import fault_point
 from medstylegan2.fl.round_files import commit_round, ensure_round_files, restore_run_folder
 from medstylegan2.fl.server_state import ServerState, load_server_state
 from medstylegan2.fl.wire import (PAYLOAD_WEIGHTS, constants_digest, decode_from_transfer, encode_for_transfer,
-                                  initial_weights, transferred)
+                                  initial_weights, is_packed_int8, transferred)
 from medstylegan2.metrics.evaluate import eval_metrics_line
 from medstylegan2.runfolder import RunFolder
 from medstylegan2.trainer import resolve_device
@@ -107,7 +107,7 @@ class FederatedGAN(FedAvg):
         info("round %d: training on %d of %d site(s): %s", round_num, len(chosen), len(present), ", ".join(chosen))
 
         sent = encode_for_transfer(transferred(self.state.weights), f.transfer_dtype)
-        self._sent = decode_from_transfer(sent)
+        self._sent = decode_from_transfer(sent, self.expected_shapes)
         record = ArrayRecord({key: Array(value) for key, value in sent.items()})
         self._bytes_down = record.count_bytes()
         train_config = ConfigRecord({
@@ -265,6 +265,14 @@ class FederatedGAN(FedAvg):
         if "arrays" in content.array_records:
             reply.bytes_up = content["arrays"].count_bytes()
             reply.arrays = {key: array.numpy() for key, array in content["arrays"].items()}
+            if is_packed_int8(reply.arrays):
+                # The server decodes: per-key float32 updates from here on (fl.wire, int8 transfer).
+                try:
+                    decoded = decode_from_transfer(reply.arrays, self.expected_shapes)
+                except ValueError as exc:
+                    reply.error, reply.arrays = f"int8 update does not fit the model: {exc}", None
+                    return reply
+                reply.arrays = {key: value.numpy() for key, value in decoded.items()}
         if "site" in content.config_records:
             reply.payload_kind = str(content["site"]["payload"])
         else:

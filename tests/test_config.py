@@ -122,3 +122,29 @@ def write_named(tmp_path, name: str, text: str):
     path.write_text(text)
     return path
 
+
+
+def test_every_shipped_config_loads_and_the_256_px_phantom_stand_in_has_covidqu_counts():
+    from pathlib import Path
+
+    from medstylegan2.study.config import load_study
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    # The study's file is a study config (arms over a run config) and the site policy a site's own
+    # file: each is read by its own loader.
+    import yaml
+
+    from medstylegan2.privacy.policy import policy_from_mapping
+
+    studies = [path for path in configs if path.stem == "study"]
+    policies = [path for path in configs if path.stem == "site-policy"]
+    assert studies and load_study(studies[0]).arms
+    # The shipped policy leaves ledger_dir to the site (a simulation gives each site its own).
+    raw = {**yaml.safe_load(policies[0].read_text()), "ledger_dir": "ledgers"}
+    assert policies and policy_from_mapping(raw, where=str(policies[0])).dp_required
+    loaded = {path.stem: load_config(path) for path in configs if path not in studies + policies}
+    stand_in, real = loaded["covidqu-256-phantoms"], loaded["covidqu-256"]
+    assert stand_in.model == real.model and stand_in.metrics == real.metrics
+    total = 3 * stand_in.data.phantoms_per_class
+    assert abs(total - 33_900) < 100 and stand_in.federation.sites == 4
+    assert abs(total * (1 - stand_in.data.heldout_fraction) - 27_132) < 100  # COVID-QU-Ex Train + Val

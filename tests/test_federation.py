@@ -236,6 +236,106 @@ def test_float16_transfer_halves_the_bytes_and_keeps_the_update_precise(tiny_con
         torch.testing.assert_close(start[key] + update[key], new[key], rtol=0, atol=2e-6)
 
 
+def test_int8_quantization_error_is_at_most_half_a_step_per_tensor():
+    from medstylegan2.fl.wire import dequantize_int8, quantize_int8
+
+    rng = torch.Generator().manual_seed(0)
+    for t in (torch.randn(64, 32, 3, 3, generator=rng) * 50, torch.randn(7, generator=rng) * 1e-6,
+              torch.tensor(-0.37), torch.zeros(5), torch.full((4,), 1.0)):
+        q, scale = quantize_int8(t)
+        assert q.dtype == torch.int8 and q.shape == t.shape and int(q.abs().max()) <= 127
+        assert float(scale) == pytest.approx(float(t.abs().max()) / 127, rel=1e-6)
+        error = (dequantize_int8(q, scale) - t).abs().max()
+        assert error <= float(scale) / 2 * (1 + 1e-5) + 1e-12
+        if not t.any():
+            assert float(scale) == 0 and not q.any()
+
+
+def test_int8_transfer_is_a_quarter_of_float32_and_unpacks_to_the_shapes_it_was_packed_from(tiny_config):
+    weights, _ = initial_weights(tiny_config)
+    sent = transferred(weights)
+    shapes = {k: tuple(v.shape) for k, v in sent.items()}
+    fp32, int8 = encode_for_transfer(sent, "float32"), encode_for_transfer(sent, "int8")
+    record_bytes = lambda arrays: ArrayRecord({k: Array(v) for k, v in arrays.items()}).count_bytes()  # noqa: E731
+    assert record_bytes(int8) <= 0.25 * record_bytes(fp32)
+    received = decode_from_transfer(int8, shapes)
+    assert set(received) == set(sent)
+    for key, value in sent.items():
+        step = float(value.abs().max()) / 127
+        assert received[key].shape == value.shape and (received[key] - value).abs().max() <= step / 2 + 1e-6, key
+
+
+def test_an_int8_payload_that_does_not_fit_the_model_is_refused_naming_the_key(tiny_config):
+    from medstylegan2.fl.wire import INT8_SCALES_KEY, INT8_VALUES_KEY
+
+    weights, _ = initial_weights(tiny_config)
+    sent = transferred(weights)
+    shapes = {k: tuple(v.shape) for k, v in sent.items()}
+    payload = encode_for_transfer(sent, "int8")
+    short = dict(payload, **{INT8_VALUES_KEY: payload[INT8_VALUES_KEY][:-1]})
+    with pytest.raises(ValueError, match=INT8_VALUES_KEY):
+        decode_from_transfer(short, shapes)
+    bad_scale = dict(payload, **{INT8_SCALES_KEY: np.full_like(payload[INT8_SCALES_KEY], np.nan)})
+    with pytest.raises(ValueError, match="non-finite"):
+        decode_from_transfer(bad_scale, shapes)
+    with pytest.raises(ValueError, match="shapes"):
+        decode_from_transfer(payload)
+
+
+def test_int8_error_feedback_carries_what_did_not_fit_into_the_next_round():
+    """An update component far below a tensor's quantization step is lost without error feedback
+    every round; with it, the residual accumulates until it is sent: over rounds the server receives
+    the sum of the updates up to one step of the last round."""
+    from medstylegan2.fl.wire import quantize_with_error_feedback
+
+    shapes = {"G/w": (3,)}
+    update = {"G/w": torch.tensor([1.0, 0.003, -0.002])}  # step 1/127 ~ 0.0079: the small ones round to 0
+    residual, received = None, torch.zeros(3)
+    for _ in range(20):
+        payload, residual = quantize_with_error_feedback(update, residual)
+        sent = decode_from_transfer(payload, shapes)["G/w"]
+        # Exactly what did not fit is kept: sent + new residual == update + old residual.
+        received += sent
+    assert torch.allclose(received + residual["G/w"], 20 * update["G/w"], atol=1e-5)
+    assert (residual["G/w"].abs() <= 1.0 / 127 / 2 + 1e-6).all()
+    assert received[1] > 0 and received[2] < 0  # the small components got through
+    no_feedback, _ = quantize_with_error_feedback(update, None)
+    assert decode_from_transfer(no_feedback, shapes)["G/w"][1:].abs().max() == 0
+
+
+def test_int8_site_rounds_keep_the_residual_in_local_state_and_send_a_packed_update(tiny_config, tmp_path):
+    from medstylegan2.fl.site_round import (TRANSFER_RESIDUAL, LocalStateStore, local_state_from_bytes,
+                                            local_state_to_bytes)
+    from medstylegan2.fl.wire import INT8_VALUES_KEY
+
+    cfg = dataclasses.replace(tiny_config, federation=dataclasses.replace(
+        tiny_config.federation, transfer_dtype="int8", local_steps=2))
+    weights, _ = initial_weights(cfg)
+    received = encode_for_transfer(transferred(weights), "int8")
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (12, 1, 16, 16), dtype=np.uint8), rng.integers(0, 3, 12)
+    first = run_site_round(cfg, images, labels, received, round_num=1, site="s")
+    assert first.payload_kind == PAYLOAD_DELTA and set(first.payload) == set(received)
+    assert first.payload[INT8_VALUES_KEY].dtype == np.int8
+    residual = first.local_state[TRANSFER_RESIDUAL]
+    assert set(residual) == set(transferred(weights)) and any(r.abs().sum() > 0 for r in residual.values())
+    # The site's on-disk store (a restarted site, a resumed run), written before round 2 trains: the
+    # optimizers of round 2 update the moments of first.local_state in place.
+    store = LocalStateStore(tmp_path / "site")
+    store.save(1, local_state_to_bytes(first.local_state))
+    second = run_site_round(cfg, images, labels, received, round_num=2, site="s", local_state=first.local_state)
+    assert second.local_state[TRANSFER_RESIDUAL].keys() == residual.keys()
+    # The residual survives the store ...
+    restored = local_state_from_bytes(store.latest_before(2)[1])
+    assert all(torch.equal(restored[TRANSFER_RESIDUAL][k], residual[k]) for k in residual)
+    from_disk = run_site_round(cfg, images, labels, received, round_num=2, site="s", local_state=restored)
+    assert all(np.array_equal(from_disk.payload[k], second.payload[k]) for k in second.payload)
+    # ... and is what the second update carries on top of its own.
+    restored.pop(TRANSFER_RESIDUAL)
+    forgetful = run_site_round(cfg, images, labels, received, round_num=2, site="s", local_state=restored)
+    assert not all(np.array_equal(forgetful.payload[k], second.payload[k]) for k in second.payload)
+
+
 def test_site_seeds_depend_on_seed_round_and_site_only():
     s = site_seed(0, 3, "site-1")
     assert s == site_seed(0, 3, "site-1")
@@ -365,7 +465,7 @@ def _holds_an_image(array: np.ndarray, images: np.ndarray) -> bool:
     return False
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
 def test_only_weights_counts_and_metrics_leave_a_site(tmp_path, dtype):
     from client.client_app import app
 
@@ -375,6 +475,8 @@ def test_only_weights_counts_and_metrics_leave_a_site(tmp_path, dtype):
     train, _ = load_split(cfg)
     resolution = cfg.model.resolution
 
+    (line,) = metrics_lines(tmp_path)  # the server decoded and aggregated both updates
+    assert line["aggregated"]["sites"] == 2 and all(e["status"] == "ok" for e in line["sites"].values())
     assert len(grid.outgoing) == 4  # roll call + one training round, two sites
     for node, reply in grid.outgoing:
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
@@ -383,7 +485,7 @@ def test_only_weights_counts_and_metrics_leave_a_site(tmp_path, dtype):
         for record in content.array_records.values():
             for key, array in record.items():
                 values = array.numpy()
-                assert values.dtype in (np.float32, np.float16), (key, values.dtype)
+                assert values.dtype in (np.float32, np.float16, np.int8), (key, values.dtype)
                 assert not _image_like(values, resolution), (key, values.shape)
                 assert not _holds_an_image(values, train.images), key
         for record in content.metric_records.values():

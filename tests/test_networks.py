@@ -137,5 +137,132 @@ def test_diversity_sensitive_loss_lowers_the_generator_loss_by_the_weighted_imag
     plain, _ = loss.generator_main(z, labels, ds_weight=0.0)
     torch.manual_seed(1)
     with_ds, stats = loss.generator_main(z, labels, ds_weight=2.0)
-    assert stats["loss_ds"] > 0
-    assert with_ds.item() == pytest.approx(plain.item() - 2.0 * stats["loss_ds"], rel=1e-5)
+    assert float(stats["loss_ds"]) > 0
+    assert with_ds.item() == pytest.approx(plain.item() - 2.0 * float(stats["loss_ds"]), rel=1e-5)
+
+
+# -- the fast formulations compute the same functions as the straightforward ones ----------------
+# The layers' forward methods as first written (one operation per formula term), to check that the
+# faster formulations in medstylegan2.networks compute the same function with the same parameters.
+
+
+def _lrelu_with_gain(x):
+    import torch.nn.functional as F
+
+    from medstylegan2.networks import LRELU_GAIN, LRELU_SLOPE
+
+    return F.leaky_relu(x, LRELU_SLOPE) * LRELU_GAIN
+
+
+def _act(x, activation):
+    return _lrelu_with_gain(x) if activation == "lrelu" else x
+
+
+def _straightforward_modulated_conv2d(x, weight, styles, *, demodulate=True, padding=1, up=False):
+    import torch.nn.functional as F
+
+    if up:
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    batch = x.shape[0]
+    out = F.conv2d(x * styles.view(batch, -1, 1, 1), weight, padding=padding)
+    if demodulate:
+        w = weight.unsqueeze(0) * styles.view(batch, 1, -1, 1, 1)
+        out = out * (w.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt().view(batch, -1, 1, 1)
+    return out
+
+
+def _straightforward_fully_connected(self, x):
+    import math
+
+    import torch.nn.functional as F
+
+    w = self.weight * (self.lr_multiplier / math.sqrt(self.weight.shape[1]))
+    b = self.bias * self.lr_multiplier if self.bias is not None else None
+    return _act(F.linear(x, w, b), self.activation)
+
+
+def _straightforward_conv2d_layer(self, x):
+    import torch.nn.functional as F
+
+    x = F.conv2d(x, self.weight * self.weight_gain, padding=self.padding)
+    if self.down:
+        x = F.avg_pool2d(x, kernel_size=2)
+    if self.bias is not None:
+        x = x + self.bias.view(1, -1, 1, 1)
+    return _act(x, self.activation) * self.gain
+
+
+def _straightforward_synthesis_layer(self, x, w, noise_mode="random"):
+    styles = self.affine(w)
+    x = _straightforward_modulated_conv2d(x, self.weight, styles, demodulate=True, padding=self.padding, up=self.up)
+    if self.use_noise and noise_mode == "const":
+        x = x + self.noise_const.view(1, 1, self.resolution, self.resolution) * self.noise_strength
+    return _lrelu_with_gain(x + self.bias.view(1, -1, 1, 1))
+
+
+def _straightforward_to_image(self, x, w):
+    styles = self.affine(w) * self.weight_gain
+    return _straightforward_modulated_conv2d(x, self.weight, styles, demodulate=False, padding=0) \
+        + self.bias.view(1, -1, 1, 1)
+
+
+def _outputs_and_gradients(G, D, z, labels, real):
+    """G's image, D's logits, and every parameter's gradient of a loss that uses both with R1 and
+    path-length terms (double backward through both networks)."""
+    G.zero_grad(set_to_none=True)
+    D.zero_grad(set_to_none=True)
+    ws = G.mapping(z, labels)
+    img = G.synthesize(ws, noise_mode="const")
+    fake_logits = D(img, labels)
+    real = real.detach().requires_grad_(True)
+    real_logits = D(real, labels)
+    (r1_grads,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+    weights = torch.linspace(-1, 1, img.numel(), dtype=img.dtype).view_as(img)
+    (pl_grads,) = torch.autograd.grad((img * weights).sum(), ws, create_graph=True)
+    loss = (torch.nn.functional.softplus(fake_logits).mean() + torch.nn.functional.softplus(-real_logits).mean()
+            + r1_grads.square().sum() + pl_grads.square().sum())
+    loss.backward()
+    grads = {f"G.{k}": p.grad.clone() for k, p in G.named_parameters()}
+    grads.update({f"D.{k}": p.grad.clone() for k, p in D.named_parameters()})
+    return {"img": img.detach(), "logits": torch.cat([fake_logits, real_logits]).detach(), "loss": loss.detach()}, grads
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-9), (torch.float32, 2e-3)])
+def test_fast_layers_give_the_outputs_and_gradients_of_the_straightforward_ones(monkeypatch, dtype, tolerance):
+    """Fused down-convolutions, transposed-conv upsampling, matmul demodulation and gains folded
+    into weights change the arithmetic, not the function: same parameters, same outputs and
+    gradients (R1 and path length included) up to float rounding."""
+    from medstylegan2 import networks
+
+    torch.manual_seed(0)
+    G = Generator(z_dim=16, w_dim=16, img_resolution=32, channel_base=256, channel_max=16).to(dtype)
+    D = Discriminator(img_resolution=32, channel_base=256, channel_max=16, cmap_dim=16).to(dtype)
+    for layer in G.modules():
+        if hasattr(layer, "noise_strength"):
+            layer.noise_strength.data.fill_(0.3)
+        if hasattr(layer, "bias") and isinstance(layer.bias, torch.nn.Parameter):
+            layer.bias.data.normal_(0.0, 0.5)  # non-zero biases, so the bias terms are checked too
+    for layer in D.modules():
+        if hasattr(layer, "bias") and isinstance(layer.bias, torch.nn.Parameter):
+            layer.bias.data.normal_(0.0, 0.5)
+    z, labels = torch.randn(4, 16, dtype=dtype), torch.tensor([0, 1, 2, 1])
+    real = torch.rand(4, 1, 32, 32, dtype=dtype) * 2 - 1
+    fast_out, fast_grads = _outputs_and_gradients(G, D, z, labels, real)
+    keys_before = (list(G.state_dict()), list(D.state_dict()))
+
+    monkeypatch.setattr(networks.FullyConnectedLayer, "forward", _straightforward_fully_connected)
+    monkeypatch.setattr(networks.Conv2dLayer, "forward", _straightforward_conv2d_layer)
+    monkeypatch.setattr(networks.SynthesisLayer, "forward", _straightforward_synthesis_layer)
+    monkeypatch.setattr(networks.ToImageLayer, "forward", _straightforward_to_image)
+    monkeypatch.setattr(networks, "upsample2x", lambda x: torch.nn.functional.interpolate(
+        x, scale_factor=2, mode="bilinear", align_corners=False))
+    slow_out, slow_grads = _outputs_and_gradients(G, D, z, labels, real)
+
+    assert keys_before == (list(G.state_dict()), list(D.state_dict()))
+    for key in fast_out:
+        scale = slow_out[key].abs().max().clamp(min=1.0)
+        assert (fast_out[key] - slow_out[key]).abs().max() <= tolerance * scale, key
+    assert fast_grads.keys() == slow_grads.keys()
+    for key in slow_grads:
+        scale = slow_grads[key].abs().max().clamp(min=1.0)
+        assert (fast_grads[key] - slow_grads[key]).abs().max() <= tolerance * scale, key

@@ -336,3 +336,71 @@ def test_a_debugging_seed_gives_each_round_its_own_streams():
     a, b, c = (torch.cat([e.sample_batch() for _ in range(3)]) for e in (first_round, second_round, second_again))
     assert not torch.equal(a, b)   # round 2 does not replay round 1's batches
     assert torch.equal(b, c)       # but a debugging run is reproducible
+
+
+# -- fixed-size padded Poisson batches (GPU path) ------------------------------------------------
+
+
+def test_padded_batch_size_covers_the_poisson_batch_size_with_four_sigmas():
+    from medstylegan2.privacy.per_sample import padded_batch_size
+
+    assert padded_batch_size(32, 640) == 56                  # 32 + 4 sqrt(32 * 0.95) = 54.1 -> 56
+    assert padded_batch_size(16, 16) == 16                   # q = 1: the batch is always all 16 images
+    assert padded_batch_size(4, 24) % 8 == 0 and padded_batch_size(4, 24) >= 4 + 4 * (4 * 5 / 6) ** 0.5
+
+
+@pytest.mark.parametrize("r1_weight", [0.0, 0.8])
+def test_masked_padding_gives_the_gradient_of_the_unpadded_batch(r1_weight):
+    """Blank rows padded onto a Poisson batch (static shapes for GPUs) get per-sample gradients of
+    exactly 0, so clipping and summing ignore them: the private gradient is the unpadded one (up to
+    the float rounding of a batched convolution of another batch size, here float64)."""
+    torch.manual_seed(0)
+    images = torch.randn(5, 1, 16, 16, dtype=torch.float64)
+    labels = torch.tensor([0, 2, 1, 1, 0])
+    grads = {}
+    for pad_to in (None, 4, 8):  # unpadded; two chunks of 4 (5 real + 3 blank); one chunk of 8
+        torch.manual_seed(0)
+        D = tiny_discriminator().double()
+        engine = DPEngine(num_examples=50, batch_size=5, max_grad_norm=0.5, noise_multiplier=0.0, seed=1)
+        engine.bind(D, torch.optim.Adam(D.parameters()), num_examples=50, batch_size=5)
+        engine.pad_to = pad_to
+        per_sample, losses, order = per_sample_real_gradients(D, images, labels, r1_weight, pad_to=pad_to)
+        rows = {None: 5, 4: 8, 8: 8}[pad_to]
+        assert all(g.shape[0] == rows for g in per_sample.values())
+        assert all(torch.equal(g[5:], torch.zeros_like(g[5:])) for g in per_sample.values())
+        assert losses.shape == (5,) and order.tolist() == [0, 1, 2, 3, 4]
+        engine.private_real_gradient(images, labels, r1_weight)
+        grads[pad_to] = {name: p.grad.clone() for name, p in D.named_parameters()}
+    for pad_to in (4, 8):
+        for name, expected in grads[None].items():
+            assert torch.allclose(grads[pad_to][name], expected, rtol=1e-12, atol=1e-15), (pad_to, name)
+
+
+def test_an_empty_padded_batch_is_all_blank_rows():
+    D = tiny_discriminator()
+    grads, losses, _ = per_sample_real_gradients(D, torch.zeros(0, 1, 16, 16), torch.zeros(0, dtype=torch.long),
+                                                 0.8, pad_to=8)
+    assert len(losses) == 0
+    assert all(g.shape[0] == 8 and not g.any() for g in grads.values())
+
+
+@pytest.mark.slow
+def test_compiled_padded_per_sample_function_matches_eager(monkeypatch):
+    """torch.compile of the per-sample function (the GPU default) traces vmap(grad(grad)) and gives
+    the eager values; on CPU with the aot_eager backend (no C++ toolchain needed)."""
+    from medstylegan2.privacy import per_sample
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="aot_eager", **kw))
+    monkeypatch.setattr(per_sample, "_COMPILED", {})
+    torch.manual_seed(0)
+    D = tiny_discriminator(class_head=True)
+    images, labels = torch.randn(5, 1, 16, 16), torch.tensor([0, 2, 1, 1, 0])
+    for class_weight in (0.0, 0.7):  # the class head's term is part of the compiled loss (one function each)
+        eager, eager_losses, _ = per_sample_real_gradients(D, images, labels, 0.8, class_weight, pad_to=8)
+        compiled, compiled_losses, _ = per_sample_real_gradients(D, images, labels, 0.8, class_weight, pad_to=8,
+                                                                 compile=True)
+        assert torch.allclose(compiled_losses, eager_losses, atol=1e-6)
+        for name in eager:
+            assert torch.allclose(compiled[name], eager[name], atol=1e-5), name
+    assert len(per_sample._COMPILED) == 2 and not any(fn.failed for fn in per_sample._COMPILED.values())

@@ -45,6 +45,31 @@ def test_class_head_per_sample_grads_match_autograd_loop(r1_weight):
             assert (grads[name][row] - p.grad).abs().max().item() < 1e-5, name
 
 
+@pytest.mark.parametrize("r1_weight", [0.0, 0.8])
+def test_class_head_term_is_in_the_padded_per_sample_gradients(r1_weight):
+    """The GPU path (fixed-size padded chunks with a mask) clips the same loss as the plain one: the
+    class head's cross-entropy included, blank rows exactly 0."""
+    torch.manual_seed(0)
+    D = Discriminator(img_resolution=16, channel_base=256, channel_max=32, cmap_dim=16, mbstd_group_size=0,
+                      class_head=True).double()
+    images = torch.randn(5, 1, 16, 16, dtype=torch.float64)
+    labels = torch.tensor([2, 0, 1, 1, 0])
+    plain, plain_losses, order = per_sample_real_gradients(D, images, labels, r1_weight, class_weight=0.7)
+    padded, padded_losses, padded_order = per_sample_real_gradients(D, images, labels, r1_weight, class_weight=0.7,
+                                                                    pad_to=4)
+    without_class, _, _ = per_sample_real_gradients(D, images, labels, r1_weight, pad_to=4)
+    assert padded_order.tolist() == [0, 1, 2, 3, 4]
+    by_sample = {i: row for row, i in enumerate(order.tolist())}
+    for i in range(5):
+        assert abs(padded_losses[i].item() - plain_losses[by_sample[i]].item()) < 1e-10
+    for name, g in padded.items():
+        assert g.shape[0] == 8 and not g[5:].any(), name
+        for i in range(5):
+            assert (g[i] - plain[name][by_sample[i]]).abs().max().item() < 1e-10, name
+    assert padded["epilogue.class_head.weight"][:5].abs().sum() > 0
+    assert not without_class["epilogue.class_head.weight"].any()  # without the term the head gets nothing
+
+
 def test_class_loss_pushes_the_head_towards_the_real_label():
     torch.manual_seed(0)
     D = Discriminator(img_resolution=16, channel_base=256, channel_max=32, cmap_dim=16, class_head=True)
@@ -60,7 +85,7 @@ def test_generator_loss_adds_the_class_term_only_with_a_head():
     cfg = load_config(None, TINY)
     trainer = SiteTrainer(cfg, *random_site(), device="cpu")
     _, stats = trainer.loss.generator_main(torch.randn(4, 16), torch.tensor([0, 1, 2, 0]))
-    assert "loss_g_class" in stats and np.isfinite(stats["loss_g_class"])
+    assert "loss_g_class" in stats and np.isfinite(float(stats["loss_g_class"]))
     plain = load_config(None, TINY + ["model.d_class_head=false"])
     trainer = SiteTrainer(plain, *random_site(), device="cpu")
     assert trainer.loss.class_weight == 0.0

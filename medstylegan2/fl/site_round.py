@@ -23,7 +23,7 @@ from medstylegan2.faults import fault_point
 from medstylegan2.fl.seeds import seed_round, site_seed
 from medstylegan2.fl.wire import (PAYLOAD_DELTA, PAYLOAD_WEIGHTS, PRIVACY_PREFIX, constants_digest,
                                   decode_from_transfer, encode_for_transfer, flatten_weights, is_constant,
-                                  transferred, unflatten_weights)
+                                  quantize_with_error_feedback, transferred, unflatten_weights, zero_update_like)
 from medstylegan2.runfolder import atomic_write_bytes, round_file, round_numbers_in
 from medstylegan2.trainer import ShuffleSampler, SiteTrainer
 from medstylegan2.privacy.reply import reply_metrics
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The local-state entry of int8 transfer's error feedback: what of the last update did not fit int8.
+TRANSFER_RESIDUAL = "transfer_residual"
 # Reply metric of a site that declines because it has fewer training images than one batch.
 TOO_FEW_IMAGES = "too_few_images"
 
@@ -47,8 +49,9 @@ def local_state_of(trainer: SiteTrainer) -> dict[str, Any]:
     Kept: both Adam optimizers' moments (a fresh Adam would take a full-size sign step on the first
     step of every round), the path-length running mean, the batch sampler's epoch order, the step
     and image counters (EMA ramp-up and the diversity-loss decay read them) and the privacy
-    engine's state (so that epsilon composes over all rounds). Not kept: the networks (they come
-    from the server) and the RNG (every round is seeded from (seed, round, site)).
+    engine's state (so that epsilon composes over all rounds); under int8 transfer ``run_site_round``
+    adds the quantization residual (error feedback). Not kept: the networks (they come from the
+    server) and the RNG (every round is seeded from (seed, round, site)).
     """
     state = {
         "g_opt": trainer.g_opt.state_dict()["state"],
@@ -145,14 +148,13 @@ def run_site_round(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, recei
     """
     f = cfg.federation
     dtype = f.transfer_dtype
-    start = decode_from_transfer(received)
     num_examples = int(len(labels))
     if num_examples == 0:
-        # Nothing to learn from: send the weights back unchanged (a zero update under float16).
+        # Nothing to learn from: send the weights back unchanged (a zero update under float16/int8).
         if dtype == "float32":
-            payload, kind = encode_for_transfer(start, dtype), PAYLOAD_WEIGHTS
+            payload, kind = encode_for_transfer(decode_from_transfer(received), dtype), PAYLOAD_WEIGHTS
         else:
-            payload, kind = encode_for_transfer({k: torch.zeros_like(v) for k, v in start.items()}, dtype), PAYLOAD_DELTA
+            payload, kind = zero_update_like(received), PAYLOAD_DELTA
         return SiteRoundResult(payload=payload, payload_kind=kind, metrics={"num_examples": 0.0, "steps": 0.0},
                                local_state=None)
 
@@ -181,6 +183,8 @@ def run_site_round(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, recei
     # (fixed noise buffers) are then identical and need not travel.
     trainer = SiteTrainer(cfg, images, labels, device=device, seed=cfg.seed, privacy=engine)
     full = flatten_weights(trainer.get_weights())
+    # A packed int8 payload is unpacked with this site's own keys and shapes.
+    start = decode_from_transfer(received, {k: tuple(v.shape) for k, v in transferred(full).items()})
     if constants_check is not None and constants_digest(full) != constants_check:
         raise RuntimeError("this site built different model constants than the server (noise buffers differ): "
                            "check that both use the same model config and seed")
@@ -203,8 +207,13 @@ def run_site_round(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, recei
     seed_round(seed)
     stats = trainer.train_steps(f.local_steps)
     new = transferred(flatten_weights(trainer.get_weights()))
+    residual = None
     if dtype == "float32":
         payload, kind = encode_for_transfer(new, dtype), PAYLOAD_WEIGHTS
+    elif dtype == "int8":
+        previous = local_state.get(TRANSFER_RESIDUAL) if local_state is not None else None
+        payload, residual = quantize_with_error_feedback({k: new[k] - start[k] for k in new}, previous)
+        kind = PAYLOAD_DELTA
     else:
         payload, kind = encode_for_transfer({k: new[k] - start[k] for k in new}, dtype), PAYLOAD_DELTA
     metrics = {"num_examples": float(num_examples), "steps": float(f.local_steps)}
@@ -218,6 +227,8 @@ def run_site_round(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, recei
         metrics.update(_privacy_metrics(privacy.record(engine.spent_steps - steps_before)))
         fault_point("site_recorded", round_num=round_num, site=site)  # recorded, reply not yet built
         metrics = reply_metrics(metrics, dp=True, nominal_size=privacy.nominal_size)
+    if residual is not None:
+        state[TRANSFER_RESIDUAL] = residual
     return SiteRoundResult(payload=payload, payload_kind=kind, metrics=metrics, local_state=state)
 
 

@@ -5,8 +5,9 @@ What it offers the trainer, which owns D's whole step:
 - ``bind(D, optimizer, ...)``: validate D (``privacy.validation``) and take note of D's parameters
   and their optimizer, before any training;
 - ``sample_batch()``: the indices of the next Poisson-sampled batch of the site's images;
-- ``private_real_gradient(real, labels, r1_weight)``: set every ``p.grad`` of D to the clipped and
-  noised gradient of that batch's real-data loss, and account one step.
+- ``private_real_gradient(real, labels, r1_weight, class_weight)``: set every ``p.grad`` of D to the
+  clipped and noised gradient of that batch's real-data loss (class head's term included), and
+  account one step.
 
 Three separable pieces, as Opacus itself keeps them:
 
@@ -60,7 +61,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from medstylegan2.errors import PrivacyError
-from medstylegan2.privacy.per_sample import per_sample_real_gradients
+from medstylegan2.privacy.per_sample import padded_batch_size, per_sample_real_gradients
 from medstylegan2.privacy.units import UnitIndex, sum_per_unit
 from medstylegan2.privacy.validation import validate_discriminator
 
@@ -157,6 +158,9 @@ class DPEngine:
         self.noise_generator: Optional[torch.Generator] = None
 
         self.D: Optional[nn.Module] = None
+        self.pad_to: Optional[int] = None        # set by bind(): fixed padded batch size on GPUs
+        self.compile_per_sample = False           # set by bind(): torch.compile on GPUs
+        self.layer_gradients = True               # steps without R1: privacy.layer_grads (same values as vmap)
         self.d_optimizer: Optional[torch.optim.Optimizer] = None  # D's own optimizer, wrapped by ``optimizer``
         self.optimizer: Optional[DPOptimizer] = None
         self._named_params: list[tuple[str, nn.Parameter]] = []
@@ -201,6 +205,12 @@ class DPEngine:
         if missing or len(opt_params) != len(named):
             raise PrivacyError(f"the D optimizer must hold exactly D's parameters (missing: {missing[:3]})")
         self.D, self.d_optimizer, self._named_params, self.optimizer = D, optimizer, named, None
+        # On a GPU: Poisson batches padded to one fixed size (static shapes, masked blank rows that
+        # contribute exactly nothing and change no accounting: per_sample.per_sample_real_gradients)
+        # and a compiled per-sample function. On a CPU padding would only add work: exact sizes.
+        on_cuda = bool(named) and named[0][1].device.type == "cuda"
+        self.pad_to = padded_batch_size(self.expected_batch_size, self.num_examples) if on_cuda else None
+        self.compile_per_sample = on_cuda
 
     def _dp_optimizer(self) -> DPOptimizer:
         if self.optimizer is None:
@@ -244,9 +254,12 @@ class DPEngine:
         logs only, as ``last_private_stats``).
         """
         assert self.D is not None, "bind(D, optimizer) first"
-        grads, losses, order = per_sample_real_gradients(self.D, real, labels, r1_weight, class_weight)
+        grads, losses, order = per_sample_real_gradients(self.D, real, labels, r1_weight, class_weight,
+                                                         pad_to=self.pad_to, compile=self.compile_per_sample,
+                                                         layer_gradients=self.layer_gradients)
         if units is not None:
-            grads = sum_per_unit(grads, units.to(order.device)[order])
+            m = len(order)  # padded rows (GPU) are nobody's: only the m real rows have a patient
+            grads = sum_per_unit({k: g[:m] for k, g in grads.items()}, units.to(order.device)[order])
         self.clip_and_noise(grads)
         self.last_private_stats = {"loss_d_real": float(losses.mean()) if len(losses) else float("nan"),
                                    "real_batch_size": float(len(losses))}

@@ -12,7 +12,8 @@ from typing import Any, Literal, Mapping, Optional, Sequence
 
 import yaml
 
-from medstylegan2.config import ConfigError, _build, load_config
+from medstylegan2.config import ConfigError, load_config
+from medstylegan2.config_types import build_dataclass
 
 PUBLIC_LABEL = 0  # the public stand-in set holds Normal chests only
 
@@ -103,7 +104,7 @@ def load_study(path: str | Path) -> StudyConfig:
     if unknown:
         raise ConfigError(f"{path}: unknown key '{unknown[0]}'; allowed keys here: {', '.join(allowed)}")
     where = str(path)
-    spec = _build(StudySpec, {k: raw[k] for k in ("base_config", "overrides", "public") if k in raw}, "", where)
+    spec = build_dataclass(StudySpec, {k: raw[k] for k in ("base_config", "overrides", "public") if k in raw}, "", where)
     profiles = _named(ProfileSpec, raw.get("profiles"), "profiles", where)
     arms = _named(ArmSpec, raw.get("arms"), "arms", where)
     base = (path.parent / spec.base_config).resolve()
@@ -117,7 +118,7 @@ def load_study(path: str | Path) -> StudyConfig:
 def _named(cls: type, raw: Any, key: str, where: str) -> dict[str, Any]:
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"{where}: '{key}' must be a non-empty mapping of name -> settings")
-    return {str(name): _build(cls, value, f"{key}.{name}.", where) for name, value in raw.items()}
+    return {str(name): build_dataclass(cls, value, f"{key}.{name}.", where) for name, value in raw.items()}
 
 
 def _validate(study: StudyConfig, where: str) -> None:
