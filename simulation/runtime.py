@@ -79,6 +79,10 @@ def backend_config(cfg: RunConfig, requested_address: Optional[str] = None, *, l
     init_args: dict[str, Any] = {"address": address}
     if lean:
         resources["max_restarts"] = -1  # a site's process that dies comes back for the next round
+        # A message that reaches an actor while Ray restarts it waits for the restart (one retry)
+        # instead of failing with ActorUnavailableError: whichever site the pool hands that actor
+        # next is not failed by how long the restart happens to take on a busy machine.
+        resources["max_task_retries"] = 1
         if address == "local":
             init_args.update(num_cpus=os.cpu_count() or 1, include_dashboard=False,
                              object_store_memory=OBJECT_STORE_BYTES)
