@@ -51,6 +51,7 @@ if str(REPO) not in sys.path:
 
 from medstylegan2.config import load_config  # noqa: E402
 from medstylegan2.trainer import SiteTrainer  # noqa: E402
+from train_speed import machine  # noqa: E402  (bench/ is the script's folder: CPU model, threads, load)
 
 GET_REFERENCE = ("get a checkout of the reference implementation with\n"
                  "    git clone https://github.com/NVlabs/stylegan2-ada-pytorch\n"
@@ -249,19 +250,6 @@ def unmatched_by_reference(cfg) -> list[str]:
     if cfg.train.d_steps_per_g != 1:
         notes.append(f"train.d_steps_per_g={cfg.train.d_steps_per_g} (the reference does one D update per G update)")
     return notes
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{model}, {os.cpu_count()} CPU(s), load average {load:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:

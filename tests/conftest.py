@@ -20,3 +20,13 @@ def tiny_config():
                               "model.z_dim=16", "model.w_dim=16", "model.mapping_layers=2", "model.cmap_dim=16",
                               "train.batch_size=4", "train.r1_interval=2", "train.pl_interval=2",
                               "data.phantoms_per_class=12"])
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: sites that run one after another in this process get one
+    thread each, as the simulation engines give them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -37,12 +37,7 @@ OVERRIDES = ["federation.rounds=3", "federation.evaluate_every=2", "federation.a
 EXPECTED_LINES = [(1, "round"), (2, "round"), (2, "eval"), (3, "round"), (3, "eval")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

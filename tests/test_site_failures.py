@@ -13,12 +13,7 @@ from server.loopback import LoopbackGrid
 from server.strategy import run_federation
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _run(tmp_path, *overrides: str):

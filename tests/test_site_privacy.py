@@ -40,12 +40,7 @@ DP = ["federation.rounds=1", "model.mbstd_group_size=0", "privacy.enabled=true",
       f"privacy.max_grad_norm={CLIP}"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def smoke(*overrides: str):
