@@ -121,6 +121,9 @@ class DataConfig:
     # DICOM: secret salt for hashing PatientID into the per-patient grouping key; created (0600,
     # OS entropy) on first use. None: ~/.config/medstylegan2/patient-id.salt.
     patient_salt_file: Optional[str] = None
+    # A folder's ``image,patient_id`` CSV (paths as under the data root): the held-out split then
+    # holds out whole patients. A deployed site sets it from its privacy policy's patient_csv.
+    patient_csv: Optional[str] = None
 
 
 @dataclass

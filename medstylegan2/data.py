@@ -3,8 +3,7 @@
 Every loader returns ``medstylegan2.images.ImageSet``s (uint8 ``[N, 1, H, W]`` + class indices).
 
 Loading from disk decodes every file once per resolution and keeps the result in a ``.npz`` cache
-(``medstylegan2.image_cache``) keyed by the file listing (paths, sizes, modification times):
-COVID-QU-Ex (33,920 PNGs) takes minutes to decode and a second to read back.
+(``medstylegan2.image_cache``) keyed by the file listing (paths, sizes, modification times).
 
 DICOM files (a hospital's archive) sit beside or instead of PNGs: ``medstylegan2.ingest`` decodes
 every file, ``medstylegan2.dicom`` does the DICOM part, ``medstylegan2.labels`` reads a label CSV
@@ -29,6 +28,7 @@ from medstylegan2.image_cache import KEY_CHARS, cache_file, read_cache, write_ca
 from medstylegan2.images import ImageSet
 from medstylegan2.ingest import SiteOptions, decode_all
 from medstylegan2.labels import LabelVocabulary, read_label_csv
+from medstylegan2.patient_ids import with_patient_ids
 from medstylegan2.skips import SkipTally
 
 log = logging.getLogger(__name__)
@@ -330,20 +330,20 @@ def load_dataset(cfg: DataConfig, resolution: int) -> tuple[ImageSet, ImageSet]:
 
     - ``phantoms``: ``cfg.phantoms_per_class`` per class from seed ``cfg.seed``, then a stratified
       ``cfg.heldout_fraction`` split;
-    - ``folder``: ``load_folder(cfg.root)``, then the same split;
+    - ``folder``: ``load_folder(cfg.root)``, then the same split (by patient with ``cfg.patient_csv``);
     - ``covidqu``: Train + Val for training, the data set's own Test split held out
       (``cfg.heldout_fraction`` does not apply).
     """
     if cfg.source == "phantoms":
-        everything = _phantoms_cached(cfg.phantoms_per_class, resolution, cfg.seed, cfg.cache_dir)
-        return split_heldout(everything, cfg.heldout_fraction, cfg.seed)
+        return split_heldout(_phantoms_cached(cfg.phantoms_per_class, resolution, cfg.seed, cfg.cache_dir),
+                             cfg.heldout_fraction, cfg.seed)
     if cfg.root is None:
         raise DataError(f"data.root is required when data.source is '{cfg.source}'")
     options = SiteOptions.from_config(cfg)
     if cfg.source == "folder":
         everything = load_folder(cfg.root, resolution, max_per_class=cfg.max_per_class, cache_dir=cfg.cache_dir,
                                  options=options)
-        return split_heldout(everything, cfg.heldout_fraction, cfg.seed)
+        return split_heldout(with_patient_ids(everything, cfg.patient_csv), cfg.heldout_fraction, cfg.seed)
     if cfg.source == "covidqu":
         train = load_covidqu(cfg.root, resolution, splits=("Train", "Val"), max_per_class=cfg.max_per_class,
                              cache_dir=cfg.cache_dir, options=options)

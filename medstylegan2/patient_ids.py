@@ -2,8 +2,9 @@
 
 The site keeps a CSV with the columns ``image`` (the image's path relative to the data root, as in
 ``ImageSet.sources``) and ``patient_id`` (any text: an MRN, a hashed DICOM PatientID). Rows for
-images that are not in the training set (held-out images, other splits) are allowed; a training
-image without a row, or with two rows, is an error naming the file and line. The ids never leave
+images that are not read (other splits) are allowed; an image without a row, or with two rows, is an
+error naming the file and line. A site's folder is grouped before its held-out split
+(``with_patient_ids``), so that split keeps each patient on one side. The ids never leave
 the site: only the grouping matters (``privacy.DPEngine(groups=...)``, the ledger's fingerprint).
 """
 
@@ -16,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from medstylegan2.errors import DataError
+from medstylegan2.images import ImageSet
 
 COLUMNS = ("image", "patient_id")
 
@@ -46,3 +48,13 @@ def read_patient_ids(csv_path: str | Path, sources: Sequence[str] | None) -> np.
                         "patient-level privacy needs the patient of every image")
     numbers: dict[str, int] = {}
     return np.array([numbers.setdefault(patient_of[s], len(numbers)) for s in sources], dtype=np.int64)
+
+
+def with_patient_ids(images: ImageSet, csv_path: str | Path | None) -> ImageSet:
+    """``images`` grouped by the patients of ``csv_path`` (unchanged when None), before any split:
+    the held-out split then keeps each patient on one side. The CSV wins over DICOM PatientIDs."""
+    if csv_path is None:
+        return images
+    groups = read_patient_ids(csv_path, images.sources)
+    return ImageSet(images=images.images, labels=images.labels, class_names=images.class_names,
+                    sources=images.sources, groups=groups)

@@ -269,3 +269,33 @@ def test_a_patient_level_site_round_samples_the_patients_its_policy_csv_names(tm
     with pytest.raises(Exception, match="patient ids|patient_id"):
         with site_privacy.round(request, images, labels, run="r", round_num=2, sources=None):
             pass
+
+
+def test_a_deployed_site_with_a_policy_patient_csv_holds_out_whole_patients(tmp_path):
+    import yaml
+    from PIL import Image
+
+    from medstylegan2.fl.partition import load_site_data
+
+    rng = np.random.default_rng(5)
+    rows = []
+    for klass in ("Normal", "COVID-19", "Non-COVID"):
+        (tmp_path / "data" / klass).mkdir(parents=True)
+        for i in range(30):
+            name = f"{klass}/{i:03d}.png"
+            Image.fromarray(rng.integers(1, 255, (16, 16), dtype=np.uint8)).save(tmp_path / "data" / name)
+            rows.append(f"{name},{klass}-patient-{i // 5}\n")  # six patients of five images per class
+    (tmp_path / "patients.csv").write_text("image,patient_id\n" + "".join(rows))
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump({
+        "dp_required": True, "min_noise_multiplier": 1.0, "lifetime_epsilon": 100.0, "nominal_size": 8,
+        "ledger_dir": "ledger", "unit": "patient", "patient_csv": "patients.csv"}))
+    cfg = load_config(None, ["model.resolution=16", "data.heldout_fraction=0.2", "data.cache_dir=null"])
+    node = {"data-dir": str(tmp_path / "data"), "site-name": "h", "privacy-policy": str(tmp_path / "policy.yaml")}
+
+    train = load_site_data(cfg, node)
+    patient_of = dict(row.strip().split(",") for row in rows)
+    trained = {patient_of[s] for s in train.sources}
+    assert 60 <= len(train.labels) < 90 and all(len(s) for s in train.sources)
+    # Every patient is either trained on with all five images, or not at all.
+    assert all(sum(patient_of[s] == p for s in train.sources) == 5 for p in trained)
+    assert isinstance(train.groups, np.ndarray) and len(np.unique(train.groups)) == len(trained)

@@ -217,7 +217,10 @@ def load_site_data(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteData:
     """
     name = site_name(node_config)
     if node_config.get("data-dir"):
-        site_cfg = dataclasses.replace(cfg, data=site_data_config(cfg.data, node_config))
+        # The policy's patient ids group the images before the held-out split: no patient on both sides.
+        site_data = dataclasses.replace(site_data_config(cfg.data, node_config),
+                                        patient_csv=_policy_patient_csv(node_config, name))
+        site_cfg = dataclasses.replace(cfg, data=site_data)
         train = _cached_folder(str(node_config["data-dir"]), _data_key(site_cfg))
         return SiteData(name=name, images=train.images, labels=train.labels, groups=train.groups,
                         sources=train.sources)
@@ -228,6 +231,13 @@ def load_site_data(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteData:
     train, parts = simulation_partitions(cfg, num)
     idx = parts[pid]
     return SiteData(name=name, images=train.images[idx], labels=train.labels[idx])
+
+
+def _policy_patient_csv(node_config: Mapping[str, Any], site: str) -> Optional[str]:
+    from medstylegan2.privacy.site import SitePrivacy
+
+    policy = SitePrivacy.of_node(node_config, site).policy
+    return None if policy is None else policy.patient_csv
 
 
 @functools.lru_cache(maxsize=2)
