@@ -83,10 +83,22 @@ def backend_config(cfg: RunConfig, requested_address: Optional[str] = None, *, l
         # instead of failing with ActorUnavailableError: whichever site the pool hands that actor
         # next is not failed by how long the restart happens to take on a busy machine.
         resources["max_task_retries"] = 1
+        _terminate_without_retry()
         if address == "local":
             init_args.update(num_cpus=os.cpu_count() or 1, include_dashboard=False,
                              object_store_memory=OBJECT_STORE_BYTES)
     return {"client_resources": resources, "init_args": init_args}
+
+
+def _terminate_without_retry() -> None:
+    """Flower ends each site's actor with ``terminate``, which exits the actor on purpose; with the
+    actor-wide retry above Ray would log that exit as a failed task and send ``terminate`` again.
+    Ray reads per-method retries from the class's method table when it creates an actor."""
+    from flwr.simulation.ray_transport.ray_actor import ClientAppActor
+
+    table = getattr(getattr(ClientAppActor, "__ray_metadata__", None), "method_meta", None)
+    if table is not None and isinstance(getattr(table, "max_task_retries", None), dict):
+        table.max_task_retries["terminate"] = 0
 
 
 def lean_ray_environment() -> None:
