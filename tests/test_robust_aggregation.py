@@ -153,3 +153,20 @@ def test_a_site_sending_a_hundredfold_update_through_the_real_strategy_is_reject
     for key in transferred(before):
         torch.testing.assert_close(after[key], before[key] + 0.02, rtol=1e-6, atol=1e-5, msg=key)
     assert read_checkpoint(tmp_path / "round_001.pt")["round"] == 1
+
+
+def test_the_round_reports_throughput_only_from_sites_that_sent_timing():
+    honest = honest_updates(3)
+    weights = {k: torch.zeros(s) for k, s in SHAPES.items()}
+
+    def aggregated(metrics: list[dict]) -> dict:
+        replies = [SiteReply(f"site-{i}", m, {k: v.numpy() for k, v in u.items()})
+                   for i, (m, u) in enumerate(zip(metrics, honest))]
+        return aggregate_round(replies, round_num=1, global_weights=weights, sent=weights,
+                               expected_shapes=dict(SHAPES), optimizer=ServerOptimizer("fedavg"), plain_keys=set(),
+                               min_sites=1, known_sites=3, rule="mean", trim_fraction=0.0,
+                               outlier_factor=0.0).aggregated
+
+    timed = [{"num_examples": 10, "images_per_second": 5.0 + i} for i in range(3)]
+    assert aggregated(timed)["images_per_second"] == pytest.approx(18.0)
+    assert "images_per_second" not in aggregated([{"num_examples": 2000}] * 3)  # DP replies carry no timing

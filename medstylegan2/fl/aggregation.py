@@ -366,7 +366,9 @@ def aggregate_round(replies: Sequence[SiteReply], *, round_num: int, global_weig
     aggregated = weighted_metrics([m for *_, m in accepted], [w for _, _, w, _ in accepted], LOSS_KEYS)
     aggregated["num_examples"] = sum(w for _, _, w, _ in accepted)
     aggregated["sites"] = contributing
-    aggregated["images_per_second"] = sum(m.get("images_per_second", 0.0) for *_, m in accepted)
+    speeds = [m["images_per_second"] for *_, m in accepted if "images_per_second" in m]
+    if speeds:  # sites under DP report no timing: no figure rather than a throughput of 0
+        aggregated["images_per_second"] = sum(speeds)
     outcome.aggregated = aggregated
     outcome.real_images_seen = int(sum(m.get("real_images_seen", 0.0) for *_, m in accepted))
     return outcome
