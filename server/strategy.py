@@ -28,7 +28,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, Optional
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -171,9 +171,8 @@ class FederatedGAN(FedAvg):
         self.state.eval_record = eval_record
         commit_round(self.folder, self.cfg, self.state, {site.name: site.num_examples for site in self.sites.values()})
         self._ensure_round_files()
-        info("round %d: %d site(s) aggregated, loss_g %.4f, loss_d %.4f, %.1f s", round_num, outcome.contributing,
-             aggregated.get("loss_g", float("nan")),
-             aggregated.get("loss_d_fake", float("nan")) + aggregated.get("loss_d_real", float("nan")), seconds)
+        info("round %d: %d site(s) aggregated, %s, %.1f s", round_num, outcome.contributing,
+             loss_summary(aggregated), seconds)
 
         out_record = ArrayRecord({k: Array(v.numpy()) for k, v in transferred(self.state.weights).items()})
         out_metrics = MetricRecord({k: float(v) for k, v in aggregated.items()})
@@ -278,6 +277,17 @@ class FederatedGAN(FedAvg):
         else:
             reply.payload_kind = PAYLOAD_WEIGHTS
         return reply
+
+
+def loss_summary(aggregated: Mapping[str, float]) -> str:
+    """The round's losses for the log. Under DP no site sends D's loss on real images (it is computed
+    on real data outside the DP mechanism), so D's loss is then its loss on fakes, named as such."""
+    text = f"loss_g {aggregated.get('loss_g', float('nan')):.4f}"
+    if "loss_d_fake" in aggregated and "loss_d_real" in aggregated:
+        return f"{text}, loss_d {aggregated['loss_d_fake'] + aggregated['loss_d_real']:.4f}"
+    if "loss_d_fake" in aggregated:
+        return f"{text}, loss_d_fake {aggregated['loss_d_fake']:.4f} (sites under DP send no loss on real images)"
+    return text
 
 
 def _rss_mb() -> Optional[float]:

@@ -546,3 +546,11 @@ def test_a_proximal_term_keeps_site_weights_near_the_global_ones(tiny_config):
 
     assert drift(1000.0) < 0.5 * drift(0.0)
 
+
+
+def test_the_round_log_names_d_loss_on_fakes_when_sites_under_dp_send_no_real_loss():
+    from server.strategy import loss_summary
+
+    assert loss_summary({"loss_g": 1.0, "loss_d_fake": 0.25, "loss_d_real": 0.5}) == "loss_g 1.0000, loss_d 0.7500"
+    under_dp = loss_summary({"loss_g": 1.0, "loss_d_fake": 0.25})
+    assert "nan" not in under_dp and under_dp.startswith("loss_g 1.0000, loss_d_fake 0.2500")
