@@ -11,6 +11,7 @@ the site: only the grouping matters (``privacy.DPEngine(groups=...)``, the ledge
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 from typing import Sequence
 
@@ -55,6 +56,4 @@ def with_patient_ids(images: ImageSet, csv_path: str | Path | None) -> ImageSet:
     the held-out split then keeps each patient on one side. The CSV wins over DICOM PatientIDs."""
     if csv_path is None:
         return images
-    groups = read_patient_ids(csv_path, images.sources)
-    return ImageSet(images=images.images, labels=images.labels, class_names=images.class_names,
-                    sources=images.sources, groups=groups)
+    return dataclasses.replace(images, groups=read_patient_ids(csv_path, images.sources))
