@@ -35,10 +35,12 @@ class ModelConfig:
     # CPU runs on the embedded phantoms; configs/covidqu-256.yaml uses paper-scale widths.
     channel_base: int = 1024
     channel_max: int = 64
-    # Minibatch standard deviation in D; 0 disables it (required under differential privacy,
-    # since it mixes samples of one batch).
+    # Minibatch standard deviation in D; 0 disables it. Over the batch it mixes the samples of a
+    # batch, which DP forbids; with mbstd_reference each sample is grouped with group_size - 1
+    # fresh fakes instead (no other real image), the form allowed under differential privacy.
     mbstd_group_size: int = 4
     mbstd_channels: int = 1
+    mbstd_reference: bool = False
     # Dimension of the class embedding that D projects its features onto.
     cmap_dim: int = 64
     # Auxiliary-classifier head on D's features (AC-GAN, Odena et al. 2017): D also learns to
@@ -305,9 +307,9 @@ def _check_semantics(cfg: RunConfig) -> None:
         need((p.noise_multiplier is None) != (p.target_epsilon is None), "privacy.noise_multiplier",
              "or privacy.target_epsilon: give exactly one when privacy.enabled is true")
         need(p.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0")
-        need(m.mbstd_group_size == 0, "model.mbstd_group_size",
-             "must be 0 when privacy.enabled is true: minibatch-stddev mixes samples of a batch, "
-             "so per-sample gradients are undefined")
+        need(m.mbstd_group_size == 0 or m.mbstd_reference, "model.mbstd_group_size",
+             "must be 0 when privacy.enabled is true, unless model.mbstd_reference is true: minibatch-stddev "
+             "over the batch mixes samples of a batch, so per-sample gradients are undefined")
         need(m.arch == "stylegan2", "model.arch", "must be 'stylegan2' when privacy.enabled is true")
     if p.delta is not None:
         need(0 < p.delta < 1, "privacy.delta", "must be in (0, 1)")

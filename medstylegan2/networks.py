@@ -9,7 +9,9 @@ buffers in the discriminator, so that ``torch.func`` can take exact per-sample g
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -415,13 +417,33 @@ class DiscriminatorBlock(nn.Module):
 
 
 class MinibatchStdLayer(nn.Module):
-    """Appends the std of features over groups of samples. Mixes samples: incompatible with DP-SGD."""
+    """Appends the std of features over a group of samples, so D can see a lack of variety.
 
-    def __init__(self, group_size: int, num_channels: int = 1):
+    Two ways to form the group:
+
+    - over the batch (``against_reference`` false, StyleGAN2): groups of ``group_size`` samples of
+      the batch. Every sample's output then depends on the others in its group, so this mode has
+      no per-sample gradient and is rejected under DP.
+    - against reference fakes (``against_reference`` true, the form DP allows): each sample is
+      grouped with ``group_size - 1`` reference fakes of its own class, whose features the caller
+      sets with ``Discriminator.mbstd_reference`` (constants: no gradient flows into them). A
+      sample's output depends on itself and on those fakes only, never on another sample of its
+      batch. When G collapses onto one image per class, a fake's group is all alike and its std
+      is near 0, while a real image's is not: D sees the collapse, as batch mbstd lets it. With no
+      reference set the appended channel is 0.
+    """
+
+    def __init__(self, group_size: int, num_channels: int = 1, *, against_reference: bool = False):
         super().__init__()
         self.group_size, self.num_channels = group_size, num_channels
+        self.against_reference = against_reference
+        # Features [num_classes, group_size - 1, C, H, W] of the reference fakes, by class (not a
+        # parameter or buffer: never saved or exchanged; set per step by the context manager).
+        self.reference: Optional[torch.Tensor] = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.against_reference:
+            return torch.cat([x, self._std_against_reference(x, labels)], dim=1)
         n, c, h, w = x.shape
         g = min(self.group_size, n)
         while n % g:
@@ -433,6 +455,24 @@ class MinibatchStdLayer(nn.Module):
         y = y.reshape(-1, f, 1, 1).repeat(g, 1, h, w)
         return torch.cat([x, y], dim=1)
 
+    def _std_against_reference(self, x: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        n, c, h, w = x.shape
+        f = self.num_channels
+        if self.reference is None:
+            return x.new_zeros((n, f, h, w))
+        if labels is None:
+            raise ValueError("minibatch-stddev against reference fakes needs the samples' labels")
+        reference = self.reference.detach().to(dtype=x.dtype)
+        num_classes, k = reference.shape[:2]
+        # Each sample's own class's references, by a one-hot product: vmap (per-sample DP
+        # gradients) cannot index by a batched label. [k, n, C, H, W].
+        one_hot_labels = (labels.reshape(-1, 1) == torch.arange(num_classes, device=x.device)).to(x.dtype)
+        own = torch.einsum("nq,qkchw->knchw", one_hot_labels, reference)
+        group = torch.cat([x.unsqueeze(0), own], dim=0).reshape(k + 1, n, f, c // f, h, w)
+        y = (group - group.mean(dim=0)).square().mean(dim=0)
+        y = (y + 1e-8).sqrt().mean(dim=[2, 3, 4])
+        return y.reshape(n, f, 1, 1).expand(n, f, h, w)
+
 
 class DiscriminatorEpilogue(nn.Module):
     """4x4 features -> projection-conditioned logit: <features, embed(class)> / sqrt(cmap_dim).
@@ -442,19 +482,21 @@ class DiscriminatorEpilogue(nn.Module):
     """
 
     def __init__(self, in_channels: int, *, cmap_dim: int, mbstd_group_size: int, mbstd_channels: int,
-                 num_head_classes: int = 0):
+                 num_head_classes: int = 0, mbstd_reference: bool = False):
         super().__init__()
         self.cmap_dim = cmap_dim
-        self.mbstd = MinibatchStdLayer(mbstd_group_size, mbstd_channels) if mbstd_group_size > 0 else None
+        self.mbstd = (MinibatchStdLayer(mbstd_group_size, mbstd_channels, against_reference=mbstd_reference)
+                      if mbstd_group_size > 0 else None)
         extra = mbstd_channels if self.mbstd is not None else 0
         self.conv = Conv2dLayer(in_channels + extra, in_channels, 3, activation="lrelu")
         self.fc = FullyConnectedLayer(in_channels * 16, in_channels, activation="lrelu")
         self.out = FullyConnectedLayer(in_channels, cmap_dim)
         self.class_head = FullyConnectedLayer(in_channels, num_head_classes) if num_head_classes > 0 else None
 
-    def forward(self, x: torch.Tensor, cmap: torch.Tensor, with_class_logits: bool = False):
+    def forward(self, x: torch.Tensor, cmap: torch.Tensor, with_class_logits: bool = False,
+                labels: Optional[torch.Tensor] = None):
         if self.mbstd is not None:
-            x = self.mbstd(x)
+            x = self.mbstd(x, labels)
         x = self.conv(x)
         features = self.fc(x.flatten(1))
         logit = (self.out(features) * cmap).sum(dim=1, keepdim=True) / math.sqrt(self.cmap_dim)
@@ -487,11 +529,14 @@ class Discriminator(nn.Module):
 
     def __init__(self, *, num_classes: int = 3, img_resolution: int = 64, img_channels: int = 1,
                  channel_base: int = 4096, channel_max: int = 128, cmap_dim: int = 128,
-                 mbstd_group_size: int = 4, mbstd_channels: int = 1, class_head: bool = False):
+                 mbstd_group_size: int = 4, mbstd_channels: int = 1, class_head: bool = False,
+                 mbstd_reference: bool = False):
         super().__init__()
         self.num_classes, self.img_resolution, self.img_channels = num_classes, img_resolution, img_channels
         self.has_class_head = class_head
         self.mbstd_group_size = mbstd_group_size
+        # True when minibatch-stddev groups each sample with reference fakes, not with its batch.
+        self.mbstd_against_reference = bool(mbstd_reference and mbstd_group_size > 0)
         resolutions = [2 ** i for i in range(int(np.log2(img_resolution)), 2, -1)]
         self.blocks = nn.ModuleList()
         for i, res in enumerate(resolutions):
@@ -502,14 +547,51 @@ class Discriminator(nn.Module):
         self.class_embedding = ClassEmbedding(num_classes, cmap_dim)
         self.epilogue = DiscriminatorEpilogue(channels_at(4, channel_base, channel_max), cmap_dim=cmap_dim,
                                               mbstd_group_size=mbstd_group_size, mbstd_channels=mbstd_channels,
-                                              num_head_classes=num_classes if class_head else 0)
+                                              num_head_classes=num_classes if class_head else 0,
+                                              mbstd_reference=mbstd_reference)
 
-    def forward(self, img: torch.Tensor, labels: torch.Tensor, with_class_logits: bool = False):
-        """Logits [N, 1]; with ``with_class_logits`` also the class head's logits [N, num_classes]."""
+    @property
+    def mixes_batch(self) -> bool:
+        """True when one sample's output depends on other samples of its batch (batch mbstd)."""
+        return self.mbstd_group_size > 0 and not self.mbstd_against_reference
+
+    def block_features(self, img: torch.Tensor) -> torch.Tensor:
+        """The 4x4 features the epilogue (and its minibatch-stddev) reads."""
         x = None
         for block in self.blocks:
             x = block(x, img)
-        return self.epilogue(x, self.class_embedding(labels, img.dtype), with_class_logits)
+        return x
+
+    def forward(self, img: torch.Tensor, labels: torch.Tensor, with_class_logits: bool = False):
+        """Logits [N, 1]; with ``with_class_logits`` also the class head's logits [N, num_classes]."""
+        return self.epilogue(self.block_features(img), self.class_embedding(labels, img.dtype), with_class_logits,
+                             labels)
+
+    @contextlib.contextmanager
+    def mbstd_reference(self, reference_images: Optional[torch.Tensor]):
+        """Within the block, minibatch-stddev groups every sample with reference fakes of its class.
+
+        ``reference_images``: [num_classes, mbstd_group_size - 1, C, H, W] fakes, row q of class q
+        (or None: nothing to set). Their features are taken once, with D's current weights and
+        no gradient, so they are constants of every forward inside the block. A no-op unless D
+        uses reference mbstd.
+        """
+        layer = self.epilogue.mbstd
+        if not self.mbstd_against_reference or layer is None or reference_images is None:
+            yield
+            return
+        q, k = reference_images.shape[:2]
+        if q != self.num_classes or k != self.mbstd_group_size - 1:
+            raise ValueError(f"reference fakes must be [num_classes={self.num_classes}, "
+                             f"mbstd_group_size - 1={self.mbstd_group_size - 1}, C, H, W], got "
+                             f"{tuple(reference_images.shape)}")
+        with torch.no_grad():
+            features = self.block_features(reference_images.detach().flatten(0, 1))
+        layer.reference = features.reshape(q, k, *features.shape[1:])
+        try:
+            yield
+        finally:
+            layer.reference = None
 
 
 def build_networks(model_cfg) -> tuple[nn.Module, nn.Module]:
@@ -531,5 +613,5 @@ def build_networks(model_cfg) -> tuple[nn.Module, nn.Module]:
                       img_channels=model_cfg.channels, channel_base=model_cfg.channel_base,
                       channel_max=model_cfg.channel_max, cmap_dim=model_cfg.cmap_dim,
                       mbstd_group_size=model_cfg.mbstd_group_size, mbstd_channels=model_cfg.mbstd_channels,
-                      class_head=model_cfg.d_class_head)
+                      class_head=model_cfg.d_class_head, mbstd_reference=model_cfg.mbstd_reference)
     return G, D

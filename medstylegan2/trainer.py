@@ -8,6 +8,7 @@ path-length mean, the batch sampler and every RNG state.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import random
@@ -109,7 +110,9 @@ class SiteTrainer:
         self.loss = StyleGAN2Loss(self.G, self.D, cfg.train)
         self.loss.pl_mean = self.loss.pl_mean.to(self.device)
         if self.accel.compile:
-            self.loss.D_fast = maybe_compile(self.D, True)
+            # Reference mbstd swaps a tensor attribute of D every step: compiled, each swap would
+            # be a guard failure and a recompile, so D stays eager then.
+            self.loss.D_fast = maybe_compile(self.D, not self.uses_reference_mbstd)
             if self.loss.has_mapping:
                 self.loss.synthesize_fast = maybe_compile(self.G.synthesize, True)
         self.g_opt = self._make_optimizer(self.G, cfg.train.g_lr, cfg.train.pl_interval if self.loss.has_mapping
@@ -150,6 +153,26 @@ class SiteTrainer:
         idx = torch.randint(0, self.num_examples, (n,), device=self.device)
         return self.real_labels[idx]
 
+    @property
+    def uses_reference_mbstd(self) -> bool:
+        return bool(getattr(self.D, "mbstd_against_reference", False))
+
+    def mbstd_reference(self):
+        """A context in which D's reference minibatch-stddev sees fresh fakes (a no-op otherwise).
+
+        The fakes are G's output for fresh noise and every class: nothing in them depends on
+        private data except through G's weights, which are post-processing of DP releases. So,
+        under DP, a real image's loss still depends on that image alone among the private data.
+        """
+        if not self.uses_reference_mbstd:
+            return contextlib.nullcontext()
+        q, k = self.cfg.model.num_classes, self.cfg.model.mbstd_group_size - 1
+        with torch.no_grad(), self.accel.autocast():
+            z = torch.randn(q * k, self.cfg.model.z_dim, device=self.device)
+            labels = torch.arange(q, device=self.device).repeat_interleave(k)
+            fake = self.loss.generate(z, labels, update_w_avg=False, fast=True)
+        return self.D.mbstd_reference(fake.reshape(q, k, *fake.shape[1:]))
+
     def real_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         idx = copy_indices_to(self.sampler.next_indices(), self.device)
         return self.real_images[idx], self.real_labels[idx]
@@ -179,7 +202,7 @@ class SiteTrainer:
         self.g_opt.zero_grad(set_to_none=True)
         z = torch.randn(batch, self.cfg.model.z_dim, device=self.device)
         labels = self.sample_fake_labels(batch)
-        with self.accel.autocast():
+        with self.mbstd_reference(), self.accel.autocast():
             loss_g, s = self.loss.generator_main(z, labels, ds_weight=self.ds_weight())
         loss_g.backward()
         stats.update(s)
@@ -203,7 +226,8 @@ class SiteTrainer:
                 fake_labels = self.sample_fake_labels(batch)
                 fake = self.loss.generate(z, fake_labels, update_w_avg=False, fast=True)
             r1_weight = self.loss.r1_weight(lazy=d_index % t.r1_interval == 0)
-            stats.update(self.discriminator_step(fake, fake_labels, r1_weight))
+            with self.mbstd_reference():
+                stats.update(self.discriminator_step(fake, fake_labels, r1_weight))
         self.G.requires_grad_(True)
 
         self.update_ema()

@@ -15,21 +15,23 @@ from medstylegan2.errors import PrivacyError
 def validate_discriminator(D: nn.Module) -> None:
     """Raise ``PrivacyError`` naming every layer of D that per-sample DP-SGD cannot handle.
 
-    Rejected: minibatch-stddev (mixes the samples of a batch), BatchNorm (same, plus running
+    Rejected: minibatch-stddev over the batch (mixes the samples of a batch; the reference form,
+    which groups each sample with fakes only, is allowed), BatchNorm (same, plus running
     statistics of real data), any buffer (state updated from real data would leave the site
     un-noised), and whatever Opacus' ``ModuleValidator`` rejects.
     """
     from opacus.validators.errors import UnsupportedModuleError
 
     problems: list[str] = []
-    if getattr(D, "mbstd_group_size", 0):
+    if getattr(D, "mbstd_group_size", 0) and not getattr(D, "mbstd_against_reference", False):
         problems.append(f"D.mbstd_group_size={D.mbstd_group_size}: minibatch-stddev mixes the samples of a batch, "
-                        "so per-sample gradients are undefined; set model.mbstd_group_size: 0 under DP")
+                        "so per-sample gradients are undefined; set model.mbstd_group_size: 0 or "
+                        "model.mbstd_reference: true under DP")
     for name, module in D.named_modules():
         where = f"D.{name}" if name else "D"
-        if type(module).__name__ == "MinibatchStdLayer":
+        if type(module).__name__ == "MinibatchStdLayer" and not getattr(module, "against_reference", False):
             problems.append(f"{where} (MinibatchStdLayer): mixes the samples of a batch; "
-                            "set model.mbstd_group_size: 0 under DP")
+                            "set model.mbstd_group_size: 0 or model.mbstd_reference: true under DP")
         elif isinstance(module, nn.modules.batchnorm._BatchNorm):
             problems.append(f"{where} ({type(module).__name__}): BatchNorm mixes the samples of a batch and keeps "
                             "running statistics of real data; use GroupNorm or LayerNorm (no running stats), "
