@@ -31,6 +31,10 @@ COMMANDS: dict[str, Command] = {
                             "Show what a data folder (DICOM archive or PNG class folders) holds before training: "
                             "counts per class, modality, view, photometric interpretation and bit depth, skipped "
                             "files and why, and a contact sheet of the preprocessed pixels"),
+    "export-split": Command("medstylegan2.export_split",
+                            "Write the training and held-out images a config's run uses (e.g. RUN_DIR/config.yaml) "
+                            "as OUT/train/<class>/*.png and OUT/heldout/<class>/*.png, for evaluate --train, "
+                            "audit-privacy and release --drop-memorized."),
     "train-local": Command("medstylegan2.train_local",
                            "Train one site's class-conditional GAN on a data folder, a COVID-QU-Ex root, or "
                            "'phantoms' (the embedded default)."),

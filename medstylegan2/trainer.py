@@ -28,6 +28,7 @@ from medstylegan2.errors import CheckpointError, UserError
 from medstylegan2.losses import StyleGAN2Loss
 from medstylegan2.networks import build_networks
 from medstylegan2.runfolder import write_checkpoint
+from medstylegan2.shuffle_sampler import ShuffleSampler
 
 if TYPE_CHECKING:
     from medstylegan2.privacy.engine import DPEngine
@@ -54,35 +55,6 @@ def images_to_float(images: np.ndarray | torch.Tensor, device: torch.device | st
 def float_to_images(x: torch.Tensor) -> np.ndarray:
     """float in [-1, 1] -> uint8 [N,C,H,W] (clipped)."""
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-
-
-class ShuffleSampler:
-    """Batches of a fixed size drawn without replacement from a reshuffled epoch order."""
-
-    def __init__(self, num_examples: int, batch_size: int, seed: int):
-        self.num_examples, self.batch_size = num_examples, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.order = torch.empty(0, dtype=torch.long)
-        self.position = 0
-
-    def next_indices(self) -> torch.Tensor:
-        chunks, needed = [], self.batch_size
-        while needed > 0:
-            if self.position >= len(self.order):
-                self.order = torch.randperm(self.num_examples, generator=self.generator)
-                self.position = 0
-            take = self.order[self.position:self.position + needed]
-            self.position += len(take)
-            needed -= len(take)
-            chunks.append(take)
-        return torch.cat(chunks)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state(), "order": self.order.clone(), "position": self.position}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
-        self.order, self.position = state["order"].clone(), int(state["position"])
 
 
 class SiteTrainer:

@@ -25,7 +25,8 @@ from medstylegan2.fl.wire import (PAYLOAD_DELTA, PAYLOAD_WEIGHTS, PRIVACY_PREFIX
                                   decode_from_transfer, encode_for_transfer, flatten_weights, is_constant,
                                   quantize_with_error_feedback, transferred, unflatten_weights, zero_update_like)
 from medstylegan2.runfolder import atomic_write_bytes, round_file, round_numbers_in
-from medstylegan2.trainer import ShuffleSampler, SiteTrainer
+from medstylegan2.shuffle_sampler import ShuffleSampler
+from medstylegan2.trainer import SiteTrainer
 from medstylegan2.privacy.reply import reply_metrics
 
 if TYPE_CHECKING:

@@ -25,6 +25,7 @@ The command (files, checkpoint, where epsilon comes from) is ``medstylegan2.priv
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Any, Callable, Optional
@@ -122,22 +123,41 @@ def bound_summary(epsilon: float, delta: float, fpr_targets: tuple[float, ...] =
 
 @torch.no_grad()
 def white_box_scores(D: torch.nn.Module, images_uint8: np.ndarray, labels: np.ndarray, *, batch_size: int = 256,
-                     device: torch.device | str = "cpu") -> np.ndarray:
-    """D's logit for each (image, label). One image at a time when D mixes a batch (minibatch-stddev),
-    so that no candidate's score depends on the others."""
+                     device: torch.device | str = "cpu", reference: Optional[torch.Tensor] = None) -> np.ndarray:
+    """D's logit for each (image, label). One image at a time when D mixes a batch (minibatch-stddev
+    over the batch), so that no candidate's score depends on the others. ``reference``: the
+    fakes a D with reference minibatch-stddev groups each candidate with (the same for every
+    candidate; ``reference_fakes``)."""
     from medstylegan2.trainer import images_to_float
 
-    if getattr(D, "mbstd_group_size", 0):
+    if getattr(D, "mixes_batch", False):
         batch_size = 1
     was_training = D.training
     D.eval()
     out = []
-    for start in range(0, len(images_uint8), batch_size):
-        x = images_to_float(images_uint8[start:start + batch_size], device)
-        c = torch.as_tensor(np.asarray(labels[start:start + batch_size]), dtype=torch.long, device=device)
-        out.append(D(x, c).reshape(-1).double().cpu())
+    uses_reference = reference is not None and hasattr(D, "mbstd_reference")
+    with D.mbstd_reference(reference.to(device)) if uses_reference else contextlib.nullcontext():
+        for start in range(0, len(images_uint8), batch_size):
+            x = images_to_float(images_uint8[start:start + batch_size], device)
+            c = torch.as_tensor(np.asarray(labels[start:start + batch_size]), dtype=torch.long, device=device)
+            out.append(D(x, c).reshape(-1).double().cpu())
     D.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+@torch.no_grad()
+def reference_fakes(G: torch.nn.Module, D: torch.nn.Module, *, seed: int = 0,
+                    device: torch.device | str = "cpu") -> Optional[torch.Tensor]:
+    """For a D with reference minibatch-stddev: [num_classes, group - 1, C, H, W] fakes of G, as in
+    training; None for any other D."""
+    if not getattr(D, "mbstd_against_reference", False):
+        return None
+    q, k = D.num_classes, D.mbstd_group_size - 1
+    z_dim = G.z_dim
+    z = torch.randn(q * k, z_dim, generator=torch.Generator().manual_seed(seed + 7919)).to(device)
+    labels = torch.arange(q, device=device).repeat_interleave(k)
+    fake = G(z, labels)
+    return fake.reshape(q, k, *fake.shape[1:])
 
 
 def nearest_same_class_distance(candidates: np.ndarray, candidate_labels: np.ndarray, generated: np.ndarray,
@@ -189,9 +209,10 @@ def audit(D: torch.nn.Module, G: torch.nn.Module, members, non_members, *, sampl
         if epsilon is not None:
             attacks[name]["max_excess_over_bound"] = float((tpr - dp_tpr_bound(fpr, epsilon, delta or 0.0)).max())
 
+    reference = reference_fakes(G, D, seed=seed, device=device)
     record("white_box_discriminator", "D logit of (candidate, its label); higher = member (LOGAN)",
-           white_box_scores(D, members.images, members.labels, device=device),
-           white_box_scores(D, non_members.images, non_members.labels, device=device))
+           white_box_scores(D, members.images, members.labels, device=device, reference=reference),
+           white_box_scores(D, non_members.images, non_members.labels, device=device, reference=reference))
 
     classes = np.unique(np.concatenate([members.labels, non_members.labels]))
     gen_labels = np.repeat(classes, samples_per_class)
