@@ -35,6 +35,11 @@ class ModelConfig:
     # CPU runs on the embedded phantoms; configs/covidqu-256.yaml uses paper-scale widths.
     channel_base: int = 1024
     channel_max: int = 64
+    # D's own widths (null: the same as G's). Under DP the noise added to D's gradient grows with
+    # the square root of D's parameter count, while the clipped signal does not: a narrower D
+    # keeps more of it (Bie et al. 2023).
+    d_channel_base: Optional[int] = None
+    d_channel_max: Optional[int] = None
     # Minibatch standard deviation in D; 0 disables it. Over the batch it mixes the samples of a
     # batch, which DP forbids; with mbstd_reference each sample is grouped with group_size - 1
     # fresh fakes instead (no other real image), the form allowed under differential privacy.
@@ -271,6 +276,8 @@ def _check_semantics(cfg: RunConfig) -> None:
     need(t.d_steps_per_g >= 1, "train.d_steps_per_g", "must be >= 1")
     for key in ("z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max", "cmap_dim"):
         need(getattr(m, key) > 0, f"model.{key}", "must be > 0")
+    for key in ("d_channel_base", "d_channel_max"):
+        need(getattr(m, key) is None or getattr(m, key) > 0, f"model.{key}", "must be > 0 (or null: G's)")
     need(m.mbstd_group_size >= 0, "model.mbstd_group_size", "must be >= 0 (0 disables it)")
     need(t.batch_size > 0, "train.batch_size", "must be > 0")
     need(t.r1_interval > 0 and t.pl_interval > 0, "train.r1_interval/pl_interval", "must be > 0")

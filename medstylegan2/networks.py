@@ -610,8 +610,9 @@ def build_networks(model_cfg) -> tuple[nn.Module, nn.Module]:
                   channel_max=model_cfg.channel_max, w_hpf=model_cfg.w_hpf,
                   mapping_lr_multiplier=model_cfg.mapping_lr_multiplier)
     D = Discriminator(num_classes=model_cfg.num_classes, img_resolution=model_cfg.resolution,
-                      img_channels=model_cfg.channels, channel_base=model_cfg.channel_base,
-                      channel_max=model_cfg.channel_max, cmap_dim=model_cfg.cmap_dim,
+                      img_channels=model_cfg.channels,
+                      channel_base=model_cfg.d_channel_base or model_cfg.channel_base,
+                      channel_max=model_cfg.d_channel_max or model_cfg.channel_max, cmap_dim=model_cfg.cmap_dim,
                       mbstd_group_size=model_cfg.mbstd_group_size, mbstd_channels=model_cfg.mbstd_channels,
                       class_head=model_cfg.d_class_head, mbstd_reference=model_cfg.mbstd_reference)
     return G, D
