@@ -95,6 +95,15 @@ def test_minibatch_stddev_is_a_switch_and_off_means_samples_are_independent():
     assert not torch.allclose(D_on(x, c)[0], D_on(y, c)[0])
 
 
+def test_the_discriminator_can_be_narrower_than_the_generator():
+    same_g, same_d = build_networks(ModelConfig(resolution=32))
+    g, d = build_networks(ModelConfig(resolution=32, d_channel_base=512, d_channel_max=32))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(g) == count(same_g)
+    assert count(d) < count(same_d) / 3
+    assert d(torch.zeros(2, 1, 32, 32), torch.tensor([0, 2])).shape == (2, 1)
+
+
 def test_discriminator_has_no_buffers_so_per_sample_gradients_are_well_defined():
     D = Discriminator(img_resolution=32, channel_base=512, channel_max=32, mbstd_group_size=0)
     assert list(D.buffers()) == []
