@@ -228,9 +228,12 @@ class SiteTrainer:
             # post-processing). Its gradient is therefore added as is: clipping bounds one person's
             # influence and noise hides it, and no person influences this term. Its 1/B mean matches
             # the 1/(q*n) scaling Opacus applied to the real term, as in the non-private loss.
-            with self.accel.autocast():
-                loss_fake = self.loss.discriminator_fake(fake, fake_labels)
-            loss_fake.backward()
+            if self.cfg.train.dp_clip_fakes:
+                loss_fake = self.privacy.add_clipped_fake_gradient(fake, fake_labels).mean()
+            else:
+                with self.accel.autocast():
+                    loss_fake = self.loss.discriminator_fake(fake, fake_labels)
+                loss_fake.backward()
             # The real loss stays local (engine.last_private_stats): it was computed without noise.
             stats = {"loss_d_fake": loss_fake.detach()}
             # Count the expected number of real images, not the drawn one: the actual Poisson batch

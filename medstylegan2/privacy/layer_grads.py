@@ -45,11 +45,12 @@ def covered_layers(D: nn.Module) -> Optional[dict[str, nn.Module]]:
 
 
 def first_order_per_sample_gradients(D: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                                     class_weight: float = 0.0
+                                     class_weight: float = 0.0, *, fake: bool = False
                                      ) -> Optional[tuple[dict[str, torch.Tensor], torch.Tensor]]:
     """(per-sample gradients of softplus(-D(x)) [+ class_weight * CE(head(x), y)] by parameter
     name, per-sample losses), or None when D is not covered (see module docstring); rows are the
-    input's samples, in order. The loss is ``losses.discriminator_real_loss_per_sample``'s without R1."""
+    input's samples, in order. The loss is ``losses.discriminator_real_loss_per_sample``'s without R1.
+    ``fake``: the fake-image loss softplus(D(x)) instead (no class term)."""
     layers = covered_layers(D)
     if layers is None or images.shape[0] == 0:
         return None
@@ -66,7 +67,9 @@ def first_order_per_sample_gradients(D: nn.Module, images: torch.Tensor, labels:
             # Parameters as fresh leaves: every layer output is then part of the graph, and
             # autograd.grad w.r.t. those outputs forms no weight gradient at all.
             params = {name: p.detach().requires_grad_(True) for name, p in D.named_parameters()}
-            if class_weight > 0:
+            if fake:
+                losses = F.softplus(torch.func.functional_call(D, params, (images.detach(), labels)).reshape(-1))
+            elif class_weight > 0:
                 logits, class_logits = torch.func.functional_call(D, params, (images.detach(), labels),
                                                                   {"with_class_logits": True})
                 losses = (F.softplus(-logits.reshape(-1))

@@ -135,6 +135,22 @@ def per_sample_real_gradients(D: nn.Module, images: torch.Tensor, labels: torch.
     return grads, torch.cat(chunks_loss), order
 
 
+def per_sample_fake_gradients(D: nn.Module, images: torch.Tensor, labels: torch.Tensor
+                              ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per-sample gradients of D's fake-image loss ``softplus(D(x))`` and the per-sample losses
+    (rows in input order). Fakes are not private: this only serves to clip them as the real
+    ones are (``DPEngine.add_clipped_fake_gradient``)."""
+    fast = first_order_per_sample_gradients(D, images, labels, fake=True)
+    if fast is not None:
+        return fast
+    params = {name: p.detach() for name, p in D.named_parameters()}
+
+    def loss_one(p: dict[str, torch.Tensor], x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return F.softplus(functional_call(D, p, (x.unsqueeze(0), label.view(1))).reshape(()))
+
+    return vmap(grad_and_value(loss_one), in_dims=(None, 0, 0))(params, images, labels)
+
+
 def _padded_per_sample(D: nn.Module, loss_one: Callable, params: dict[str, torch.Tensor], images: torch.Tensor,
                        labels: torch.Tensor, r1_weight: float, class_weight: float, pad_to: int, compile: bool
                        ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
