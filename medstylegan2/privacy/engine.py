@@ -280,7 +280,7 @@ class DPEngine:
         assert self.D is not None, "bind(D, optimizer) first"
         grads, losses = per_sample_fake_gradients(self.D, fake.detach(), labels)
         norms = torch.sqrt(sum(g.flatten(1).square().sum(dim=1) for g in grads.values()))
-        factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus' clipping factor
         for name, p in self._named_params:
             term = torch.einsum("b,b...->...", factors.to(grads[name].dtype), grads[name]) / max(len(losses), 1)
             if p.grad is None:
