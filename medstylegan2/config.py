@@ -89,7 +89,7 @@ class TrainConfig:
     d_steps_per_g: int = 1
     # Under DP: clip each fake image's gradient of D's loss to privacy.max_grad_norm, as the real
     # ones are, so that both terms push D with the same strength (no privacy effect: fakes are
-    # not private; see DPEngine.add_clipped_fake_gradient).
+    # not private; see privacy/fake_term.py).
     dp_clip_fakes: bool = False
     # Warm start: a checkpoint (train-local or a federated round) whose G, G_ema and D weights
     # replace the fresh ones before training (e.g. pretrained on public data). Optimizer state,

@@ -27,6 +27,7 @@ from medstylegan2.config import RunConfig
 from medstylegan2.errors import CheckpointError, UserError
 from medstylegan2.losses import StyleGAN2Loss
 from medstylegan2.networks import build_networks
+from medstylegan2.privacy.fake_term import add_clipped_fake_gradient
 from medstylegan2.runfolder import write_checkpoint
 from medstylegan2.shuffle_sampler import ShuffleSampler
 
@@ -229,7 +230,8 @@ class SiteTrainer:
             # influence and noise hides it, and no person influences this term. Its 1/B mean matches
             # the 1/(q*n) scaling Opacus applied to the real term, as in the non-private loss.
             if self.cfg.train.dp_clip_fakes:
-                loss_fake = self.privacy.add_clipped_fake_gradient(fake, fake_labels).mean()
+                loss_fake = add_clipped_fake_gradient(self.D, fake, fake_labels,
+                                                      max_grad_norm=self.privacy.max_grad_norm).mean()
             else:
                 with self.accel.autocast():
                     loss_fake = self.loss.discriminator_fake(fake, fake_labels)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from medstylegan2.config import load_config
 from medstylegan2.networks import Discriminator
 from medstylegan2.privacy.engine import DPEngine
+from medstylegan2.privacy.fake_term import add_clipped_fake_gradient
 from medstylegan2.privacy.per_sample import per_sample_fake_gradients
 from medstylegan2.trainer import SiteTrainer
 
@@ -32,12 +33,6 @@ def gradient_of(D, loss) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in D.named_parameters()}
 
 
-def bound_engine(D, max_grad_norm: float) -> DPEngine:
-    engine = DPEngine(num_examples=100, batch_size=6, max_grad_norm=max_grad_norm, noise_multiplier=1.0, seed=0)
-    engine.bind(D, torch.optim.Adam(D.parameters()), num_examples=100, batch_size=6)
-    return engine
-
-
 def test_per_sample_fake_gradients_are_those_of_each_fake_alone():
     D = discriminator()
     images, labels = fakes()
@@ -54,9 +49,8 @@ def test_with_a_large_clip_norm_the_fake_term_is_the_ordinary_mean_gradient():
     D = discriminator()
     images, labels = fakes()
     expected = gradient_of(D, F.softplus(D(images, labels)).mean())
-    engine = bound_engine(D, max_grad_norm=1e6)
     D.zero_grad(set_to_none=True)
-    engine.add_clipped_fake_gradient(images, labels)
+    add_clipped_fake_gradient(D, images, labels, max_grad_norm=1e6)
     for name, p in D.named_parameters():
         assert torch.allclose(p.grad, expected[name], rtol=1e-9, atol=1e-12), name
 
@@ -67,10 +61,9 @@ def test_each_fake_pushes_with_at_most_the_clip_norm_and_adds_to_the_real_term()
     per_sample, _ = per_sample_fake_gradients(D, images, labels)
     norms = torch.sqrt(sum(g.flatten(1).square().sum(dim=1) for g in per_sample.values()))
     C = float(norms.min()) / 4  # every fake's gradient is longer than C: each is clipped
-    engine = bound_engine(D, max_grad_norm=C)
     for p in D.parameters():
         p.grad = torch.ones_like(p)  # stands for the private real term already in place
-    engine.add_clipped_fake_gradient(images, labels)
+    add_clipped_fake_gradient(D, images, labels, max_grad_norm=C)
     added = {n: p.grad - 1 for n, p in D.named_parameters()}
     factors = C / (norms + 1e-6)  # Opacus' clipping factor, as for the real term
     expected = {n: (g * factors.view(-1, *[1] * (g.dim() - 1))).mean(dim=0) for n, g in per_sample.items()}

@@ -9,6 +9,8 @@ DP-SGD on the real-data part of D's loss, one module per piece, as Opacus keeps 
 - ``engine``: ``DPEngine`` (Poisson sampling, Opacus clip + noise, the accountant),
   ``make_privacy_engine`` (from the config, for ``train-local``) and ``epsilon_of``;
 - ``accounting``: epsilon of a (sigma, q, steps) history, sigma for a target, with Opacus.
+- ``fake_term``: D's fake-image term clipped per sample like the real one (``train.dp_clip_fakes``;
+  balance, not privacy: fakes are not private).
 
 The site's side of the trust boundary (issue 10, docs/privacy.md):
 

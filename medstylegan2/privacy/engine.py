@@ -61,7 +61,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from medstylegan2.errors import PrivacyError
-from medstylegan2.privacy.per_sample import padded_batch_size, per_sample_fake_gradients, per_sample_real_gradients
+from medstylegan2.privacy.per_sample import padded_batch_size, per_sample_real_gradients
 from medstylegan2.privacy.units import UnitIndex, sum_per_unit
 from medstylegan2.privacy.validation import validate_discriminator
 
@@ -266,29 +266,6 @@ class DPEngine:
         log.debug("private D stats (not shared): %s", self.last_private_stats)
         return losses
 
-    def add_clipped_fake_gradient(self, fake: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Add to every D ``p.grad`` the fake-image term with each sample's gradient clipped to C.
-
-        The fakes read no private data, so this is not for privacy but for balance: the real term
-        reaches D as a mean of gradients clipped to C (typically 50x shorter than they were),
-        while an unclipped fake term keeps its full length. D then pushes every logit down until
-        sigmoid(D(fake)) is as small as the clipping factor, and both real and fake logits settle
-        near log(C / ||grad||) (about -4), where D no longer tells them apart (docs/recipe.md).
-        Clipped alike, both terms push with the same strength. Divided by the fake batch size:
-        the real term's 1/(q n) is the same expected size. Returns the per-sample fake losses.
-        """
-        assert self.D is not None, "bind(D, optimizer) first"
-        grads, losses = per_sample_fake_gradients(self.D, fake.detach(), labels)
-        norms = torch.sqrt(sum(g.flatten(1).square().sum(dim=1) for g in grads.values()))
-        factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus' clipping factor
-        for name, p in self._named_params:
-            term = torch.einsum("b,b...->...", factors.to(grads[name].dtype), grads[name]) / max(len(losses), 1)
-            if p.grad is None:
-                p.grad = term.to(p.dtype).contiguous(memory_format=_layout_of(p))
-            else:
-                p.grad.add_(term.to(p.grad.dtype))
-        return losses
-
     def clip_and_noise(self, per_sample_grads: dict[str, torch.Tensor]) -> None:
         """Opacus' part: per-sample gradients (``[m, *shape]`` per parameter name) -> ``p.grad``."""
         opt = self._dp_optimizer()
@@ -392,10 +369,6 @@ class DPEngine:
                 f"sigma={self.noise_multiplier:.4g}, "
                 f"C={self.max_grad_norm:g}, delta={self.delta:.3g}, accountant={self.accountant_name}, "
                 f"epsilon so far {self.epsilon():.4g} after {self.spent_steps} steps, budget {budget}")
-
-
-def _layout_of(p: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if p.dim() == 4 and not p.is_contiguous() else torch.contiguous_format
 
 
 def epsilon_of(accountant: Any, delta: float) -> float:

@@ -139,7 +139,7 @@ def per_sample_fake_gradients(D: nn.Module, images: torch.Tensor, labels: torch.
                               ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per-sample gradients of D's fake-image loss ``softplus(D(x))`` and the per-sample losses
     (rows in input order). Fakes are not private: this only serves to clip them as the real
-    ones are (``DPEngine.add_clipped_fake_gradient``)."""
+    ones are (``privacy.fake_term``)."""
     fast = first_order_per_sample_gradients(D, images, labels, fake=True)
     if fast is not None:
         return fast
