@@ -449,9 +449,7 @@ class MinibatchStdLayer(nn.Module):
         while n % g:
             g -= 1
         f = self.num_channels
-        y = x.reshape(g, -1, f, c // f, h, w)
-        y = (y - y.mean(dim=0)).square().mean(dim=0)
-        y = (y + 1e-8).sqrt().mean(dim=[2, 3, 4])
+        y = _group_std(x.reshape(g, -1, f, c // f, h, w))
         y = y.reshape(-1, f, 1, 1).repeat(g, 1, h, w)
         return torch.cat([x, y], dim=1)
 
@@ -468,10 +466,14 @@ class MinibatchStdLayer(nn.Module):
         # gradients) cannot index by a batched label. [k, n, C, H, W].
         one_hot_labels = (labels.reshape(-1, 1) == torch.arange(num_classes, device=x.device)).to(x.dtype)
         own = torch.einsum("nq,qkchw->knchw", one_hot_labels, reference)
-        group = torch.cat([x.unsqueeze(0), own], dim=0).reshape(k + 1, n, f, c // f, h, w)
-        y = (group - group.mean(dim=0)).square().mean(dim=0)
-        y = (y + 1e-8).sqrt().mean(dim=[2, 3, 4])
+        y = _group_std(torch.cat([x.unsqueeze(0), own], dim=0).reshape(k + 1, n, f, c // f, h, w))
         return y.reshape(n, f, 1, 1).expand(n, f, h, w)
+
+
+def _group_std(groups: torch.Tensor) -> torch.Tensor:
+    """[G, N, F, C/F, H, W] -> [N, F]: the std over each group (dim 0), averaged over features."""
+    y = (groups - groups.mean(dim=0)).square().mean(dim=0)
+    return (y + 1e-8).sqrt().mean(dim=[2, 3, 4])
 
 
 class DiscriminatorEpilogue(nn.Module):
@@ -566,6 +568,10 @@ class Discriminator(nn.Module):
         """Logits [N, 1]; with ``with_class_logits`` also the class head's logits [N, num_classes]."""
         return self.epilogue(self.block_features(img), self.class_embedding(labels, img.dtype), with_class_logits,
                              labels)
+
+    def reference_labels(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The class of each reference fake ``mbstd_reference`` takes, flattened: group - 1 of each class."""
+        return torch.arange(self.num_classes, device=device).repeat_interleave(self.mbstd_group_size - 1)
 
     @contextlib.contextmanager
     def mbstd_reference(self, reference_images: Optional[torch.Tensor]):

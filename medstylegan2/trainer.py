@@ -139,12 +139,11 @@ class SiteTrainer:
         """
         if not self.uses_reference_mbstd:
             return contextlib.nullcontext()
-        q, k = self.cfg.model.num_classes, self.cfg.model.mbstd_group_size - 1
+        labels = self.D.reference_labels(self.device)
         with torch.no_grad(), self.accel.autocast():
-            z = torch.randn(q * k, self.cfg.model.z_dim, device=self.device)
-            labels = torch.arange(q, device=self.device).repeat_interleave(k)
+            z = torch.randn(len(labels), self.cfg.model.z_dim, device=self.device)
             fake = self.loss.generate(z, labels, update_w_avg=False, fast=True)
-        return self.D.mbstd_reference(fake.reshape(q, k, *fake.shape[1:]))
+        return self.D.mbstd_reference(fake.reshape(self.D.num_classes, -1, *fake.shape[1:]))
 
     def real_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         idx = copy_indices_to(self.sampler.next_indices(), self.device)
@@ -226,9 +225,10 @@ class SiteTrainer:
             match_grad_layouts(self.D)
             # Fake images: G's output for noise z and uniformly drawn labels, so this term reads no
             # private data (D's current weights are already DP, and anything computed from them is
-            # post-processing). Its gradient is therefore added as is: clipping bounds one person's
+            # post-processing). Its gradient therefore needs no noise: clipping bounds one person's
             # influence and noise hides it, and no person influences this term. Its 1/B mean matches
             # the 1/(q*n) scaling Opacus applied to the real term, as in the non-private loss.
+            # dp_clip_fakes clips it per sample too, for balance with the clipped real term.
             if self.cfg.train.dp_clip_fakes:
                 loss_fake = add_clipped_fake_gradient(self.D, fake, fake_labels,
                                                       max_grad_norm=self.privacy.max_grad_norm).mean()

@@ -152,12 +152,10 @@ def reference_fakes(G: torch.nn.Module, D: torch.nn.Module, *, seed: int = 0,
     training; None for any other D."""
     if not getattr(D, "mbstd_against_reference", False):
         return None
-    q, k = D.num_classes, D.mbstd_group_size - 1
-    z_dim = G.z_dim
-    z = torch.randn(q * k, z_dim, generator=torch.Generator().manual_seed(seed + 7919)).to(device)
-    labels = torch.arange(q, device=device).repeat_interleave(k)
+    labels = D.reference_labels(device)
+    z = torch.randn(len(labels), G.z_dim, generator=torch.Generator().manual_seed(seed + 7919)).to(device)
     fake = G(z, labels)
-    return fake.reshape(q, k, *fake.shape[1:])
+    return fake.reshape(D.num_classes, -1, *fake.shape[1:])
 
 
 def nearest_same_class_distance(candidates: np.ndarray, candidate_labels: np.ndarray, generated: np.ndarray,

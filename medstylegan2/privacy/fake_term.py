@@ -26,8 +26,6 @@ def add_clipped_fake_gradient(D: nn.Module, fake: torch.Tensor, labels: torch.Te
     for name, p in D.named_parameters():
         term = torch.einsum("b,b...->...", factors.to(grads[name].dtype), grads[name]) / max(len(losses), 1)
         if p.grad is None:
-            layout = torch.channels_last if p.dim() == 4 and not p.is_contiguous() else torch.contiguous_format
-            p.grad = term.to(p.dtype).contiguous(memory_format=layout)
-        else:
-            p.grad.add_(term.to(p.grad.dtype))
+            p.grad = torch.zeros_like(p)  # in the parameter's own layout
+        p.grad.add_(term.to(p.grad.dtype))
     return losses
