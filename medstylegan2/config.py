@@ -91,6 +91,10 @@ class TrainConfig:
     # ones are, so that both terms push D with the same strength (no privacy effect: fakes are
     # not private; see privacy/fake_term.py).
     dp_clip_fakes: bool = False
+    # D parameters that keep their warm-start values, by name prefix (e.g. [blocks, epilogue.conv,
+    # epilogue.fc]): no optimizer holds them, so under DP no noise is spent on them and the noise
+    # per trained coordinate buys more (a few thousand parameters instead of 300,000).
+    d_frozen: list[str] = field(default_factory=list)
     # Warm start: a checkpoint (train-local or a federated round) whose G, G_ema and D weights
     # replace the fresh ones before training (e.g. pretrained on public data). Optimizer state,
     # counters and the model constants are not taken from it.
@@ -278,6 +282,8 @@ def _check_semantics(cfg: RunConfig) -> None:
     need(m.mapping_lr_multiplier > 0, "model.mapping_lr_multiplier", "must be > 0")
     need(t.class_loss_weight >= 0, "train.class_loss_weight", "must be >= 0")
     need(t.d_steps_per_g >= 1, "train.d_steps_per_g", "must be >= 1")
+    need(all(isinstance(p, str) and p for p in t.d_frozen), "train.d_frozen",
+         "must be a list of D parameter-name prefixes (e.g. [blocks, epilogue.fc])")
     for key in ("z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max", "cmap_dim"):
         need(getattr(m, key) > 0, f"model.{key}", "must be > 0")
     for key in ("d_channel_base", "d_channel_max"):

@@ -622,3 +622,26 @@ def build_networks(model_cfg) -> tuple[nn.Module, nn.Module]:
                       mbstd_group_size=model_cfg.mbstd_group_size, mbstd_channels=model_cfg.mbstd_channels,
                       class_head=model_cfg.d_class_head, mbstd_reference=model_cfg.mbstd_reference)
     return G, D
+
+
+def freeze_parameters(module: nn.Module, prefixes: list[str]) -> list[nn.Parameter]:
+    """Freeze every parameter whose name starts with one of ``prefixes`` (a dotted module path such
+    as ``blocks`` or ``epilogue.fc``); returns the parameters left to train, in module order.
+
+    Raises ValueError when a prefix names no parameter, or when nothing would be left to train.
+    """
+    def under(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + ".")
+
+    named = list(module.named_parameters())
+    unmatched = [prefix for prefix in prefixes if not any(under(name, prefix) for name, _ in named)]
+    if unmatched:
+        roots = sorted({name.split(".")[0] for name, _ in named})
+        raise ValueError(f"{unmatched[0]!r} names no parameter of {type(module).__name__} "
+                         f"(its parameters start with {', '.join(roots)})")
+    frozen = {name for name, _ in named if any(under(name, prefix) for prefix in prefixes)}
+    if len(frozen) == len(named):
+        raise ValueError(f"{prefixes} freeze every parameter of {type(module).__name__}: nothing would train")
+    for name, p in named:
+        p.requires_grad_(name not in frozen)
+    return [p for name, p in named if name not in frozen]

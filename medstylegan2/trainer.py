@@ -14,7 +14,7 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from medstylegan2.acceleration import (DeviceStats, as_floats, copy_indices_to, 
 from medstylegan2.config import RunConfig
 from medstylegan2.errors import CheckpointError, UserError
 from medstylegan2.losses import StyleGAN2Loss
-from medstylegan2.networks import build_networks
+from medstylegan2.networks import build_networks, freeze_parameters
 from medstylegan2.privacy.fake_term import add_clipped_fake_gradient
 from medstylegan2.runfolder import write_checkpoint
 from medstylegan2.shuffle_sampler import ShuffleSampler
@@ -80,6 +80,10 @@ class SiteTrainer:
         self.D.to(self.device).train()
         to_memory_format([self.G, self.D], self.accel.channels_last)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        try:  # train.d_frozen: what D's optimizer (and under DP the noise) covers
+            self.d_trainable = freeze_parameters(self.D, cfg.train.d_frozen)
+        except ValueError as exc:
+            raise UserError(f"train.d_frozen: {exc}") from None
         self.loss = StyleGAN2Loss(self.G, self.D, cfg.train)
         self.loss.pl_mean = self.loss.pl_mean.to(self.device)
         if self.accel.compile:
@@ -88,10 +92,10 @@ class SiteTrainer:
             self.loss.D_fast = maybe_compile(self.D, not self.uses_reference_mbstd)
             if self.loss.has_mapping:
                 self.loss.synthesize_fast = maybe_compile(self.G.synthesize, True)
-        self.g_opt = self._make_optimizer(self.G, cfg.train.g_lr, cfg.train.pl_interval if self.loss.has_mapping
-                                          and cfg.train.pl_weight > 0 else None)
-        self.d_opt = self._make_optimizer(self.D, cfg.train.d_lr, cfg.train.r1_interval if cfg.train.r1_gamma > 0
-                                          else None)
+        self.g_opt = self._make_optimizer(self.G.parameters(), cfg.train.g_lr, cfg.train.pl_interval
+                                          if self.loss.has_mapping and cfg.train.pl_weight > 0 else None)
+        self.d_opt = self._make_optimizer(self.d_trainable, cfg.train.d_lr,
+                                          cfg.train.r1_interval if cfg.train.r1_gamma > 0 else None)
         self.sampler = ShuffleSampler(max(self.num_examples, 1), cfg.train.batch_size, seed=self.seed + 1)
         self.step = 0          # G+D steps taken by this trainer (all rounds)
         self.cur_nimg = 0      # real images shown to D
@@ -109,14 +113,14 @@ class SiteTrainer:
                             "privacy=medstylegan2.privacy.engine.make_privacy_engine(cfg, num_examples, planned_steps)")
 
     # -- construction helpers --------------------------------------------------------------------
-    def _make_optimizer(self, module: nn.Module, lr: float, reg_interval: Optional[int]) -> torch.optim.Adam:
+    def _make_optimizer(self, params: Iterable[nn.Parameter], lr: float, reg_interval: Optional[int]):
         beta1, beta2 = self.cfg.train.beta1, self.cfg.train.beta2
         if reg_interval:
             # Lazy regularization: the optimizer sees reg_interval+1 updates per interval, so scale
             # lr and betas to keep the effective schedule (StyleGAN2, Appendix B).
             ratio = reg_interval / (reg_interval + 1)
             lr, beta1, beta2 = lr * ratio, beta1 ** ratio, beta2 ** ratio
-        return make_adam(module.parameters(), lr=lr, betas=(beta1, beta2), eps=1e-8, device=self.device)
+        return make_adam(params, lr=lr, betas=(beta1, beta2), eps=1e-8, device=self.device)
 
     def sample_fake_labels(self, n: int) -> torch.Tensor:
         num_classes = self.cfg.model.num_classes
@@ -191,7 +195,8 @@ class SiteTrainer:
 
         # D: logistic loss on fakes and reals, lazy R1 on reals; d_steps_per_g updates per G update.
         self.G.requires_grad_(False)
-        self.D.requires_grad_(True)
+        for p in self.d_trainable:
+            p.requires_grad_(True)
         for d_index in range(self.step * t.d_steps_per_g, (self.step + 1) * t.d_steps_per_g):
             with torch.no_grad(), self.accel.autocast():
                 z = torch.randn(batch, self.cfg.model.z_dim, device=self.device)

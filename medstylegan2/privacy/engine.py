@@ -199,11 +199,11 @@ class DPEngine:
         if batch_size != self.batch_size:
             raise PrivacyError(f"the privacy engine was made for batch size {self.batch_size} but the trainer uses "
                                f"{batch_size}")
-        named = list(D.named_parameters())
+        # DP-SGD covers what the optimizer trains; a frozen parameter (train.d_frozen) never changes.
         opt_params = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        missing = [name for name, p in named if id(p) not in opt_params]
-        if missing or len(opt_params) != len(named):
-            raise PrivacyError(f"the D optimizer must hold exactly D's parameters (missing: {missing[:3]})")
+        named = [(name, p) for name, p in D.named_parameters() if id(p) in opt_params]
+        if not named or len(named) != len(opt_params):
+            raise PrivacyError("the D optimizer must hold D's trainable parameters and nothing else")
         self.D, self.d_optimizer, self._named_params, self.optimizer = D, optimizer, named, None
         # On a GPU: Poisson batches padded to one fixed size (static shapes, masked blank rows that
         # contribute exactly nothing and change no accounting: per_sample.per_sample_real_gradients)

@@ -24,6 +24,8 @@ def add_clipped_fake_gradient(D: nn.Module, fake: torch.Tensor, labels: torch.Te
     norms = torch.sqrt(sum(g.flatten(1).square().sum(dim=1) for g in grads.values()))
     factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
     for name, p in D.named_parameters():
+        if not p.requires_grad:
+            continue  # frozen (train.d_frozen): no optimizer steps it
         term = torch.einsum("b,b...->...", factors.to(grads[name].dtype), grads[name]) / max(len(losses), 1)
         if p.grad is None:
             p.grad = torch.zeros_like(p)  # in the parameter's own layout
