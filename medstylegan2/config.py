@@ -85,6 +85,10 @@ class TrainConfig:
     # Weight of the auxiliary classifier's cross-entropy terms (model.d_class_head): on reals in
     # D's loss (inside the per-sample loss that DP clips and noises) and on fakes in G's loss.
     class_loss_weight: float = 1.0
+    # If set, the class loss weight moves linearly from class_loss_weight to this value over the
+    # first class_loss_decay_steps G steps of the site (class first, then variety).
+    class_loss_weight_end: Optional[float] = None
+    class_loss_decay_steps: int = 1000
     # D updates per G update (each on a fresh real and fake batch); more helps under DP.
     d_steps_per_g: int = 1
     # Under DP: clip each fake image's gradient of D's loss to privacy.max_grad_norm, as the real
@@ -281,6 +285,9 @@ def _check_semantics(cfg: RunConfig) -> None:
          "needs model.arch 'stylegan2' (the DCGAN baseline has no class head)")
     need(m.mapping_lr_multiplier > 0, "model.mapping_lr_multiplier", "must be > 0")
     need(t.class_loss_weight >= 0, "train.class_loss_weight", "must be >= 0")
+    need(t.class_loss_weight_end is None or t.class_loss_weight_end >= 0, "train.class_loss_weight_end",
+         "must be >= 0 (or null: no schedule)")
+    need(t.class_loss_decay_steps > 0, "train.class_loss_decay_steps", "must be > 0")
     need(t.d_steps_per_g >= 1, "train.d_steps_per_g", "must be >= 1")
     need(all(isinstance(p, str) and p for p in t.d_frozen), "train.d_frozen",
          "must be a list of D parameter-name prefixes (e.g. [blocks, epilogue.fc])")

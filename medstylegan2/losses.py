@@ -41,9 +41,22 @@ def r1_penalty_per_sample(real_logits: torch.Tensor, real_images: torch.Tensor) 
         return at_least_fp32(grads).square().flatten(1).sum(dim=1)
 
 
-def class_weight_of(D: nn.Module, cfg: TrainConfig) -> float:
-    """The auxiliary classifier's loss weight: ``cfg.class_loss_weight`` if D has a class head, else 0."""
-    return cfg.class_loss_weight if getattr(D, "has_class_head", False) else 0.0
+def class_weight_of(D: nn.Module, cfg: TrainConfig, step: int = 0) -> float:
+    """The auxiliary classifier's loss weight at G step ``step`` if D has a class head, else 0:
+    ``cfg.class_loss_weight``, or with ``class_loss_weight_end`` the linear schedule towards it."""
+    if not getattr(D, "has_class_head", False):
+        return 0.0
+    if cfg.class_loss_weight_end is None:
+        return cfg.class_loss_weight
+    done = min(1.0, step / cfg.class_loss_decay_steps)
+    return cfg.class_loss_weight + (cfg.class_loss_weight_end - cfg.class_loss_weight) * done
+
+
+def ds_weight_of(cfg: TrainConfig, step: int) -> float:
+    """The diversity-sensitive loss weight at G step ``step``: ``lambda_ds``, linearly decayed to 0."""
+    if cfg.lambda_ds <= 0:
+        return 0.0
+    return cfg.lambda_ds * max(0.0, 1.0 - step / max(cfg.ds_decay_steps, 1))
 
 
 def discriminator_real_loss_per_sample(D: nn.Module, real: torch.Tensor, labels: torch.Tensor,

@@ -25,7 +25,7 @@ from medstylegan2.acceleration import (DeviceStats, as_floats, copy_indices_to, 
                                        to_memory_format)
 from medstylegan2.config import RunConfig
 from medstylegan2.errors import CheckpointError, UserError
-from medstylegan2.losses import StyleGAN2Loss
+from medstylegan2.losses import StyleGAN2Loss, class_weight_of, ds_weight_of
 from medstylegan2.networks import build_networks, freeze_parameters
 from medstylegan2.privacy.fake_term import add_clipped_fake_gradient
 from medstylegan2.runfolder import write_checkpoint
@@ -153,12 +153,6 @@ class SiteTrainer:
         idx = copy_indices_to(self.sampler.next_indices(), self.device)
         return self.real_images[idx], self.real_labels[idx]
 
-    def ds_weight(self) -> float:
-        t = self.cfg.train
-        if t.lambda_ds <= 0:
-            return 0.0
-        return t.lambda_ds * max(0.0, 1.0 - self.step / max(t.ds_decay_steps, 1))
-
     # -- one step --------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
         """One G+D step; its statistics as numbers (``train_steps`` reads them once per call instead)."""
@@ -171,6 +165,7 @@ class SiteTrainer:
         t = self.cfg.train
         batch = t.batch_size
         stats: dict[str, Any] = {}
+        self.loss.class_weight = class_weight_of(self.D, t, self.step)  # G's and D's class terms alike
 
         # G main: non-saturating loss (+ diversity-sensitive term).
         self.D.requires_grad_(False)
@@ -179,7 +174,7 @@ class SiteTrainer:
         z = torch.randn(batch, self.cfg.model.z_dim, device=self.device)
         labels = self.sample_fake_labels(batch)
         with self.mbstd_reference(), self.accel.autocast():
-            loss_g, s = self.loss.generator_main(z, labels, ds_weight=self.ds_weight())
+            loss_g, s = self.loss.generator_main(z, labels, ds_weight=ds_weight_of(t, self.step))
         loss_g.backward()
         stats.update(s)
         # G reg: lazy path-length regularization.

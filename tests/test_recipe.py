@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medstylegan2.config import ConfigError, load_config
-from medstylegan2.losses import discriminator_real_loss_per_sample
+from medstylegan2.losses import class_weight_of, discriminator_real_loss_per_sample
 from medstylegan2.networks import Discriminator
 from medstylegan2.privacy.engine import make_privacy_engine
 from medstylegan2.privacy.per_sample import per_sample_real_gradients
@@ -138,7 +138,30 @@ def test_warm_start_from_another_model_size_is_a_clear_error(tmp_path):
         load_init_weights(trainer, path)
 
 
+def test_the_class_loss_weight_moves_linearly_to_its_end_value_and_stays_there():
+    cfg = load_config(None, TINY + ["train.class_loss_weight=3", "train.class_loss_weight_end=1",
+                                    "train.class_loss_decay_steps=4"])
+    D = Discriminator(img_resolution=16, channel_base=256, channel_max=32, cmap_dim=16, class_head=True)
+    assert [class_weight_of(D, cfg.train, step) for step in (0, 1, 2, 4, 100)] == [3.0, 2.5, 2.0, 1.0, 1.0]
+    headless = Discriminator(img_resolution=16, channel_base=256, channel_max=32, cmap_dim=16)
+    assert class_weight_of(headless, cfg.train, 2) == 0.0
+    steady = load_config(None, TINY + ["train.class_loss_weight=3"])
+    assert class_weight_of(D, steady.train, 100) == 3.0
+
+
+def test_the_trainer_uses_the_scheduled_class_weight_in_each_step():
+    cfg = load_config(None, TINY + ["train.class_loss_weight=3", "train.class_loss_weight_end=1",
+                                    "train.class_loss_decay_steps=4"])
+    trainer = SiteTrainer(cfg, *random_site(), device="cpu")
+    trainer.train_steps(3)
+    assert trainer.loss.class_weight == 2.0  # the weight of the third step (G step 2)
+
+
 def test_new_recipe_keys_are_validated():
+    with pytest.raises(ConfigError, match="train.class_loss_weight_end"):
+        load_config(None, ["train.class_loss_weight_end=-1"])
+    with pytest.raises(ConfigError, match="train.class_loss_decay_steps"):
+        load_config(None, ["train.class_loss_decay_steps=0"])
     with pytest.raises(ConfigError, match="train.d_steps_per_g"):
         load_config(None, ["train.d_steps_per_g=0"])
     with pytest.raises(ConfigError, match="model.d_class_head"):
