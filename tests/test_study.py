@@ -47,6 +47,21 @@ def test_study_config_splits_compute_equally_over_sites(tmp_path):
     assert cfg.privacy.enabled and cfg.privacy.delta == 1e-5 and cfg.privacy.target_epsilon == 10.0
 
 
+def test_an_arm_with_larger_batches_can_take_a_share_of_the_updates(tmp_path):
+    path = tiny_study(tmp_path)
+    doc = json.loads(path.read_text())
+    doc["profiles"]["quick"]["total_updates"] = 64
+    doc["arms"]["dp-eps10"]["update_fraction"] = 0.25
+    path.write_text(json.dumps(doc))
+    study = load_study(path)
+    assert arm_overrides(study, "quick", "central", seed=0)[-1] == "federation.local_steps=16"
+    assert arm_overrides(study, "quick", "dp-eps10", seed=0)[-1] == "federation.local_steps=2"  # 16 / (2 x 2 x 2)
+    doc["arms"]["dp-eps10"]["update_fraction"] = 1.5
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match="arms.dp-eps10.update_fraction"):
+        load_study(path)
+
+
 def test_study_config_rejects_delta_above_1e5_and_unknown_keys(tmp_path):
     path = tiny_study(tmp_path)
     doc = json.loads(path.read_text())

@@ -50,6 +50,9 @@ class ArmSpec:
     public_init: bool = False
     # Extra run-config overrides of this arm (applied after the profile's).
     overrides: list[str] = field(default_factory=list)
+    # Share of the profile's total_updates this arm takes: below 1 for an arm whose batches are
+    # larger (0.25 with 4x the batch: as many images, in fewer, less noisy DP-SGD steps).
+    update_fraction: float = 1.0
 
 
 @dataclass
@@ -134,7 +137,7 @@ def _validate(study: StudyConfig, where: str) -> None:
         need(p.public_steps >= 0 and p.classifier_steps > 0, f"{k}.public_steps/classifier_steps",
              "must be >= 0 / > 0")
         for arm_name, arm in study.arms.items():
-            need(p.total_updates >= 2 * arm.sites * p.rounds, f"{k}.total_updates",
+            need(p.total_updates * arm.update_fraction >= 2 * arm.sites * p.rounds, f"{k}.total_updates",
                  f"= {p.total_updates} leaves arm {arm_name} less than one local step a round")
             need(not arm.public_init or p.public_steps > 0, f"{k}.public_steps",
                  f"must be > 0: arm {arm_name} starts from the public pretraining")
@@ -144,6 +147,7 @@ def _validate(study: StudyConfig, where: str) -> None:
         need(arm.dirichlet_alpha > 0, f"{k}.dirichlet_alpha", "must be > 0")
         need(arm.epsilon is None or arm.epsilon > 0, f"{k}.epsilon", "must be > 0 (or null: no DP)")
         need(0 < arm.delta <= 1e-5, f"{k}.delta", "must be in (0, 1e-5]")
+        need(0 < arm.update_fraction <= 1, f"{k}.update_fraction", "must be in (0, 1]")
     # Every (profile, arm) must make a valid run config.
     for pname in study.profiles:
         for arm in study.arms:
@@ -173,7 +177,7 @@ def arm_overrides(study: StudyConfig, profile: str, arm: str, *, seed: int,
         out.append(f"train.init_checkpoint={Path(public_checkpoint).resolve()}")
     out += list(a.overrides)
     d_steps = load_config(study.base_config_path, out).train.d_steps_per_g
-    local_steps = max(1, p.total_updates // (a.sites * p.rounds * (1 + d_steps)))
+    local_steps = max(1, int(p.total_updates * a.update_fraction) // (a.sites * p.rounds * (1 + d_steps)))
     return out + [f"federation.local_steps={local_steps}"]
 
 
