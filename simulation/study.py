@@ -110,10 +110,7 @@ def _public_pretrain(study: sc.StudyConfig, profile: str, out: Path, arm: str) -
     from medstylegan2.trainer import SiteTrainer
 
     spec = study.profile(profile)
-    # Everything trains on public data: train.d_frozen only keeps what this pretraining taught.
-    overrides = sc.arm_overrides(study, profile, arm, seed=0) + ["privacy.enabled=false",
-                                                                 "train.init_checkpoint=null", "train.d_frozen=[]"]
-    cfg = load_config(study.base_config_path, overrides)
+    cfg = load_config(study.base_config_path, sc.public_overrides(study, profile, arm))
     sc.check_public_differs(study, cfg.data.seed)
     digest = sc.settings_digest([json.dumps(cfg.to_dict()["model"], sort_keys=True),
                                  json.dumps(cfg.to_dict()["train"], sort_keys=True)],

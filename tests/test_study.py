@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from medstylegan2.config import ConfigError, load_config
-from medstylegan2.study.config import arm_overrides, load_study
+from medstylegan2.study.config import arm_overrides, load_study, public_overrides
 from medstylegan2.study.report import CONTRACT_KEYS, validate_study_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,6 +60,22 @@ def test_an_arm_with_larger_batches_can_take_a_share_of_the_updates(tmp_path):
     path.write_text(json.dumps(doc))
     with pytest.raises(ConfigError, match="arms.dp-eps10.update_fraction"):
         load_study(path)
+
+
+def test_the_public_pretraining_trains_all_of_d_without_dp_at_its_own_batch(tmp_path):
+    path = tiny_study(tmp_path)
+    doc = json.loads(path.read_text())
+    doc["arms"]["dp-eps10"]["overrides"] = ["train.batch_size=8", "train.d_frozen=[blocks]"]
+    doc["public"]["batch_size"] = 2
+    path.write_text(json.dumps(doc))
+    study = load_study(path)
+    cfg = load_config(study.base_config_path, public_overrides(study, "quick", "dp-eps10"))
+    assert not cfg.privacy.enabled and cfg.train.init_checkpoint is None
+    assert cfg.train.d_frozen == [] and cfg.train.batch_size == 2
+    doc["public"]["batch_size"] = None
+    path.write_text(json.dumps(doc))
+    cfg = load_config(study.base_config_path, public_overrides(load_study(path), "quick", "dp-eps10"))
+    assert cfg.train.batch_size == 8
 
 
 def test_study_config_rejects_delta_above_1e5_and_unknown_keys(tmp_path):

@@ -60,6 +60,9 @@ class PublicSpec:
     # Normal-only phantoms rendered from this seed: a seed range the private data never uses.
     data_seed: int = 1_000_003
     per_class: int = 2000
+    # Batch of the (non-private) public pretraining; null: the arm's own batch. A DP arm's large
+    # Poisson batches buy nothing on public data, where there is no noise to average out.
+    batch_size: Optional[int] = None
 
 
 @dataclass
@@ -141,6 +144,8 @@ def _validate(study: StudyConfig, where: str) -> None:
                  f"= {p.total_updates} leaves arm {arm_name} less than one local step a round")
             need(not arm.public_init or p.public_steps > 0, f"{k}.public_steps",
                  f"must be > 0: arm {arm_name} starts from the public pretraining")
+    b = study.spec.public.batch_size
+    need(b is None or b > 0, "public.batch_size", "must be > 0 (or null: the arm's own batch)")
     for name, arm in study.arms.items():
         k = f"arms.{name}"
         need(arm.sites > 0, f"{k}.sites", "must be > 0")
@@ -179,6 +184,16 @@ def arm_overrides(study: StudyConfig, profile: str, arm: str, *, seed: int,
     d_steps = load_config(study.base_config_path, out).train.d_steps_per_g
     local_steps = max(1, int(p.total_updates * a.update_fraction) // (a.sites * p.rounds * (1 + d_steps)))
     return out + [f"federation.local_steps={local_steps}"]
+
+
+def public_overrides(study: StudyConfig, profile: str, arm: str) -> list[str]:
+    """Run-config overrides of the public pretraining for ``arm``: its model and recipe, without DP,
+    without a warm start, with all of D trained (``train.d_frozen`` only keeps what this taught)."""
+    out = arm_overrides(study, profile, arm, seed=0) + ["privacy.enabled=false", "train.init_checkpoint=null",
+                                                        "train.d_frozen=[]"]
+    if study.spec.public.batch_size is not None:
+        out.append(f"train.batch_size={study.spec.public.batch_size}")
+    return out
 
 
 def updates_of(cfg) -> int:
