@@ -113,7 +113,8 @@ class SiteTrainer:
                             "privacy=medstylegan2.privacy.engine.make_privacy_engine(cfg, num_examples, planned_steps)")
 
     # -- construction helpers --------------------------------------------------------------------
-    def _make_optimizer(self, params: Iterable[nn.Parameter], lr: float, reg_interval: Optional[int]):
+    def _make_optimizer(self, params: Iterable[nn.Parameter], lr: float, reg_interval: Optional[int]
+                        ) -> torch.optim.Adam:
         beta1, beta2 = self.cfg.train.beta1, self.cfg.train.beta2
         if reg_interval:
             # Lazy regularization: the optimizer sees reg_interval+1 updates per interval, so scale
