@@ -96,8 +96,9 @@ class TrainConfig:
     # not private; see privacy/fake_term.py).
     dp_clip_fakes: bool = False
     # D parameters that keep their warm-start values, by name prefix (e.g. [blocks, epilogue.conv,
-    # epilogue.fc]): no optimizer holds them, so under DP no noise is spent on them and the noise
-    # per trained coordinate buys more (a few thousand parameters instead of 300,000).
+    # epilogue.fc]): no optimizer holds them, so under DP no noise is spent on them. Measured
+    # without gain on the study's DP arm (frozen public features miss the private classes:
+    # docs/recipe.md).
     d_frozen: list[str] = field(default_factory=list)
     # Warm start: a checkpoint (train-local or a federated round) whose G, G_ema and D weights
     # replace the fresh ones before training (e.g. pretrained on public data). Optimizer state,
