@@ -290,8 +290,8 @@ def _check_semantics(cfg: RunConfig) -> None:
          "must be >= 0 (or null: no schedule)")
     need(t.class_loss_decay_steps > 0, "train.class_loss_decay_steps", "must be > 0")
     need(t.d_steps_per_g >= 1, "train.d_steps_per_g", "must be >= 1")
-    need(all(isinstance(p, str) and p for p in t.d_frozen), "train.d_frozen",
-         "must be a list of D parameter-name prefixes (e.g. [blocks, epilogue.fc])")
+    need(all(t.d_frozen), "train.d_frozen", "must not hold an empty name (give D parameter-name prefixes, "
+         "e.g. [blocks, epilogue.fc])")
     for key in ("z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max", "cmap_dim"):
         need(getattr(m, key) > 0, f"model.{key}", "must be > 0")
     for key in ("d_channel_base", "d_channel_max"):

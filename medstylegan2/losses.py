@@ -48,7 +48,7 @@ def class_weight_of(D: nn.Module, cfg: TrainConfig, step: int = 0) -> float:
         return 0.0
     if cfg.class_loss_weight_end is None:
         return cfg.class_loss_weight
-    done = min(1.0, step / cfg.class_loss_decay_steps)
+    done = _ramp(step, cfg.class_loss_decay_steps)
     return cfg.class_loss_weight + (cfg.class_loss_weight_end - cfg.class_loss_weight) * done
 
 
@@ -56,7 +56,12 @@ def ds_weight_of(cfg: TrainConfig, step: int) -> float:
     """The diversity-sensitive loss weight at G step ``step``: ``lambda_ds``, linearly decayed to 0."""
     if cfg.lambda_ds <= 0:
         return 0.0
-    return cfg.lambda_ds * max(0.0, 1.0 - step / max(cfg.ds_decay_steps, 1))
+    return cfg.lambda_ds * (1.0 - _ramp(step, cfg.ds_decay_steps))
+
+
+def _ramp(step: int, steps: int) -> float:
+    """How far a linear schedule over ``steps`` G steps is at ``step``: 0 -> 1, then 1."""
+    return min(1.0, step / max(steps, 1))
 
 
 def discriminator_real_loss_per_sample(D: nn.Module, real: torch.Tensor, labels: torch.Tensor,

@@ -634,12 +634,12 @@ def freeze_parameters(module: nn.Module, prefixes: list[str]) -> list[nn.Paramet
         return name == prefix or name.startswith(prefix + ".")
 
     named = list(module.named_parameters())
-    unmatched = [prefix for prefix in prefixes if not any(under(name, prefix) for name, _ in named)]
+    frozen = {name for name, _ in named if any(under(name, prefix) for prefix in prefixes)}
+    unmatched = [prefix for prefix in prefixes if not any(under(name, prefix) for name in frozen)]
     if unmatched:
         roots = sorted({name.split(".")[0] for name, _ in named})
         raise ValueError(f"{unmatched[0]!r} names no parameter of {type(module).__name__} "
                          f"(its parameters start with {', '.join(roots)})")
-    frozen = {name for name, _ in named if any(under(name, prefix) for prefix in prefixes)}
     if len(frozen) == len(named):
         raise ValueError(f"{prefixes} freeze every parameter of {type(module).__name__}: nothing would train")
     for name, p in named:

@@ -140,7 +140,7 @@ def _validate(study: StudyConfig, where: str) -> None:
         need(p.public_steps >= 0 and p.classifier_steps > 0, f"{k}.public_steps/classifier_steps",
              "must be >= 0 / > 0")
         for arm_name, arm in study.arms.items():
-            need(p.total_updates * arm.update_fraction >= 2 * arm.sites * p.rounds, f"{k}.total_updates",
+            need(arm_updates(p, arm) >= 2 * arm.sites * p.rounds, f"{k}.total_updates",
                  f"= {p.total_updates} leaves arm {arm_name} less than one local step a round")
             need(not arm.public_init or p.public_steps > 0, f"{k}.public_steps",
                  f"must be > 0: arm {arm_name} starts from the public pretraining")
@@ -182,8 +182,13 @@ def arm_overrides(study: StudyConfig, profile: str, arm: str, *, seed: int,
         out.append(f"train.init_checkpoint={Path(public_checkpoint).resolve()}")
     out += list(a.overrides)
     d_steps = load_config(study.base_config_path, out).train.d_steps_per_g
-    local_steps = max(1, int(p.total_updates * a.update_fraction) // (a.sites * p.rounds * (1 + d_steps)))
+    local_steps = max(1, arm_updates(p, a) // (a.sites * p.rounds * (1 + d_steps)))
     return out + [f"federation.local_steps={local_steps}"]
+
+
+def arm_updates(profile: ProfileSpec, arm: ArmSpec) -> int:
+    """G + D updates the arm may take, summed over its sites: its share of the profile's."""
+    return int(profile.total_updates * arm.update_fraction)
 
 
 def public_overrides(study: StudyConfig, profile: str, arm: str) -> list[str]:
