@@ -12,7 +12,8 @@ from medstylegan2.config import load_config
 from medstylegan2.errors import UserError
 from medstylegan2.networks import Discriminator, freeze_parameters
 from medstylegan2.privacy.engine import DPEngine, PrivacyError
-from medstylegan2.privacy.per_sample import per_sample_real_gradients
+from medstylegan2.privacy.fake_term import add_clipped_fake_gradient
+from medstylegan2.privacy.per_sample import per_sample_fake_gradients, per_sample_real_gradients
 from medstylegan2.trainer import SiteTrainer
 
 TINY = ["model.resolution=16", "model.channel_base=256", "model.channel_max=16", "model.z_dim=16", "model.w_dim=16",
@@ -67,6 +68,25 @@ def test_under_dp_the_clip_norm_is_taken_over_the_trained_parameters_only():
         else:
             assert p.grad is None, name  # nothing clipped, noised or released for a frozen parameter
     assert {n for n, _ in engine._named_params} == set(names)
+
+
+def test_clipped_fakes_are_clipped_over_the_trained_parameters_only_as_the_reals_are():
+    torch.manual_seed(0)
+    D = Discriminator(img_resolution=16, channel_base=256, channel_max=16, cmap_dim=16, mbstd_group_size=0).double()
+    freeze_parameters(D, ["blocks"])
+    fake = torch.randn(5, 1, 16, 16, dtype=torch.float64)
+    labels = torch.arange(5) % 3
+    per_sample, _ = per_sample_fake_gradients(D, fake, labels)
+    names = [n for n, p in D.named_parameters() if p.requires_grad]
+    norms = torch.sqrt(sum(per_sample[n].flatten(1).square().sum(dim=1) for n in names))
+    factors = (0.01 / (norms + 1e-6)).clamp(max=1.0)
+    add_clipped_fake_gradient(D, fake, labels, max_grad_norm=0.01)
+    for name, p in D.named_parameters():
+        if name in names:
+            expected = torch.einsum("b,b...->...", factors, per_sample[name]) / 5
+            assert torch.allclose(p.grad, expected, rtol=1e-6, atol=1e-12), name
+        else:
+            assert p.grad is None, name
 
 
 def test_the_privacy_engine_refuses_an_optimizer_with_parameters_outside_d():

@@ -21,11 +21,11 @@ def add_clipped_fake_gradient(D: nn.Module, fake: torch.Tensor, labels: torch.Te
     clipped to ``max_grad_norm`` (Opacus' clipping factor). Divided by the fake batch size, which
     is the real term's expected batch size. Returns the per-sample fake losses."""
     grads, losses = per_sample_fake_gradients(D, fake.detach(), labels)
-    norms = torch.sqrt(sum(g.flatten(1).square().sum(dim=1) for g in grads.values()))
+    # As for the real term, the norm is taken over the parameters that train (train.d_frozen).
+    trained = [(name, p) for name, p in D.named_parameters() if p.requires_grad]
+    norms = torch.sqrt(sum(grads[name].flatten(1).square().sum(dim=1) for name, _ in trained))
     factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-    for name, p in D.named_parameters():
-        if not p.requires_grad:
-            continue  # frozen (train.d_frozen): no optimizer steps it
+    for name, p in trained:
         term = torch.einsum("b,b...->...", factors.to(grads[name].dtype), grads[name]) / max(len(losses), 1)
         if p.grad is None:
             p.grad = torch.zeros_like(p)  # in the parameter's own layout
