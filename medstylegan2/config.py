@@ -91,6 +91,11 @@ class TrainConfig:
     class_loss_decay_steps: int = 1000
     # D updates per G update (each on a fresh real and fake batch); more helps under DP.
     d_steps_per_g: int = 1
+    # G updates per step, before the step's D updates, and G's batch (null: batch_size). G reads
+    # no real image, so under DP its updates cost no privacy: with D on large private batches
+    # (fewer, costlier steps), G can take more, smaller ones.
+    g_steps_per_d: int = 1
+    g_batch_size: Optional[int] = None
     # Under DP: clip each fake image's gradient of D's loss to privacy.max_grad_norm, as the real
     # ones are, so that both terms push D with the same strength (no privacy effect: fakes are
     # not private; see privacy/fake_term.py).
@@ -290,6 +295,8 @@ def _check_semantics(cfg: RunConfig) -> None:
          "must be >= 0 (or null: no schedule)")
     need(t.class_loss_decay_steps > 0, "train.class_loss_decay_steps", "must be > 0")
     need(t.d_steps_per_g >= 1, "train.d_steps_per_g", "must be >= 1")
+    need(t.g_steps_per_d >= 1, "train.g_steps_per_d", "must be >= 1")
+    need(t.g_batch_size is None or t.g_batch_size >= 1, "train.g_batch_size", "must be >= 1 (or null: batch_size)")
     need(all(t.d_frozen), "train.d_frozen", "must not hold an empty name (give D parameter-name prefixes, "
          "e.g. [blocks, epilogue.fc])")
     for key in ("z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max", "cmap_dim"):

@@ -168,26 +168,9 @@ class SiteTrainer:
         stats: dict[str, Any] = {}
         self.loss.class_weight = class_weight_of(self.D, t, self.step)  # G's and D's class terms alike
 
-        # G main: non-saturating loss (+ diversity-sensitive term).
-        self.D.requires_grad_(False)
-        self.G.requires_grad_(True)
-        self.g_opt.zero_grad(set_to_none=True)
-        z = torch.randn(batch, self.cfg.model.z_dim, device=self.device)
-        labels = self.sample_fake_labels(batch)
-        with self.mbstd_reference(), self.accel.autocast():
-            loss_g, s = self.loss.generator_main(z, labels, ds_weight=ds_weight_of(t, self.step))
-        loss_g.backward()
-        stats.update(s)
-        # G reg: lazy path-length regularization.
-        if self.loss.has_mapping and t.pl_weight > 0 and self.step % t.pl_interval == 0:
-            z = torch.randn(batch, self.cfg.model.z_dim, device=self.device)
-            with self.accel.autocast():
-                loss_pl, s = self.loss.generator_path_length(z, self.sample_fake_labels(batch))
-            loss_pl.backward()
-            stats.update(s)
-        self._add_proximal_gradient("G", self.G)
-        _sanitize_gradients(self.G)
-        self.g_opt.step()
+        # G: g_steps_per_d updates (non-saturating loss, lazy path length), each followed by the EMA.
+        for g_index in range(self.step * t.g_steps_per_d, (self.step + 1) * t.g_steps_per_d):
+            stats.update(self.generator_step(g_index))
 
         # D: logistic loss on fakes and reals, lazy R1 on reals; d_steps_per_g updates per G update.
         self.G.requires_grad_(False)
@@ -203,8 +186,40 @@ class SiteTrainer:
                 stats.update(self.discriminator_step(fake, fake_labels, r1_weight))
         self.G.requires_grad_(True)
 
-        self.update_ema()
         self.step += 1
+        return stats
+
+    @property
+    def g_batch_size(self) -> int:
+        """Fakes per G update: ``train.g_batch_size``, or D's batch when unset."""
+        return self.cfg.train.g_batch_size or self.cfg.train.batch_size
+
+    def generator_step(self, g_index: int) -> dict[str, Any]:
+        """G update number ``g_index`` of this trainer (all rounds): non-saturating loss (+ the
+        diversity-sensitive term), path-length regularization every ``pl_interval`` updates, then
+        the EMA. It reads no real image."""
+        t = self.cfg.train
+        batch = self.g_batch_size
+        stats: dict[str, Any] = {}
+        self.D.requires_grad_(False)
+        self.G.requires_grad_(True)
+        self.g_opt.zero_grad(set_to_none=True)
+        z = torch.randn(batch, self.cfg.model.z_dim, device=self.device)
+        labels = self.sample_fake_labels(batch)
+        with self.mbstd_reference(), self.accel.autocast():
+            loss_g, s = self.loss.generator_main(z, labels, ds_weight=ds_weight_of(t, self.step))
+        loss_g.backward()
+        stats.update(s)
+        if self.loss.has_mapping and t.pl_weight > 0 and g_index % t.pl_interval == 0:
+            z = torch.randn(batch, self.cfg.model.z_dim, device=self.device)
+            with self.accel.autocast():
+                loss_pl, s = self.loss.generator_path_length(z, self.sample_fake_labels(batch))
+            loss_pl.backward()
+            stats.update(s)
+        self._add_proximal_gradient("G", self.G)
+        _sanitize_gradients(self.G)
+        self.g_opt.step()
+        self.update_ema(g_index)
         return stats
 
     def discriminator_step(self, fake: torch.Tensor, fake_labels: torch.Tensor, r1_weight: float) -> dict[str, Any]:
@@ -269,13 +284,15 @@ class SiteTrainer:
                 p.grad.add_(p.detach() - reference[pname].to(p.device), alpha=mu)
 
     @torch.no_grad()
-    def update_ema(self) -> None:
+    def update_ema(self, g_index: int) -> None:
+        """G_ema after G update ``g_index``: a half-life of ``ema_kimg`` thousand fakes, ramped up."""
         t = self.cfg.train
+        batch = self.g_batch_size
         ema_nimg = t.ema_kimg * 1000
-        seen = (self.step + 1) * t.batch_size
+        seen = (g_index + 1) * batch
         if t.ema_rampup is not None:
             ema_nimg = min(ema_nimg, seen * t.ema_rampup)
-        beta = 0.5 ** (t.batch_size / max(ema_nimg, 1e-8))
+        beta = 0.5 ** (batch / max(ema_nimg, 1e-8))
         ema_update_(self.G_ema, self.G, beta)
 
     def train_steps(self, num_steps: int, *, progress: Optional[Callable[[int, dict[str, float]], None]] = None

@@ -110,6 +110,34 @@ def test_d_steps_per_g_shows_d_that_many_real_batches():
     assert trainer.step == 3 and trainer.cur_nimg == 3 * 2 * cfg.train.batch_size
 
 
+def test_g_steps_per_d_takes_that_many_g_updates_on_g_batches_and_no_more_private_steps():
+    cfg = load_config(None, TINY + ["model.mbstd_group_size=0", "privacy.enabled=true", "privacy.noise_multiplier=1.0",
+                                    "train.g_steps_per_d=3", "train.g_batch_size=5"])
+    images, labels = random_site()
+    engine = make_privacy_engine(cfg, len(labels), planned_d_steps(cfg, 2))
+    trainer = SiteTrainer(cfg, images, labels, device="cpu", privacy=engine)
+    g_batches: list[int] = []
+    generator_main = trainer.loss.generator_main
+
+    def counting(z, labels, **kwargs):
+        g_batches.append(z.shape[0])
+        return generator_main(z, labels, **kwargs)
+
+    trainer.loss.generator_main = counting
+    trainer.train_steps(2)
+    assert g_batches == [5] * 6              # 2 steps x 3 G updates of 5 fakes
+    assert engine.spent_steps == 2           # D (the only private part) steps once a step
+    assert trainer.g_opt.state[next(trainer.G.parameters())]["step"] == 6
+
+
+def test_one_g_update_of_d_batch_size_per_step_is_the_default():
+    cfg = load_config(None, TINY)
+    trainer = SiteTrainer(cfg, *random_site(), device="cpu")
+    trainer.train_steps(2)
+    assert trainer.g_batch_size == cfg.train.batch_size
+    assert trainer.g_opt.state[next(trainer.G.parameters())]["step"] == 2
+
+
 def test_warm_start_takes_the_networks_but_keeps_this_runs_constants(tmp_path):
     cfg = load_config(None, TINY)
     donor = SiteTrainer(dataclasses.replace(cfg, seed=5), *random_site(), device="cpu", seed=5)
@@ -164,6 +192,10 @@ def test_new_recipe_keys_are_validated():
         load_config(None, ["train.class_loss_decay_steps=0"])
     with pytest.raises(ConfigError, match="train.d_steps_per_g"):
         load_config(None, ["train.d_steps_per_g=0"])
+    with pytest.raises(ConfigError, match="train.g_steps_per_d"):
+        load_config(None, ["train.g_steps_per_d=0"])
+    with pytest.raises(ConfigError, match="train.g_batch_size"):
+        load_config(None, ["train.g_batch_size=0"])
     with pytest.raises(ConfigError, match="model.d_class_head"):
         load_config(None, ["model.arch=dcgan", "model.d_class_head=true"])
     with pytest.raises(ConfigError, match="model.mapping_lr_multiplier"):

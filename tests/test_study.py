@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from medstylegan2.config import ConfigError, load_config
-from medstylegan2.study.config import arm_overrides, load_study, public_overrides
+from medstylegan2.study.config import arm_overrides, load_study, public_overrides, updates_of
 from medstylegan2.study.report import CONTRACT_KEYS, validate_study_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +43,13 @@ def test_study_config_splits_compute_equally_over_sites(tmp_path):
     study = load_study(tmp_path / "study.yaml")
     dp = arm_overrides(study, "quick", "dp-eps10", seed=0)
     assert dp[-1] == "federation.local_steps=1"  # 16 updates / (2 sites x 2 rounds x (1 + 3))
+    doc["profiles"]["quick"]["total_updates"] = 64
+    doc["arms"]["dp-eps10"]["overrides"] = ["train.g_steps_per_d=3"]
+    (tmp_path / "study.yaml").write_text(json.dumps(doc))
+    study = load_study(tmp_path / "study.yaml")
+    dp = arm_overrides(study, "quick", "dp-eps10", seed=0)
+    assert dp[-1] == "federation.local_steps=4"  # 64 updates / (2 sites x 2 rounds x (3 + 1))
+    assert updates_of(load_config(study.base_config_path, dp)) == 64
     cfg = load_config(study.base_config_path, dp)
     assert cfg.privacy.enabled and cfg.privacy.delta == 1e-5 and cfg.privacy.target_epsilon == 10.0
 

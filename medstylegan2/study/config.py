@@ -23,7 +23,8 @@ class ProfileSpec:
     # Run-config overrides of this profile (resolution, widths, data size, ...).
     overrides: list[str] = field(default_factory=list)
     # Compute per arm: G updates + D updates, summed over the arm's sites. An arm with
-    # train.d_steps_per_g = d takes total_updates / (sites x rounds x (1 + d)) local steps a round.
+    # train.g_steps_per_d = g and train.d_steps_per_g = d takes
+    # total_updates / (sites x rounds x (g + d)) local steps a round.
     total_updates: int = 4800
     # Federation rounds of every arm (one site: rounds of total_steps / rounds local steps).
     rounds: int = 10
@@ -181,8 +182,8 @@ def arm_overrides(study: StudyConfig, profile: str, arm: str, *, seed: int,
     if a.public_init and public_checkpoint is not None:
         out.append(f"train.init_checkpoint={Path(public_checkpoint).resolve()}")
     out += list(a.overrides)
-    d_steps = load_config(study.base_config_path, out).train.d_steps_per_g
-    local_steps = max(1, arm_updates(p, a) // (a.sites * p.rounds * (1 + d_steps)))
+    train = load_config(study.base_config_path, out).train
+    local_steps = max(1, arm_updates(p, a) // (a.sites * p.rounds * (train.g_steps_per_d + train.d_steps_per_g)))
     return out + [f"federation.local_steps={local_steps}"]
 
 
@@ -204,7 +205,7 @@ def public_overrides(study: StudyConfig, profile: str, arm: str) -> list[str]:
 def updates_of(cfg) -> int:
     """G + D updates a run takes, summed over its sites (the study's unit of compute)."""
     f = cfg.federation
-    return f.sites * f.rounds * f.local_steps * (1 + cfg.train.d_steps_per_g)
+    return f.sites * f.rounds * f.local_steps * (cfg.train.g_steps_per_d + cfg.train.d_steps_per_g)
 
 
 def settings_digest(overrides: Sequence[str], extra: Mapping[str, Any]) -> str:
