@@ -73,6 +73,37 @@ def test_r1_per_sample_grads_match_autograd_loop(r1_weight):
     assert worst < 1e-5
 
 
+@pytest.mark.parametrize("class_head", [False, True])
+def test_chunked_vmap_gives_the_same_per_sample_grads_as_the_whole_batch(class_head):
+    torch.manual_seed(0)
+    D = tiny_discriminator(class_head=class_head).double()
+    images = torch.randn(7, 1, 16, 16, dtype=torch.float64)
+    labels = torch.tensor([2, 0, 1, 1, 0, 2, 1])
+    class_weight = 0.7 if class_head else 0.0
+    whole, whole_losses, whole_order = per_sample_real_gradients(D, images, labels, 0.8, class_weight)
+    chunked, chunked_losses, chunked_order = per_sample_real_gradients(D, images, labels, 0.8, class_weight,
+                                                                       chunk_size=3)
+    assert torch.equal(whole_order, chunked_order)
+    assert torch.allclose(whole_losses, chunked_losses, rtol=0, atol=1e-12)
+    for name in whole:
+        assert torch.allclose(whole[name], chunked[name], rtol=0, atol=1e-12), name
+
+
+def test_the_engine_takes_per_sample_grads_in_vmap_chunks_on_a_cpu(monkeypatch):
+    import medstylegan2.privacy.engine as engine_module
+    seen: list[dict] = []
+    original = engine_module.per_sample_real_gradients
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "per_sample_real_gradients", spy)
+    _, trainer = _bound_engine(noise=1.0, clip=1.0)
+    trainer.train_steps(2)
+    assert seen and all(kwargs["chunk_size"] == 64 and kwargs["pad_to"] is None for kwargs in seen)
+
+
 def test_empty_batch_gives_empty_per_sample_grads():
     D = tiny_discriminator()
     grads, losses, _ = per_sample_real_gradients(D, torch.zeros(0, 1, 16, 16), torch.zeros(0, dtype=torch.long), 0.8)

@@ -161,6 +161,7 @@ class DPEngine:
         self.pad_to: Optional[int] = None        # set by bind(): fixed padded batch size on GPUs
         self.compile_per_sample = False           # set by bind(): torch.compile on GPUs
         self.layer_gradients = True               # steps without R1: privacy.layer_grads (same values as vmap)
+        self.vmap_chunk_size: Optional[int] = None  # set by bind(): R1 steps' vmap in chunks on CPUs
         self.d_optimizer: Optional[torch.optim.Optimizer] = None  # D's own optimizer, wrapped by ``optimizer``
         self.optimizer: Optional[DPOptimizer] = None
         self._named_params: list[tuple[str, nn.Parameter]] = []
@@ -211,6 +212,9 @@ class DPEngine:
         on_cuda = bool(named) and named[0][1].device.type == "cuda"
         self.pad_to = padded_batch_size(self.expected_batch_size, self.num_examples) if on_cuda else None
         self.compile_per_sample = on_cuda
+        # On a CPU the R1 steps' vmap runs over chunks of 64 samples: the same values, a third less
+        # peak memory at batch 256 (per_sample_real_gradients). A GPU keeps the whole padded batch.
+        self.vmap_chunk_size = None if on_cuda else 64
 
     def _dp_optimizer(self) -> DPOptimizer:
         if self.optimizer is None:
@@ -256,7 +260,8 @@ class DPEngine:
         assert self.D is not None, "bind(D, optimizer) first"
         grads, losses, order = per_sample_real_gradients(self.D, real, labels, r1_weight, class_weight,
                                                          pad_to=self.pad_to, compile=self.compile_per_sample,
-                                                         layer_gradients=self.layer_gradients)
+                                                         layer_gradients=self.layer_gradients,
+                                                         chunk_size=self.vmap_chunk_size)
         if units is not None:
             m = len(order)  # padded rows (GPU) are nobody's: only the m real rows have a patient
             grads = sum_per_unit({k: g[:m] for k, g in grads.items()}, units.to(order.device)[order])
