@@ -68,7 +68,7 @@ class TrainConfig:
     # R1 weight gamma; lazily applied every r1_interval D steps (0 disables).
     r1_gamma: float = 0.1
     r1_interval: int = 16
-    # Path-length regularization weight; lazily applied every pl_interval G steps (0 disables).
+    # Path-length regularization weight; lazily applied every pl_interval G updates (0 disables).
     pl_weight: float = 2.0
     pl_interval: int = 4
     pl_decay: float = 0.01
@@ -78,7 +78,7 @@ class TrainConfig:
     ema_kimg: float = 1.0
     ema_rampup: Optional[float] = 0.05
     # Seed paper's diversity-sensitive ("style difference") loss weight (StarGAN v2 ``lambda_ds``,
-    # seed value 2), linearly decayed to zero over ds_decay_steps G steps; 0 disables it.
+    # seed value 2), linearly decayed to zero over ds_decay_steps trainer steps; 0 disables it.
     lambda_ds: float = 0.0
     ds_decay_steps: int = 10000
     truncation_psi: float = 1.0
@@ -86,7 +86,7 @@ class TrainConfig:
     # D's loss (inside the per-sample loss that DP clips and noises) and on fakes in G's loss.
     class_loss_weight: float = 1.0
     # If set, the class loss weight moves linearly from class_loss_weight to this value over the
-    # first class_loss_decay_steps G steps of the site (class first, then variety).
+    # first class_loss_decay_steps trainer steps of the site (class first, then variety).
     class_loss_weight_end: Optional[float] = None
     class_loss_decay_steps: int = 1000
     # D updates per G update (each on a fresh real and fake batch); more helps under DP.

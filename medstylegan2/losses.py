@@ -60,7 +60,8 @@ def ds_weight_of(cfg: TrainConfig, step: int) -> float:
 
 
 def _ramp(step: int, steps: int) -> float:
-    """How far a linear schedule over ``steps`` G steps is at ``step``: 0 -> 1, then 1."""
+    """How far a linear schedule over ``steps`` trainer steps (each: G's updates, then D's) is at
+    ``step``: 0 -> 1, then 1."""
     return min(1.0, step / max(steps, 1))
 
 
