@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import random
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
@@ -28,6 +27,7 @@ from medstylegan2.errors import CheckpointError, UserError
 from medstylegan2.losses import StyleGAN2Loss, class_weight_of, ds_weight_of
 from medstylegan2.networks import build_networks, freeze_parameters
 from medstylegan2.privacy.fake_term import add_clipped_fake_gradient
+from medstylegan2.rng_state import rng_state, seed_everything, set_rng_state
 from medstylegan2.runfolder import write_checkpoint
 from medstylegan2.shuffle_sampler import ShuffleSampler
 
@@ -67,7 +67,7 @@ class SiteTrainer:
         self.cfg = cfg
         self.device = torch.device(device) if device is not None else resolve_device(cfg.device)
         self.seed = cfg.seed if seed is None else seed
-        _seed_everything(self.seed)
+        seed_everything(self.seed)
         # Device-level speed choices (precision, memory layout, compile): same function, see acceleration.py.
         self.accel = resolve_acceleration(cfg.train, self.device)
         self.num_examples = int(len(labels))
@@ -344,7 +344,7 @@ class SiteTrainer:
             "cur_nimg": self.cur_nimg,
             "pl_mean": self.loss.pl_mean.detach().cpu(),
             "sampler": self.sampler.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng_state(),
         }
         if self.privacy is not None:
             state["privacy"] = self.privacy.state_dict()
@@ -359,7 +359,7 @@ class SiteTrainer:
         self.sampler.load_state_dict(state["sampler"])
         if self.privacy is not None and "privacy" in state:
             self.privacy.load_state_dict(state["privacy"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
 
     def save_checkpoint(self, path: str | Path) -> Path:
         """Everything above in one checkpoint file (``medstylegan2.runfolder.write_checkpoint``: atomic)."""
@@ -391,23 +391,3 @@ def _sanitize_gradients(module: nn.Module) -> None:
         if p.grad is not None:
             torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
 
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

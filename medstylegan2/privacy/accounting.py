@@ -1,7 +1,7 @@
 """Epsilon of a list of releases, and sigma for a target epsilon, with Opacus' accountants.
 
-Shared by the site's policy check (``privacy.request``), its lifetime ledger (``privacy.ledger``)
-and the audit command: one place that turns (sigma, q, steps) into epsilon.
+Shared by the DP engine, the site's policy check (``privacy.request``), its lifetime ledger
+(``privacy.ledger``) and the audit command: one place that turns (sigma, q, steps) into epsilon.
 """
 
 from __future__ import annotations

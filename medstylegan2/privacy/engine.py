@@ -48,19 +48,17 @@ from __future__ import annotations
 import copy
 import io
 import logging
-import math
 import secrets
-import warnings
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from medstylegan2.errors import PrivacyError
+from medstylegan2.privacy.accounting import epsilon_of_history, sigma_for
 from medstylegan2.privacy.per_sample import padded_batch_size, per_sample_real_gradients
 from medstylegan2.privacy.units import UnitIndex, sum_per_unit
 from medstylegan2.privacy.validation import validate_discriminator
@@ -173,12 +171,8 @@ class DPEngine:
     def noise_multiplier(self) -> float:
         """sigma: given, or computed once for the whole planned run from ``target_epsilon``."""
         if self._noise_multiplier is None:
-            with warnings.catch_warnings():
-                # The binary search probes large sigmas whose best RDP order is the largest one.
-                warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-                self._noise_multiplier = float(get_noise_multiplier(
-                    target_epsilon=self.target_epsilon, target_delta=self.delta, sample_rate=self.sample_rate,
-                    steps=self.planned_steps, accountant=self.accountant_name))
+            self._noise_multiplier = sigma_for(self.target_epsilon, self.delta, self.sample_rate, self.planned_steps,
+                                               self.accountant_name)
             log.info("noise multiplier %.4f for epsilon %.3g at delta %.3g after %d steps (q=%.4g)",
                      self._noise_multiplier, self.target_epsilon, self.delta, self.planned_steps, self.sample_rate)
         return self._noise_multiplier
@@ -378,12 +372,7 @@ class DPEngine:
 
 def epsilon_of(accountant: Any, delta: float) -> float:
     """Epsilon at ``delta`` of an Opacus accountant's history: 0 with no noised step, inf when unbounded."""
-    if not accountant.history or all(steps == 0 for _, _, steps in accountant.history):
-        return 0.0
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        eps = float(accountant.get_epsilon(delta=delta))
-    return eps if math.isfinite(eps) else float("inf")
+    return epsilon_of_history(accountant.history, delta, accountant.mechanism())
 
 
 def make_privacy_engine(cfg: "RunConfig", num_examples: int, planned_steps: int, seed: int = 0
