@@ -200,6 +200,39 @@ def test_the_lock_keeps_a_second_process_out(tmp_path):
                 pass
 
 
+def test_a_reader_is_not_fooled_by_a_release_recorded_while_it_reads(tmp_path, monkeypatch):
+    writer = PrivacyLedger(tmp_path, FP)
+    writer.record_release(release(round_num=1))
+    reader = PrivacyLedger(tmp_path, None)
+    read_bytes = Path.read_bytes
+    injected = []
+
+    def read_then_another_release_lands(path: Path) -> bytes:
+        data = read_bytes(path)
+        if path == reader.path and not injected:  # the named point: just after the entries were read
+            injected.append(True)
+            writer.record_release(release(round_num=2))
+        return data
+
+    monkeypatch.setattr(Path, "read_bytes", read_then_another_release_lands)
+    assert [e["round"] for e in reader.entries()] == [1]
+    assert injected
+    monkeypatch.undo()
+    assert [e["round"] for e in reader.entries()] == [1, 2]
+
+
+def test_a_half_written_last_line_is_left_out_while_a_writer_holds_the_lock_and_is_an_error_after(tmp_path):
+    writer = PrivacyLedger(tmp_path, FP)
+    writer.record_release(release(round_num=1))
+    reader = PrivacyLedger(tmp_path, None)
+    with writer.lock():
+        with open(writer.path, "ab") as f:
+            f.write(b'{"index": 1, "run": "run-1"')  # a release being appended right now
+        assert [e["round"] for e in reader.entries()] == [1]
+    with pytest.raises(LedgerError, match="incomplete"):
+        reader.entries()
+
+
 def test_concurrent_writers_leave_one_valid_chain(tmp_path):
     script = ("import sys; from medstylegan2.privacy.ledger import *\n"
               "ledger = PrivacyLedger(sys.argv[1], 'c' * 64)\n"

@@ -212,7 +212,14 @@ class PrivacyLedger:
 
     # -- reading ----------------------------------------------------------------------------------
     def entries(self) -> list[dict[str, Any]]:
-        """Every entry, verified (hash chain, counter, head); raises ``LedgerError`` otherwise."""
+        """Every entry, verified (hash chain, counter, head); raises ``LedgerError`` otherwise.
+
+        Safe beside another process that records a release: the head is read before the entries,
+        and a release appends its entry before it moves the head, so the entries read cover the
+        head. An incomplete last line while another process holds the lock is that release being
+        written (left out); with the lock free it is a crash's remnant (an error).
+        """
+        head = self._read_head()
         entries: list[dict[str, Any]] = []
         if self.path.exists():
             try:
@@ -220,6 +227,8 @@ class PrivacyLedger:
             except OSError as exc:
                 raise LedgerError(f"cannot read the privacy ledger {self.path}: {exc}") from exc
             lines = data.split(b"\n")
+            if lines[-1] and self._another_process_holds_the_lock():
+                lines[-1] = b""
             if lines[-1]:
                 raise LedgerError(f"{self.path}: the last line ({len(lines)}) is incomplete (a crash while recording "
                                   "a release?). The site refuses to train: an administrator must check whether "
@@ -239,10 +248,25 @@ class PrivacyLedger:
                     raise LedgerError(f"{where}: the hash chain is broken: this entry or the one before it was edited")
                 prev = entry["hash"]
                 entries.append(entry)
-        for head, what in ((self._read_head(), self.head_path), (self.expected_head, "the head this site remembered")):
-            if head is not None:
-                self._check_against(entries, head, what)
+        for known, what in ((head, self.head_path), (self.expected_head, "the head this site remembered")):
+            if known is not None:
+                self._check_against(entries, known, what)
         return entries
+
+    def _another_process_holds_the_lock(self) -> bool:
+        if self._lock_depth > 0:
+            return False  # this object holds it: nobody else is writing
+        try:
+            fd = os.open(self.dir / LOCK_FILE, os.O_RDONLY)
+        except OSError:
+            return False  # never locked (or unreadable): no writer
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+        finally:
+            os.close(fd)  # closing the descriptor releases a lock taken on it
+        return False
 
     def _read_head(self) -> Optional[LedgerHead]:
         if not self.head_path.exists():
