@@ -105,6 +105,11 @@ class TrainConfig:
     # without gain on the study's DP arm (frozen public features miss the private classes:
     # docs/recipe.md).
     d_frozen: list[str] = field(default_factory=list)
+    # Under DP: D parameter-name prefixes clipped apart (e.g. [epilogue.class_head]): each prefix's
+    # parameters, and the rest, get an equal share of privacy.max_grad_norm per sample, so that the
+    # largest gradients (the conv features') cannot take all of it. Same sensitivity, same epsilon
+    # (privacy/group_clip.py). Empty: one flat clip, as Opacus does.
+    dp_clip_groups: list[str] = field(default_factory=list)
     # Warm start: a checkpoint (train-local or a federated round) whose G, G_ema and D weights
     # replace the fresh ones before training (e.g. pretrained on public data). Optimizer state,
     # counters and the model constants are not taken from it.
@@ -299,6 +304,8 @@ def _check_semantics(cfg: RunConfig) -> None:
     need(t.g_batch_size is None or t.g_batch_size >= 1, "train.g_batch_size", "must be >= 1 (or null: batch_size)")
     need(all(t.d_frozen), "train.d_frozen", "must not hold an empty name (give D parameter-name prefixes, "
          "e.g. [blocks, epilogue.fc])")
+    need(all(t.dp_clip_groups), "train.dp_clip_groups", "must not hold an empty name (give D parameter-name "
+         "prefixes, e.g. [epilogue.class_head])")
     for key in ("z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max", "cmap_dim"):
         need(getattr(m, key) > 0, f"model.{key}", "must be > 0")
     for key in ("d_channel_base", "d_channel_max"):

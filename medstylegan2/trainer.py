@@ -106,7 +106,8 @@ class SiteTrainer:
         self.privacy = privacy
         if privacy is not None:
             # Validates D before any training; fails here if D or this site does not fit DP-SGD.
-            privacy.bind(self.D, self.d_opt, num_examples=self.num_examples, batch_size=cfg.train.batch_size)
+            privacy.bind(self.D, self.d_opt, num_examples=self.num_examples, batch_size=cfg.train.batch_size,
+                         clip_groups=cfg.train.dp_clip_groups)
         elif cfg.privacy.enabled and self.num_examples > 0:
             # Never train on real images without DP when the config promises it.
             raise UserError("privacy.enabled is true but no privacy engine was given: pass "

@@ -59,6 +59,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from medstylegan2.errors import PrivacyError
 from medstylegan2.privacy.accounting import epsilon_of_history, sigma_for
+from medstylegan2.privacy.group_clip import clip_by_group, parameter_groups
 from medstylegan2.privacy.per_sample import padded_batch_size, per_sample_real_gradients
 from medstylegan2.privacy.units import UnitIndex, sum_per_unit
 from medstylegan2.privacy.validation import validate_discriminator
@@ -163,6 +164,7 @@ class DPEngine:
         self.d_optimizer: Optional[torch.optim.Optimizer] = None  # D's own optimizer, wrapped by ``optimizer``
         self.optimizer: Optional[DPOptimizer] = None
         self._named_params: list[tuple[str, nn.Parameter]] = []
+        self.clip_groups: list[list[str]] = []    # set by bind(): parameter names clipped apart (group_clip)
         # Statistics computed from real images: for local logs only, never part of a reply.
         self.last_private_stats: dict[str, float] = {}
 
@@ -178,8 +180,12 @@ class DPEngine:
         return self._noise_multiplier
 
     # -- binding to D ------------------------------------------------------------------------------
-    def bind(self, D: nn.Module, optimizer: torch.optim.Optimizer, *, num_examples: int, batch_size: int) -> None:
+    def bind(self, D: nn.Module, optimizer: torch.optim.Optimizer, *, num_examples: int, batch_size: int,
+             clip_groups: Sequence[str] = ()) -> None:
         """Validate D and note its parameters and optimizer (the trainer calls this at construction).
+
+        ``clip_groups`` (``train.dp_clip_groups``): parameter-name prefixes whose parameters are
+        clipped apart, each with an equal share of C (``privacy.group_clip``); empty: one flat clip.
 
         Fails here, before any training, if D, the site's image count or the batch size do not fit
         this engine. The ``DPOptimizer`` around ``optimizer`` is made at the first step, so that a
@@ -200,6 +206,7 @@ class DPEngine:
         if not named or len(named) != len(opt_params):
             raise PrivacyError("the D optimizer must hold D's trainable parameters and nothing else")
         self.D, self.d_optimizer, self._named_params, self.optimizer = D, optimizer, named, None
+        self.clip_groups = parameter_groups([name for name, _ in named], list(clip_groups)) if clip_groups else []
         # On a GPU: Poisson batches padded to one fixed size (static shapes, masked blank rows that
         # contribute exactly nothing and change no accounting: per_sample.per_sample_real_gradients)
         # and a compiled per-sample function. On a CPU padding would only add work: exact sizes.
@@ -269,7 +276,9 @@ class DPEngine:
         """Opacus' part: per-sample gradients (``[m, *shape]`` per parameter name) -> ``p.grad``."""
         opt = self._dp_optimizer()
         opt.zero_grad(set_to_none=True)
-        grads = per_sample_grads
+        # Each group to C / sqrt(G) first: the whole stays within C, so Opacus' flat clip below
+        # and the accounting are unchanged (privacy.group_clip).
+        grads = clip_by_group(per_sample_grads, self.clip_groups, self.max_grad_norm)
         for name, p in self._named_params:
             # A non-finite per-sample gradient would make its clip factor NaN and poison the sum;
             # sanitizing one sample's gradient is a per-sample map, so clipping still bounds it.
