@@ -182,10 +182,8 @@ class DPEngine:
     # -- binding to D ------------------------------------------------------------------------------
     def bind(self, D: nn.Module, optimizer: torch.optim.Optimizer, *, num_examples: int, batch_size: int,
              clip_groups: Sequence[str] = ()) -> None:
-        """Validate D and note its parameters and optimizer (the trainer calls this at construction).
-
-        ``clip_groups`` (``train.dp_clip_groups``): parameter-name prefixes whose parameters are
-        clipped apart, each with an equal share of C (``privacy.group_clip``); empty: one flat clip.
+        """Validate D and note its parameters and optimizer (the trainer calls this at construction);
+        ``clip_groups``: D parameter-name prefixes clipped apart (``privacy.group_clip``).
 
         Fails here, before any training, if D, the site's image count or the batch size do not fit
         this engine. The ``DPOptimizer`` around ``optimizer`` is made at the first step, so that a
@@ -276,8 +274,7 @@ class DPEngine:
         """Opacus' part: per-sample gradients (``[m, *shape]`` per parameter name) -> ``p.grad``."""
         opt = self._dp_optimizer()
         opt.zero_grad(set_to_none=True)
-        # Each group to C / sqrt(G) first: the whole stays within C, so Opacus' flat clip below
-        # and the accounting are unchanged (privacy.group_clip).
+        # Each group to C / sqrt(G) first: the whole stays within C (privacy.group_clip).
         grads = clip_by_group(per_sample_grads, self.clip_groups, self.max_grad_norm)
         for name, p in self._named_params:
             # A non-finite per-sample gradient would make its clip factor NaN and poison the sum;
