@@ -624,15 +624,18 @@ def build_networks(model_cfg) -> tuple[nn.Module, nn.Module]:
     return G, D
 
 
+def under(name: str, prefix: str) -> bool:
+    """Parameter ``name`` is ``prefix`` itself or lies in the module ``prefix`` (a dotted path):
+    ``blocks.1`` holds ``blocks.1.conv0.weight`` but not ``blocks.10.conv0.weight``."""
+    return name == prefix or name.startswith(prefix + ".")
+
+
 def freeze_parameters(module: nn.Module, prefixes: list[str]) -> list[nn.Parameter]:
     """Freeze every parameter whose name starts with one of ``prefixes`` (a dotted module path such
     as ``blocks`` or ``epilogue.fc``); returns the parameters left to train, in module order.
 
     Raises ValueError when a prefix names no parameter, or when nothing would be left to train.
     """
-    def under(name: str, prefix: str) -> bool:
-        return name == prefix or name.startswith(prefix + ".")
-
     named = list(module.named_parameters())
     frozen = {name for name, _ in named if any(under(name, prefix) for prefix in prefixes)}
     unmatched = [prefix for prefix in prefixes if not any(under(name, prefix) for name in frozen)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from medstylegan2.privacy.group_clip import clip_factors
 from medstylegan2.privacy.per_sample import per_sample_fake_gradients
 
 
@@ -23,8 +24,7 @@ def add_clipped_fake_gradient(D: nn.Module, fake: torch.Tensor, labels: torch.Te
     grads, losses = per_sample_fake_gradients(D, fake.detach(), labels)
     # As for the real term, the norm is taken over the parameters that train (train.d_frozen).
     trained = [(name, p) for name, p in D.named_parameters() if p.requires_grad]
-    norms = torch.sqrt(sum(grads[name].flatten(1).square().sum(dim=1) for name, _ in trained))
-    factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    factors = clip_factors(grads, [name for name, _ in trained], max_grad_norm)
     for name, p in trained:
         term = torch.einsum("b,b...->...", factors.to(grads[name].dtype), grads[name]) / max(len(losses), 1)
         if p.grad is None:

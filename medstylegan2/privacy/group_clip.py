@@ -24,11 +24,14 @@ from typing import Sequence
 import torch
 
 from medstylegan2.errors import PrivacyError
+from medstylegan2.networks import under
 
 
-def under(name: str, prefix: str) -> bool:
-    """``name`` is the parameter ``prefix`` or lies in the module ``prefix`` (dotted path)."""
-    return name == prefix or name.startswith(prefix + ".")
+def clip_factors(per_sample_grads: dict[str, torch.Tensor], names: Sequence[str], bound: float) -> torch.Tensor:
+    """Opacus' per-sample clip factor ``min(1, bound / (norm + 1e-6))``, the norm of each sample's
+    gradient taken over the parameters ``names`` together; shape ``[m]``."""
+    norms = torch.sqrt(sum(per_sample_grads[name].flatten(1).square().sum(dim=1) for name in names))
+    return (bound / (norms + 1e-6)).clamp(max=1.0)
 
 
 def parameter_groups(names: Sequence[str], prefixes: Sequence[str]) -> list[list[str]]:
@@ -64,8 +67,7 @@ def clip_by_group(per_sample_grads: dict[str, torch.Tensor], groups: list[list[s
     bound = max_grad_norm / math.sqrt(len(groups))
     out = dict(per_sample_grads)
     for members in groups:
-        norms = torch.sqrt(sum(per_sample_grads[name].flatten(1).square().sum(dim=1) for name in members))
-        factors = (bound / (norms + 1e-6)).clamp(max=1.0)
+        factors = clip_factors(per_sample_grads, members, bound)
         for name in members:
             g = per_sample_grads[name]
             out[name] = g * factors.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
