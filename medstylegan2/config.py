@@ -110,6 +110,16 @@ class TrainConfig:
     # largest gradients (the conv features') cannot take all of it. Same sensitivity, same epsilon
     # (privacy/group_clip.py). Empty: one flat clip, as Opacus does.
     dp_clip_groups: list[str] = field(default_factory=list)
+    # Class guide (privacy/class_guide.py): a small classifier each site trains once per run on its
+    # own images - under DP with DP-SGD at the round's sigma and sample rate, its steps composed
+    # into the site's epsilon - then frozen; G's loss adds class_guide_weight x its cross-entropy
+    # on the fakes. Under DP it learns the classes far better than D's class head, which shares
+    # D's clip with the adversarial term (docs/recipe.md). 0: off.
+    class_guide_weight: float = 0.0
+    class_guide_steps: int = 250
+    class_guide_lr: float = 0.002
+    class_guide_max_grad_norm: float = 1.0
+    class_guide_width: int = 16
     # Warm start: a checkpoint (train-local or a federated round) whose G, G_ema and D weights
     # replace the fresh ones before training (e.g. pretrained on public data). Optimizer state,
     # counters and the model constants are not taken from it.
@@ -306,6 +316,13 @@ def _check_semantics(cfg: RunConfig) -> None:
          "e.g. [blocks, epilogue.fc])")
     need(all(t.dp_clip_groups), "train.dp_clip_groups", "must not hold an empty name (give D parameter-name "
          "prefixes, e.g. [epilogue.class_head])")
+    need(t.class_guide_weight >= 0, "train.class_guide_weight", "must be >= 0 (0: no class guide)")
+    for key in ("class_guide_steps", "class_guide_width"):
+        need(getattr(t, key) >= 1, f"train.{key}", "must be >= 1")
+    need(t.class_guide_lr > 0 and t.class_guide_max_grad_norm > 0, "train.class_guide_lr/class_guide_max_grad_norm",
+         "must be > 0")
+    need(t.class_guide_weight == 0 or m.resolution >= 16, "train.class_guide_weight",
+         "needs model.resolution >= 16 (the guide's four stride-2 blocks)")
     for key in ("z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max", "cmap_dim"):
         need(getattr(m, key) > 0, f"model.{key}", "must be > 0")
     for key in ("d_channel_base", "d_channel_max"):

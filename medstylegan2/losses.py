@@ -6,7 +6,9 @@
 
 With a class head on D (``model.d_class_head``, AC-GAN) D's real loss adds the head's
 cross-entropy on the real labels and G's loss adds it on the fakes' conditioning labels, both
-weighted by ``train.class_loss_weight``.
+weighted by ``train.class_loss_weight``. With a class guide (``privacy.class_guide``: a frozen
+classifier the site trained on its own images) G's loss adds ``train.class_guide_weight`` times
+the guide's cross-entropy on the fakes.
 
 The discriminator's real-image terms are written per sample (``reduction="none"``) because the
 differential-privacy path needs them one sample at a time; the non-private path takes the mean.
@@ -15,6 +17,7 @@ differential-privacy path needs them one sample at a time; the non-private path 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -95,6 +98,9 @@ class StyleGAN2Loss:
         self.has_mapping = hasattr(G, "mapping") and hasattr(G, "synthesize")
         self.class_weight = class_weight_of(D, cfg)
         self.pl_mean = torch.zeros([])
+        # The site's frozen class guide (set by the trainer) and the weight of its term in G's loss.
+        self.class_guide: Optional[nn.Module] = None
+        self.guide_weight = cfg.class_guide_weight
         # The same functions, possibly torch.compile'd by the trainer (acceleration.py): used only
         # where no double backward runs through them (not for R1 or path length).
         self.D_fast = D
@@ -137,6 +143,11 @@ class StyleGAN2Loss:
             class_loss = F.cross_entropy(at_least_fp32(class_logits), labels.long())
             loss = loss + self.class_weight * class_loss
             stats["loss_g_class"] = class_loss.detach()
+        if self.class_guide is not None and self.guide_weight > 0:
+            # The frozen guide is post-processing of its DP release; only G's weights get gradients.
+            guide_loss = F.cross_entropy(self.class_guide(at_least_fp32(fake)).float(), labels.long())
+            loss = loss + self.guide_weight * guide_loss
+            stats["loss_g_guide"] = guide_loss.detach()
         if ds_weight > 0:
             # Seed paper's "style difference" loss (StarGAN v2's diversity-sensitive loss): two
             # latents of one class should give different images; maximized, so subtracted.

@@ -83,12 +83,16 @@ def run(args: argparse.Namespace) -> int:
           f"{len(heldout)} held out (never trained on)")
     device = resolve_device(cfg.device)
     privacy = None
+    guide_steps = cfg.train.class_guide_steps if cfg.train.class_guide_weight > 0 else 0
     if cfg.privacy.enabled:
         from medstylegan2.privacy.engine import make_privacy_engine
 
-        # Planned for the whole run, so a target epsilon is met after --steps steps.
-        privacy = make_privacy_engine(cfg, len(train_set), planned_d_steps(cfg, args.steps), seed=cfg.seed)
-    trainer = SiteTrainer(cfg, train_set.images, train_set.labels, device=device, privacy=privacy)
+        # Planned for the whole run (D's steps and the class guide's), so a target epsilon is met
+        # after --steps steps.
+        privacy = make_privacy_engine(cfg, len(train_set), planned_d_steps(cfg, args.steps) + guide_steps,
+                                      seed=cfg.seed)
+    guide = local_class_guide(cfg, train_set, privacy, state, device) if guide_steps else None
+    trainer = SiteTrainer(cfg, train_set.images, train_set.labels, device=device, privacy=privacy, class_guide=guide)
     if state is None and cfg.train.init_checkpoint:
         load_init_weights(trainer, cfg.train.init_checkpoint)
     if state is not None:
@@ -98,6 +102,34 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_text(out / "config.yaml", config_yaml(cfg.to_dict()))
     train_loop(trainer, total_steps=args.steps, out=out)
     return 0
+
+
+def local_class_guide(cfg: RunConfig, train_set, privacy, state, device):
+    """The run's class guide (``privacy.class_guide``): the checkpoint's on resume, else trained now.
+
+    Under DP it is trained with DP-SGD at the engine's sigma and sample rate and its steps go into
+    the engine's accountant history before D's first step (and so into every checkpoint after it).
+    """
+    from medstylegan2.privacy.class_guide import GuideNoise, guide_from_state, guide_settings, train_class_guide
+
+    settings = guide_settings(cfg)
+    if state is not None:
+        if "class_guide" not in state:
+            raise UserError("the checkpoint was trained without a class guide but train.class_guide_weight > 0: "
+                            "resume with the checkpoint's own config")
+        return guide_from_state(state["class_guide"], settings, "the checkpoint's class guide").to(device)
+    noise = None
+    if privacy is not None:
+        noise = GuideNoise(noise_multiplier=privacy.noise_multiplier, sample_rate=privacy.sample_rate,
+                           expected_batch_size=privacy.expected_batch_size, seed=cfg.privacy.noise_seed)
+    print(f"class guide: training {settings['steps']} steps" + (" with DP-SGD" if noise else "") + " ...")
+    guide = train_class_guide(train_set.images, train_set.labels, num_classes=settings["num_classes"],
+                              resolution=settings["resolution"], width=settings["width"], steps=settings["steps"],
+                              batch_size=settings["batch_size"], lr=settings["lr"],
+                              max_grad_norm=settings["max_grad_norm"], noise=noise, seed=cfg.seed, device=device)
+    if privacy is not None:
+        privacy.accountant.history.append((privacy.noise_multiplier, privacy.sample_rate, settings["steps"]))
+    return guide
 
 
 def train_loop(trainer: SiteTrainer, *, total_steps: int, out: Path) -> None:

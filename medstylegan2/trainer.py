@@ -26,6 +26,7 @@ from medstylegan2.config import RunConfig
 from medstylegan2.errors import CheckpointError, UserError
 from medstylegan2.losses import StyleGAN2Loss, class_weight_of, ds_weight_of
 from medstylegan2.networks import build_networks, freeze_parameters
+from medstylegan2.privacy.class_guide import guide_settings, guide_to_state
 from medstylegan2.privacy.fake_term import add_clipped_fake_gradient
 from medstylegan2.rng_state import rng_state, seed_everything, set_rng_state
 from medstylegan2.runfolder import write_checkpoint
@@ -63,7 +64,7 @@ class SiteTrainer:
 
     def __init__(self, cfg: RunConfig, images: np.ndarray, labels: np.ndarray, *,
                  device: torch.device | str | None = None, seed: Optional[int] = None,
-                 privacy: Optional["DPEngine"] = None):
+                 privacy: Optional["DPEngine"] = None, class_guide: Optional[nn.Module] = None):
         self.cfg = cfg
         self.device = torch.device(device) if device is not None else resolve_device(cfg.device)
         self.seed = cfg.seed if seed is None else seed
@@ -86,6 +87,8 @@ class SiteTrainer:
             raise UserError(f"train.d_frozen: {exc}") from None
         self.loss = StyleGAN2Loss(self.G, self.D, cfg.train)
         self.loss.pl_mean = self.loss.pl_mean.to(self.device)
+        # The site's frozen class guide (privacy.class_guide), read by G's loss; never sent anywhere.
+        self.loss.class_guide = None if class_guide is None else class_guide.to(self.device)
         if self.accel.compile:
             # Reference mbstd swaps a tensor attribute of D every step: compiled, each swap would
             # be a guard failure and a recompile, so D stays eager then.
@@ -349,6 +352,8 @@ class SiteTrainer:
         }
         if self.privacy is not None:
             state["privacy"] = self.privacy.state_dict()
+        if self.loss.class_guide is not None:  # under DP its steps are in the privacy state's history
+            state["class_guide"] = guide_to_state(self.loss.class_guide, guide_settings(self.cfg))
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

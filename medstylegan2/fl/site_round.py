@@ -26,7 +26,8 @@ from medstylegan2.fl.wire import (PAYLOAD_DELTA, PAYLOAD_WEIGHTS, PRIVACY_PREFIX
                                   quantize_with_error_feedback, transferred, unflatten_weights, zero_update_like)
 from medstylegan2.runfolder import atomic_write_bytes, round_file, round_numbers_in
 from medstylegan2.shuffle_sampler import ShuffleSampler
-from medstylegan2.trainer import SiteTrainer
+from medstylegan2.privacy.class_guide import guide_from_state, guide_settings, guide_to_state, train_class_guide
+from medstylegan2.trainer import SiteTrainer, resolve_device
 from medstylegan2.privacy.reply import reply_metrics
 
 if TYPE_CHECKING:
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # The local-state entry of int8 transfer's error feedback: what of the last update did not fit int8.
 TRANSFER_RESIDUAL = "transfer_residual"
+# The local-state entry of the class guide of a site without DP (under DP it is kept beside the ledger).
+CLASS_GUIDE = "class_guide"
 # Reply metric of a site that declines because it has fewer training images than one batch.
 TOO_FEW_IMAGES = "too_few_images"
 
@@ -170,19 +173,19 @@ def run_site_round(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, recei
                                metrics={"num_examples": 0.0, "declined": 1.0, TOO_FEW_IMAGES: 1.0, "steps": 0.0})
 
     if privacy is not None and privacy.declined:
-        log.info("site %s: declining round %d: %s", site, round_num, privacy.declined_reason)
-        metrics = {"num_examples": 0.0, "declined": 1.0, "steps": 0.0}
-        metrics.update(_privacy_metrics(privacy.figures()))
-        return SiteRoundResult(payload={}, payload_kind=PAYLOAD_WEIGHTS, metrics=metrics, local_state=local_state)
+        return _declined(privacy, site, round_num, local_state)
     if cfg.privacy.enabled and not dp:
         # The trainer refuses too; say it here, before any set-up.
         raise RuntimeError("the run asks for DP but no DP settings were decided for this site round")
 
     seed = site_seed(cfg.seed, round_num, site)
+    guide = site_class_guide(cfg, images, labels, privacy, local_state, device=device, seed=seed)
+    if privacy is not None and privacy.declined:  # the guide and this round would pass the budget
+        return _declined(privacy, site, round_num, local_state)
     engine = privacy.make_engine(num_examples) if privacy is not None else None
     # The trainer is built from cfg.seed, as the server built the global model: the constants
     # (fixed noise buffers) are then identical and need not travel.
-    trainer = SiteTrainer(cfg, images, labels, device=device, seed=cfg.seed, privacy=engine)
+    trainer = SiteTrainer(cfg, images, labels, device=device, seed=cfg.seed, privacy=engine, class_guide=guide)
     full = flatten_weights(trainer.get_weights())
     # A packed int8 payload is unpacked with this site's own keys and shapes.
     start = decode_from_transfer(received, {k: tuple(v.shape) for k, v in transferred(full).items()})
@@ -223,6 +226,8 @@ def run_site_round(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, recei
         if key in stats:
             metrics[key] = float(stats[key])
     state = local_state_of(trainer)
+    if guide is not None and not dp:  # under DP it is kept beside the ledger (privacy.class_guide)
+        state[CLASS_GUIDE] = guide_to_state(guide, guide_settings(cfg))
     if engine is not None:
         fault_point("site_trained", round_num=round_num, site=site)  # trained, not yet recorded
         metrics.update(_privacy_metrics(privacy.record(engine.spent_steps - steps_before)))
@@ -231,6 +236,38 @@ def run_site_round(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, recei
     if residual is not None:
         state[TRANSFER_RESIDUAL] = residual
     return SiteRoundResult(payload=payload, payload_kind=kind, metrics=metrics, local_state=state)
+
+
+def site_class_guide(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, privacy: Optional["RoundPrivacy"],
+                     local_state: Optional[Mapping[str, Any]], *, device: Optional[str], seed: int) -> Optional[Any]:
+    """The frozen class guide G trains with this round (``train.class_guide_weight``; None when off).
+
+    Under DP: the run's guide from the site's ledger folder, or trained now with DP-SGD and
+    recorded (``RoundPrivacy.class_guide``; None if that would pass the budget, the round then
+    declined). Without DP: the one in the local state, or trained now without noise.
+    """
+    if cfg.train.class_guide_weight <= 0:
+        return None
+    device = device or str(resolve_device(cfg.device))
+    if privacy is not None and privacy.dp:
+        return privacy.class_guide(cfg, images, labels, device=device, seed=seed % 2**31)
+    settings = guide_settings(cfg)
+    if local_state is not None and CLASS_GUIDE in local_state:
+        return guide_from_state(local_state[CLASS_GUIDE], settings, "the site's local state").to(device)
+    return train_class_guide(images, labels, num_classes=settings["num_classes"], resolution=settings["resolution"],
+                             width=settings["width"], steps=settings["steps"], batch_size=settings["batch_size"],
+                             lr=settings["lr"], max_grad_norm=settings["max_grad_norm"], seed=seed % 2**31,
+                             device=device)
+
+
+def _declined(privacy: "RoundPrivacy", site: str, round_num: int, local_state: Optional[Mapping[str, Any]]
+              ) -> SiteRoundResult:
+    """The reply of a round the site declines under its budget: no payload, its privacy figures."""
+    log.info("site %s: declining round %d: %s", site, round_num, privacy.declined_reason)
+    metrics = {"num_examples": 0.0, "declined": 1.0, "steps": 0.0}
+    metrics.update(_privacy_metrics(privacy.figures()))
+    return SiteRoundResult(payload={}, payload_kind=PAYLOAD_WEIGHTS, metrics=metrics,
+                           local_state=None if local_state is None else dict(local_state))
 
 
 def _privacy_metrics(figures: Mapping[str, float]) -> dict[str, float]:

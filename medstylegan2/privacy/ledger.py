@@ -11,7 +11,12 @@ An entry is one release (one round the site trained under DP and replied to)::
     {"index": 0, "prev": "<hash of entry index-1, 64 zeros for the first>", "time": "...",
      "fingerprint": "<data set fingerprint>", "run": "<server run token: informational>",
      "round": 3, "noise_multiplier": 1.1, "sample_rate": 0.004, "steps": 40, "accountant": "rdp",
-     "unit": "image", "max_grad_norm": 0.25, "delta": 1e-05, "hash": "<sha256 of the rest>"}
+     "unit": "image", "max_grad_norm": 0.25, "delta": 1e-05, "mechanism": "discriminator",
+     "hash": "<sha256 of the rest>"}
+
+``mechanism`` says what the release trained: ``discriminator`` (a round of D's DP-SGD) or
+``class_guide`` (the site's class guide, ``privacy.class_guide``); entries written before it
+existed lack it and are D's. Every mechanism composes into the same epsilon.
 
 Epsilon over the data set's lifetime composes ALL entries with Opacus' accountant, whatever run
 token, round or fingerprint they carry: a restarted site, a new run token and a repeated round
@@ -57,6 +62,8 @@ LOCK_FILE = "ledger.lock"
 GENESIS = "0" * 64
 ENTRY_KEYS = ("index", "prev", "time", "fingerprint", "run", "round", "noise_multiplier", "sample_rate", "steps",
               "accountant", "unit", "max_grad_norm", "delta", "hash")
+OPTIONAL_KEYS = ("mechanism",)
+MECHANISMS = ("discriminator", "class_guide")
 
 
 class LedgerError(UserError):
@@ -118,6 +125,7 @@ class Release:
     unit: str
     max_grad_norm: float
     delta: float
+    mechanism: str = "discriminator"
 
 
 @dataclass(frozen=True)
@@ -144,9 +152,12 @@ def _entry_hash(entry: dict[str, Any]) -> str:
 
 
 def _check_entry(entry: Any, where: str) -> None:
-    if not isinstance(entry, dict) or set(entry) != set(ENTRY_KEYS):
+    if not isinstance(entry, dict) or not set(ENTRY_KEYS) <= set(entry) <= set(ENTRY_KEYS + OPTIONAL_KEYS):
         got = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
-        raise LedgerError(f"{where}: not a ledger entry (keys {got}, expected {', '.join(ENTRY_KEYS)})")
+        raise LedgerError(f"{where}: not a ledger entry (keys {got}, expected {', '.join(ENTRY_KEYS)} and "
+                          f"optionally {', '.join(OPTIONAL_KEYS)})")
+    if entry.get("mechanism", MECHANISMS[0]) not in MECHANISMS:
+        raise LedgerError(f"{where}: unknown mechanism {entry['mechanism']!r} (known: {', '.join(MECHANISMS)})")
 
     def number(key: str) -> float:
         value = entry[key]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from medstylegan2.privacy.accounting import epsilon_of_history, sigma_for
 from medstylegan2.privacy.policy import PolicyError, SitePolicy
@@ -44,6 +44,9 @@ class RoundRequest:
     accountant: Optional[str] = None
     unit: Optional[str] = None
     noise_seed: Optional[int] = None
+    # DP-SGD steps of the site's class guide (privacy.class_guide), trained once per run: part of
+    # the planned run and of the site's epsilon. None or 0: no guide.
+    guide_steps: Optional[int] = None
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> "RoundRequest":
@@ -53,6 +56,7 @@ class RoundRequest:
         if unknown:
             raise PolicyError(f"request has unknown key {unknown[0]!r}")
         kinds = {"dp": bool, "local_steps": int, "batch_size": int, "planned_rounds": int, "noise_seed": int,
+                 "guide_steps": int,
                  "noise_multiplier": float, "target_epsilon": float, "max_grad_norm": float, "delta": float,
                  "accountant": str, "unit": str}
         values: dict[str, Any] = {}
@@ -87,16 +91,18 @@ def request_from_run_config(cfg: "RunConfig") -> RoundRequest:
 
     ``local_steps`` counts noised D updates per round (``federation.local_steps`` trainer steps x
     ``train.d_steps_per_g``): the accountant's steps, which the budget check adds to the ledger.
+    ``guide_steps``: the class guide's DP-SGD steps (``train.class_guide_steps``) when it is on.
     """
     p = cfg.privacy
     d_steps = cfg.federation.local_steps * cfg.train.d_steps_per_g
+    guide_steps = cfg.train.class_guide_steps if cfg.train.class_guide_weight > 0 else None
     return RoundRequest(dp=p.enabled, local_steps=d_steps, batch_size=cfg.train.batch_size,
                         noise_multiplier=p.noise_multiplier if p.enabled else None,
                         target_epsilon=p.target_epsilon if p.enabled else None,
                         planned_rounds=cfg.federation.rounds if p.enabled else None,
                         max_grad_norm=p.max_grad_norm if p.enabled else None,
                         delta=p.delta if p.enabled else None, accountant=p.accountant if p.enabled else None,
-                        noise_seed=p.noise_seed)
+                        noise_seed=p.noise_seed, guide_steps=guide_steps)
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,7 @@ class EffectiveSettings:
     nominal_size: Optional[int] = None
     nominal_batch_size: Optional[float] = None
     accountant: Optional[str] = None
+    guide_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -146,11 +153,15 @@ def check_request(policy: SitePolicy, request: RoundRequest | Mapping[str, Any])
             return _decline(f"malformed request: {exc}")
     if request.local_steps < 1 or request.batch_size < 1:
         return _decline(f"local_steps and batch_size must be >= 1 (got {request.local_steps}, {request.batch_size})")
+    guide_steps = request.guide_steps or 0
+    if guide_steps < 0:
+        return _decline(f"guide_steps must be >= 0 (got {guide_steps})")
     if not request.dp:
         if policy.dp_required:
             return _decline("this site's policy requires differential privacy; a round without DP is refused")
         return Decision(ok=True, settings=EffectiveSettings(dp=False, local_steps=request.local_steps,
-                                                            batch_size=request.batch_size, unit=policy.unit))
+                                                            batch_size=request.batch_size, unit=policy.unit,
+                                                            guide_steps=guide_steps))
 
     ready, missing = policy.dp_ready
     if not ready:
@@ -177,7 +188,8 @@ def check_request(policy: SitePolicy, request: RoundRequest | Mapping[str, Any])
     sample_rate = request.batch_size / policy.nominal_size
     if sample_rate > 1:
         return _decline(f"batch size {request.batch_size} is larger than this site's nominal size")
-    planned_steps = request.local_steps * (request.planned_rounds or 1)
+    # The class guide's steps run at the same sigma and q as D's: one more part of the planned run.
+    planned_steps = request.local_steps * (request.planned_rounds or 1) + guide_steps
 
     if (request.noise_multiplier is None) == (request.target_epsilon is None):
         return _decline("give exactly one of noise_multiplier and target_epsilon under DP")
@@ -207,12 +219,15 @@ def check_request(policy: SitePolicy, request: RoundRequest | Mapping[str, Any])
         dp=True, local_steps=request.local_steps, batch_size=request.batch_size, unit=policy.unit,
         noise_multiplier=float(sigma), max_grad_norm=float(clip), delta=float(delta), sample_rate=sample_rate,
         nominal_size=policy.nominal_size, nominal_batch_size=sample_rate * policy.nominal_size,
-        accountant=policy.accountant))
+        accountant=policy.accountant, guide_steps=guide_steps))
 
 
 def check_budget(policy: SitePolicy, settings: EffectiveSettings, ledger: "PrivacyLedger", *,
-                 run: Optional[str] = None) -> Decision:
+                 run: Optional[str] = None, also: Sequence[tuple[float, float, int]] = ()) -> Decision:
     """Whether one more round with ``settings`` keeps the ledger within the policy's budgets.
+
+    ``also``: releases (sigma, q, steps) the round makes besides D's (the class guide's, when it
+    is trained in this round).
 
     Lifetime: all releases in the ledger plus this round, at the policy's delta (the hard limit).
     Per run: the ledger's releases tagged with ``run`` plus this round (``run`` is the server's
@@ -220,12 +235,12 @@ def check_budget(policy: SitePolicy, settings: EffectiveSettings, ledger: "Priva
     """
     if not settings.dp:
         return Decision(ok=True, settings=settings)
-    extra = (settings.noise_multiplier, settings.sample_rate, settings.local_steps)
-    lifetime = ledger.epsilon_after([extra], delta=policy.delta, accountant=policy.accountant)
+    extra = [*also, (settings.noise_multiplier, settings.sample_rate, settings.local_steps)]
+    lifetime = ledger.epsilon_after(extra, delta=policy.delta, accountant=policy.accountant)
     if policy.lifetime_epsilon is not None and lifetime > policy.lifetime_epsilon:
         return _decline("this round would take the data set past its lifetime privacy budget")
     if policy.epsilon_per_run is not None and run is not None:
-        per_run = ledger.epsilon_after([extra], delta=settings.delta, accountant=policy.accountant, run=run)
+        per_run = ledger.epsilon_after(extra, delta=settings.delta, accountant=policy.accountant, run=run)
         if per_run > policy.epsilon_per_run:
             return _decline("this round would take this run past the site's epsilon per run")
     return Decision(ok=True, settings=settings)

@@ -138,6 +138,51 @@ class RoundPrivacy:
         if self.ledger is not None and engine is not None:
             engine.accountant.history = list(self.ledger.history())
 
+    def class_guide(self, cfg: Any, images: np.ndarray, labels: np.ndarray, *, device: Any = "cpu",
+                    seed: int = 0) -> Optional[Any]:
+        """This run's class guide under the round's DP settings (``privacy.class_guide``), frozen.
+
+        The one kept beside the ledger for this run, data set and setting; otherwise trained now
+        with DP-SGD at the round's sigma and sample rate and recorded in the ledger (fsynced)
+        before it is kept or used. None when the guide and this round together would pass the
+        budget: the round is then declined (``declined_reason``) and nothing is spent.
+        """
+        from medstylegan2.privacy.class_guide import (MECHANISM, GuideNoise, GuideStore, guide_digest, guide_settings,
+                                                      train_class_guide)
+
+        s = self.settings
+        assert self.dp and self.ledger is not None and self.policy is not None
+        if s.guide_steps < 1:
+            raise UserError("train.class_guide_weight > 0 but the round's request has no guide_steps: the server's "
+                            "and the site's run configs differ")
+        settings = guide_settings(cfg)
+        noise = GuideNoise(noise_multiplier=s.noise_multiplier, sample_rate=s.sample_rate,
+                           expected_batch_size=s.nominal_batch_size)
+        digest = guide_digest(run=self.run, fingerprint=self.ledger.fingerprint, settings=settings, noise=noise)
+        store = GuideStore(self.ledger.dir)
+        found = store.load(digest, settings, self.ledger.entries())
+        if found is not None:
+            log.info("round %d: class guide %s reused (no new privacy cost)", self.round_num, store.path(digest))
+            return found.to(device)
+        release = (s.noise_multiplier, s.sample_rate, s.guide_steps)
+        budget = check_budget(self.policy, s, self.ledger, run=self.run, also=[release])
+        if not budget.ok:
+            self.declined_reason = budget.reason
+            return None
+        guide = train_class_guide(images, labels, num_classes=settings["num_classes"],
+                                  resolution=settings["resolution"], width=settings["width"], steps=s.guide_steps,
+                                  batch_size=s.batch_size, lr=settings["lr"], max_grad_norm=settings["max_grad_norm"],
+                                  noise=noise, groups=self.groups if s.unit == "patient" else None, seed=seed,
+                                  device=device)
+        entry = self.ledger.record_release(Release(
+            run=self.run, round=self.round_num, noise_multiplier=s.noise_multiplier, sample_rate=s.sample_rate,
+            steps=s.guide_steps, accountant=s.accountant, unit=s.unit, max_grad_norm=settings["max_grad_norm"],
+            delta=s.delta, mechanism=MECHANISM))
+        path = store.save(digest, guide, settings, entry)
+        log.info("round %d: class guide trained (%d DP-SGD steps), recorded (ledger entry %d), kept in %s",
+                 self.round_num, s.guide_steps, entry["index"], path)
+        return guide
+
     def figures(self) -> dict[str, float]:
         """The reply's privacy figures (``dp_*``), all from the policy, the request and the ledger:
         ``epsilon`` and ``steps`` over this run's releases (the server's run token), and

@@ -194,9 +194,15 @@ def arm_updates(profile: ProfileSpec, arm: ArmSpec) -> int:
 
 def public_overrides(study: StudyConfig, profile: str, arm: str) -> list[str]:
     """Run-config overrides of the public pretraining for ``arm``: its model and recipe, without DP,
-    without a warm start, with all of D trained (``train.d_frozen`` only keeps what this taught)."""
-    out = arm_overrides(study, profile, arm, seed=0) + ["privacy.enabled=false", "train.init_checkpoint=null",
-                                                        "train.d_frozen=[]"]
+    without a warm start, with all of D trained (``train.d_frozen`` only keeps what this taught).
+
+    What an arm chooses for its private training only does not shape the public pretraining: no
+    class guide (a guide of the one-class public set knows no class) and D's class term at the
+    profile's recipe weight (an arm may turn it off under DP, where it would share D's clip)."""
+    recipe = load_config(study.base_config_path, list(study.spec.overrides) + list(study.profile(profile).overrides))
+    out = arm_overrides(study, profile, arm, seed=0) + [
+        "privacy.enabled=false", "train.init_checkpoint=null", "train.d_frozen=[]", "train.class_guide_weight=0.0",
+        f"train.class_loss_weight={recipe.train.class_loss_weight}"]
     if study.spec.public.batch_size is not None:
         out.append(f"train.batch_size={study.spec.public.batch_size}")
     return out
