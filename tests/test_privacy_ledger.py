@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from opacus.accountants import create_accountant
 
+from medstylegan2.privacy.fingerprint import dataset_fingerprint
 from medstylegan2.privacy.ledger import (GENESIS, HEAD_FILE, LEDGER_FILE, LedgerBusyError, LedgerError, LedgerHead,
-                                        PrivacyLedger, Release, dataset_fingerprint, open_ledger_for_policy)
+                                        PrivacyLedger, Release, open_ledger_for_policy)
 from medstylegan2.privacy.policy import policy_from_mapping
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,6 +14,9 @@ The site, not the server, decides its privacy. Its policy is a file it names its
 3. **check the budget**: would the lifetime epsilon after this round, composed by Opacus'
    accountant over every release the ledger holds plus this one, pass the policy's budget? Then
    the round is declined (``RoundPrivacy.declined``): nothing trains, the ledger is unchanged;
+   With a class guide (``train.class_guide_weight``), ``RoundPrivacy.class_guide`` reuses the
+   run's guide or checks the budget with the guide's release added, trains it with DP-SGD and
+   records that release before it is used (``privacy.class_guide``);
 4. **train** (the caller, ``fl.site_round.run_site_round``) with an engine whose accountant history
    is the ledger's (``make_engine``, ``restore``): epsilon continues from everything the site
    ever released, whatever local state was lost;
@@ -37,7 +40,8 @@ import numpy as np
 
 from medstylegan2.errors import UserError
 from medstylegan2.patient_ids import read_patient_ids
-from medstylegan2.privacy.ledger import PrivacyLedger, Release, dataset_fingerprint
+from medstylegan2.privacy.fingerprint import dataset_fingerprint
+from medstylegan2.privacy.ledger import PrivacyLedger, Release
 from medstylegan2.privacy.policy import SitePolicy, check_site_size, load_policy
 from medstylegan2.privacy.request import EffectiveSettings, RoundRequest, check_budget, check_request
 
