@@ -254,12 +254,14 @@ def format_ledger_table(summary: Mapping[str, Any]) -> str:
     """A Markdown table of one ledger: epsilon per run token and over the data set's lifetime."""
     lines = [f"Lifetime ledger {summary['ledger']} ({summary['accountant'].upper()} accountant, "
              f"delta {summary['delta']:.3g}; {len(summary['fingerprints'])} data set fingerprint(s))",
-             "| run | releases | rounds | steps | epsilon |", "|---|---|---|---|---|"]
+             "| run | releases | rounds | steps (class guide's) | epsilon |", "|---|---|---|---|---|"]
     for run_token, row in summary["runs"].items():
         rounds = row["rounds"]
         shown = ",".join(str(r) for r in rounds[:12]) + (" ..." if len(rounds) > 12 else "")
-        lines.append(f"| {run_token} | {row['releases']} | {shown} | {row['steps']} | {row['epsilon']:.4g} |")
-    lines.append(f"| **lifetime** | {summary['releases']} | | {summary['steps']} | {summary['epsilon']:.4g} |")
+        lines.append(f"| {run_token} | {row['releases']} | {shown} | {row['steps']} ({row.get('guide_steps', 0)}) | "
+                     f"{row['epsilon']:.4g} |")
+    guide = sum(row.get("guide_steps", 0) for row in summary["runs"].values())
+    lines.append(f"| **lifetime** | {summary['releases']} | | {summary['steps']} ({guide}) | {summary['epsilon']:.4g} |")
     return "\n".join(lines)
 
 

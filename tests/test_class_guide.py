@@ -142,7 +142,7 @@ def test_the_planned_run_counts_the_guides_steps():
     assert both.noise_multiplier > alone and both.guide_steps == 400
 
 
-def test_a_dp_site_records_the_guide_once_and_its_epsilon_composes_both_mechanisms(tmp_path):
+def test_a_dp_site_records_the_guide_once_and_its_epsilon_composes_both_mechanisms(tmp_path, capsys):
     cfg = smoke(*DP, *GUIDE, "federation.rounds=2")
     nodes = site_policies(tmp_path, cfg)
     run(cfg, nodes, tmp_path / "run", tmp_path / "state")
@@ -157,6 +157,9 @@ def test_a_dp_site_records_the_guide_once_and_its_epsilon_composes_both_mechanis
         assert reply["dp_epsilon"] == pytest.approx(opacus_epsilon([(SIGMA, q, 4), (SIGMA, q, 6)]), abs=1e-6)
         guides = list((ledger_of(tmp_path, site) / GUIDE_FOLDER).glob("*.pt"))
         assert len(guides) == 1
+    # privacy-report --ledger shows which steps were the guide's.
+    assert main(["privacy-report", "--ledger", str(ledger_of(tmp_path, "site-0"))]) == 0
+    assert "| 3 | 1,1,2 | 10 (4) |" in capsys.readouterr().out
     # A new run trains (and records) its own guide.
     run(smoke(*DP, *GUIDE), nodes, tmp_path / "again", tmp_path / "state-2")
     entries = PrivacyLedger(ledger_of(tmp_path, "site-0"), None).entries()

@@ -345,13 +345,14 @@ class PrivacyLedger:
             return entry
 
     def summary(self, delta: float, accountant: str = "rdp") -> dict[str, Any]:
-        """Per run token and lifetime: releases, steps and epsilon (for reports and logs)."""
+        """Per run token and lifetime: releases, steps (of which the class guide's) and epsilon."""
         entries = self.entries()
         runs: dict[str, dict[str, Any]] = {}
         for e in entries:
-            row = runs.setdefault(e["run"], {"releases": 0, "steps": 0, "rounds": []})
+            row = runs.setdefault(e["run"], {"releases": 0, "steps": 0, "guide_steps": 0, "rounds": []})
             row["releases"] += 1
             row["steps"] += e["steps"]
+            row["guide_steps"] += e["steps"] if e.get("mechanism") == "class_guide" else 0
             row["rounds"].append(e["round"])
         for run, row in runs.items():
             row["epsilon"] = epsilon_of_history([(e["noise_multiplier"], e["sample_rate"], e["steps"])
