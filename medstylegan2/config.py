@@ -120,6 +120,10 @@ class TrainConfig:
     class_guide_lr: float = 0.002
     class_guide_max_grad_norm: float = 1.0
     class_guide_width: int = 16
+    # If set (e.g. 0.9): a fake that the guide already gives this probability of its class gets no
+    # push from it, so G is pulled until its fakes are recognisable, not on to each class's most
+    # classifiable form (which narrows the class). null: the plain cross-entropy.
+    class_guide_confidence: Optional[float] = None
     # Warm start: a checkpoint (train-local or a federated round) whose G, G_ema and D weights
     # replace the fresh ones before training (e.g. pretrained on public data). Optimizer state,
     # counters and the model constants are not taken from it.
@@ -321,6 +325,8 @@ def _check_semantics(cfg: RunConfig) -> None:
         need(getattr(t, key) >= 1, f"train.{key}", "must be >= 1")
     need(t.class_guide_lr > 0 and t.class_guide_max_grad_norm > 0, "train.class_guide_lr/class_guide_max_grad_norm",
          "must be > 0")
+    need(t.class_guide_confidence is None or 0 < t.class_guide_confidence < 1, "train.class_guide_confidence",
+         "must be in (0, 1) (or null: the plain cross-entropy)")
     need(t.class_guide_weight == 0 or m.resolution >= 16, "train.class_guide_weight",
          "needs model.resolution >= 16 (the guide's four stride-2 blocks)")
     for key in ("z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max", "cmap_dim"):

@@ -145,9 +145,14 @@ class StyleGAN2Loss:
             stats["loss_g_class"] = class_loss.detach()
         if self.class_guide is not None and self.guide_weight > 0:
             # The frozen guide is post-processing of its DP release; only G's weights get gradients.
-            guide_loss = F.cross_entropy(self.class_guide(at_least_fp32(fake)).float(), labels.long())
-            loss = loss + self.guide_weight * guide_loss
-            stats["loss_g_guide"] = guide_loss.detach()
+            guide_loss = F.cross_entropy(self.class_guide(at_least_fp32(fake)).float(), labels.long(),
+                                         reduction="none")
+            pushed = guide_loss
+            if self.cfg.class_guide_confidence is not None:
+                # -log p below -log(confidence): already recognisable, no further pull.
+                pushed = F.relu(guide_loss + math.log(self.cfg.class_guide_confidence))
+            loss = loss + self.guide_weight * pushed.mean()
+            stats["loss_g_guide"] = guide_loss.mean().detach()
         if ds_weight > 0:
             # Seed paper's "style difference" loss (StarGAN v2's diversity-sensitive loss): two
             # latents of one class should give different images; maximized, so subtracted.

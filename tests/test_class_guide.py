@@ -112,6 +112,16 @@ def test_g_loss_adds_the_guides_cross_entropy_and_only_g_gets_gradients():
     torch.manual_seed(1)
     without, _ = trainer.loss.generator_main(z, labels)
     assert float((with_guide - without).detach()) == pytest.approx(2.0 * float(stats["loss_g_guide"]), rel=1e-4)
+    # With a confidence: fakes the guide already calls their class with it get no push.
+    trainer.loss.guide_weight, trainer.cfg.train.class_guide_confidence = 2.0, 0.5
+    torch.manual_seed(1)
+    capped, stats = trainer.loss.generator_main(z, labels)
+    torch.manual_seed(1)
+    fake = trainer.loss.generate(z, labels, fast=True)
+    per_fake = torch.nn.functional.cross_entropy(guide(fake), labels, reduction="none")
+    expected = (per_fake - np.log(2.0)).clamp(min=0).mean()
+    assert float((capped - without).detach()) == pytest.approx(2.0 * float(expected), rel=1e-4, abs=1e-6)
+    trainer.cfg.train.class_guide_confidence = None
     trainer.train_steps(1)
     assert all(p.grad is None for p in guide.parameters())
     assert set(trainer.get_weights()) == {"G", "G_ema", "D"}  # what federation exchanges: no guide
@@ -237,7 +247,8 @@ def test_train_local_under_dp_counts_the_guides_steps_and_resumes_with_the_same_
 
 @pytest.mark.parametrize("override, key", [("train.class_guide_steps=0", "train.class_guide_steps"),
                                            ("train.class_guide_weight=-1", "train.class_guide_weight"),
-                                           ("train.class_guide_lr=0", "train.class_guide_lr")])
+                                           ("train.class_guide_lr=0", "train.class_guide_lr"),
+                                           ("train.class_guide_confidence=1.0", "train.class_guide_confidence")])
 def test_wrong_guide_settings_name_their_key(override, key):
     with pytest.raises(ConfigError, match=key):
         smoke(override)
