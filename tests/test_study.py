@@ -85,6 +85,20 @@ def test_the_public_pretraining_trains_all_of_d_without_dp_at_its_own_batch(tmp_
     assert cfg.train.batch_size == 8
 
 
+def test_the_public_pretraining_ignores_the_arms_private_only_class_choices(tmp_path):
+    """No class guide on the one-class public set, and D's class term at the recipe's weight."""
+    path = tiny_study(tmp_path)
+    doc = json.loads(path.read_text())
+    doc["arms"]["dp-eps10"]["overrides"] = ["train.class_guide_weight=3.0", "train.class_loss_weight=0.0"]
+    path.write_text(json.dumps(doc))
+    study = load_study(path)
+    private = load_config(study.base_config_path, arm_overrides(study, "quick", "dp-eps10", seed=0)).train
+    public = load_config(study.base_config_path, public_overrides(study, "quick", "dp-eps10")).train
+    recipe = load_config(study.base_config_path, doc["overrides"]).train
+    assert (private.class_guide_weight, private.class_loss_weight) == (3.0, 0.0)
+    assert (public.class_guide_weight, public.class_loss_weight) == (0.0, recipe.class_loss_weight)
+
+
 def test_study_config_rejects_delta_above_1e5_and_unknown_keys(tmp_path):
     path = tiny_study(tmp_path)
     doc = json.loads(path.read_text())
