@@ -110,19 +110,16 @@ class TrainConfig:
     # largest gradients (the conv features') cannot take all of it. Same sensitivity, same epsilon
     # (privacy/group_clip.py). Empty: one flat clip, as Opacus does.
     dp_clip_groups: list[str] = field(default_factory=list)
-    # Class guide (privacy/class_guide.py): a small classifier each site trains once per run on its
-    # own images - under DP with DP-SGD at the round's sigma and sample rate, its steps composed
-    # into the site's epsilon - then frozen; G's loss adds class_guide_weight x its cross-entropy
-    # on the fakes. Under DP it learns the classes far better than D's class head, which shares
-    # D's clip with the adversarial term (docs/recipe.md). 0: off.
+    # Class guide (privacy/class_guide.py): a classifier each site trains once per run (under DP with
+    # DP-SGD, inside the site's epsilon), frozen; G's loss adds class_guide_weight x its cross-entropy
+    # on the fakes. Under DP it learns the classes far better than D's class head. 0: off.
     class_guide_weight: float = 0.0
     class_guide_steps: int = 250
     class_guide_lr: float = 0.002
     class_guide_max_grad_norm: float = 1.0
     class_guide_width: int = 16
-    # If set (e.g. 0.9): a fake that the guide already gives this probability of its class gets no
-    # push from it, so G is pulled until its fakes are recognisable, not on to each class's most
-    # classifiable form (which narrows the class). null: the plain cross-entropy.
+    # If set (e.g. 0.9): fakes the guide gives this probability of their class get no push, so G is
+    # pulled to recognisable, not to each class's most classifiable form. null: plain cross-entropy.
     class_guide_confidence: Optional[float] = None
     # Warm start: a checkpoint (train-local or a federated round) whose G, G_ema and D weights
     # replace the fresh ones before training (e.g. pretrained on public data). Optimizer state,
@@ -321,14 +318,11 @@ def _check_semantics(cfg: RunConfig) -> None:
     need(all(t.dp_clip_groups), "train.dp_clip_groups", "must not hold an empty name (give D parameter-name "
          "prefixes, e.g. [epilogue.class_head])")
     need(t.class_guide_weight >= 0, "train.class_guide_weight", "must be >= 0 (0: no class guide)")
-    for key in ("class_guide_steps", "class_guide_width"):
-        need(getattr(t, key) >= 1, f"train.{key}", "must be >= 1")
-    need(t.class_guide_lr > 0 and t.class_guide_max_grad_norm > 0, "train.class_guide_lr/class_guide_max_grad_norm",
-         "must be > 0")
+    need(min(t.class_guide_steps, t.class_guide_width) >= 1, "train.class_guide_steps/width", "must be >= 1")
+    need(min(t.class_guide_lr, t.class_guide_max_grad_norm) > 0, "train.class_guide_lr/max_grad_norm", "must be > 0")
     need(t.class_guide_confidence is None or 0 < t.class_guide_confidence < 1, "train.class_guide_confidence",
          "must be in (0, 1) (or null: the plain cross-entropy)")
-    need(t.class_guide_weight == 0 or m.resolution >= 16, "train.class_guide_weight",
-         "needs model.resolution >= 16 (the guide's four stride-2 blocks)")
+    need(t.class_guide_weight == 0 or m.resolution >= 16, "train.class_guide_weight", "needs model.resolution >= 16")
     for key in ("z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max", "cmap_dim"):
         need(getattr(m, key) > 0, f"model.{key}", "must be > 0")
     for key in ("d_channel_base", "d_channel_max"):

@@ -248,7 +248,8 @@ def test_train_local_under_dp_counts_the_guides_steps_and_resumes_with_the_same_
 @pytest.mark.parametrize("override, key", [("train.class_guide_steps=0", "train.class_guide_steps"),
                                            ("train.class_guide_weight=-1", "train.class_guide_weight"),
                                            ("train.class_guide_lr=0", "train.class_guide_lr"),
-                                           ("train.class_guide_confidence=1.0", "train.class_guide_confidence")])
+                                           ("train.class_guide_confidence=1.0", "train.class_guide_confidence"),
+                                           ("train.class_guide_confidence=0.0", "train.class_guide_confidence")])
 def test_wrong_guide_settings_name_their_key(override, key):
     with pytest.raises(ConfigError, match=key):
         smoke(override)
