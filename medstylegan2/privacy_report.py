@@ -258,9 +258,9 @@ def format_ledger_table(summary: Mapping[str, Any]) -> str:
     for run_token, row in summary["runs"].items():
         rounds = row["rounds"]
         shown = ",".join(str(r) for r in rounds[:12]) + (" ..." if len(rounds) > 12 else "")
-        lines.append(f"| {run_token} | {row['releases']} | {shown} | {row['steps']} ({row.get('guide_steps', 0)}) | "
+        lines.append(f"| {run_token} | {row['releases']} | {shown} | {row['steps']} ({row['guide_steps']}) | "
                      f"{row['epsilon']:.4g} |")
-    guide = sum(row.get("guide_steps", 0) for row in summary["runs"].values())
+    guide = sum(row["guide_steps"] for row in summary["runs"].values())
     lines.append(f"| **lifetime** | {summary['releases']} | | {summary['steps']} ({guide}) | {summary['epsilon']:.4g} |")
     return "\n".join(lines)
 

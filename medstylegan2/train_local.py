@@ -110,23 +110,21 @@ def local_class_guide(cfg: RunConfig, train_set, privacy, state, device):
     Under DP it is trained with DP-SGD at the engine's sigma and sample rate and its steps go into
     the engine's accountant history before D's first step (and so into every checkpoint after it).
     """
-    from medstylegan2.privacy.class_guide import GuideNoise, guide_from_state, guide_settings, train_class_guide
+    from medstylegan2.privacy.class_guide import (STATE_KEY, GuideNoise, guide_from_state, guide_settings,
+                                                  train_from_settings)
 
     settings = guide_settings(cfg)
     if state is not None:
-        if "class_guide" not in state:
+        if STATE_KEY not in state:
             raise UserError("the checkpoint was trained without a class guide but train.class_guide_weight > 0: "
                             "resume with the checkpoint's own config")
-        return guide_from_state(state["class_guide"], settings, "the checkpoint's class guide").to(device)
+        return guide_from_state(state[STATE_KEY], settings, "the checkpoint's class guide").to(device)
     noise = None
     if privacy is not None:
         noise = GuideNoise(noise_multiplier=privacy.noise_multiplier, sample_rate=privacy.sample_rate,
                            expected_batch_size=privacy.expected_batch_size, seed=cfg.privacy.noise_seed)
     print(f"class guide: training {settings['steps']} steps" + (" with DP-SGD" if noise else "") + " ...")
-    guide = train_class_guide(train_set.images, train_set.labels, num_classes=settings["num_classes"],
-                              resolution=settings["resolution"], width=settings["width"], steps=settings["steps"],
-                              batch_size=settings["batch_size"], lr=settings["lr"],
-                              max_grad_norm=settings["max_grad_norm"], noise=noise, seed=cfg.seed, device=device)
+    guide = train_from_settings(train_set.images, train_set.labels, settings, noise=noise, seed=cfg.seed, device=device)
     if privacy is not None:
         privacy.accountant.history.append((privacy.noise_multiplier, privacy.sample_rate, settings["steps"]))
     return guide

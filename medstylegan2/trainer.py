@@ -26,7 +26,7 @@ from medstylegan2.config import RunConfig
 from medstylegan2.errors import CheckpointError, UserError
 from medstylegan2.losses import StyleGAN2Loss, class_weight_of, ds_weight_of
 from medstylegan2.networks import build_networks, freeze_parameters
-from medstylegan2.privacy.class_guide import guide_settings, guide_to_state
+from medstylegan2.privacy.class_guide import STATE_KEY, guide_settings, guide_to_state
 from medstylegan2.privacy.fake_term import add_clipped_fake_gradient
 from medstylegan2.rng_state import rng_state, seed_everything, set_rng_state
 from medstylegan2.runfolder import write_checkpoint
@@ -353,7 +353,7 @@ class SiteTrainer:
         if self.privacy is not None:
             state["privacy"] = self.privacy.state_dict()
         if self.loss.class_guide is not None:  # under DP its steps are in the privacy state's history
-            state["class_guide"] = guide_to_state(self.loss.class_guide, guide_settings(self.cfg))
+            state[STATE_KEY] = guide_to_state(self.loss.class_guide, guide_settings(self.cfg))
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -218,11 +218,11 @@ def test_a_ledger_entry_of_an_unknown_mechanism_is_an_error(tmp_path):
 
 
 def test_a_site_without_dp_trains_its_guide_once_and_keeps_it_in_its_local_state(tmp_path, monkeypatch):
-    import medstylegan2.fl.site_round as site_round
+    import medstylegan2.privacy.class_guide as class_guide
 
     trained = []
-    real = site_round.train_class_guide
-    monkeypatch.setattr(site_round, "train_class_guide", lambda *a, **k: trained.append(1) or real(*a, **k))
+    real = class_guide.train_class_guide
+    monkeypatch.setattr(class_guide, "train_class_guide", lambda *a, **k: trained.append(1) or real(*a, **k))
     cfg = smoke(*GUIDE)
     run(cfg, [{"partition-id": i, "num-partitions": 2} for i in range(2)], tmp_path / "run", tmp_path / "state")
     assert len(trained) == 2  # one per site, in round 1; round 2 took it from the local state

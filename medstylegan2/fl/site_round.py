@@ -26,7 +26,8 @@ from medstylegan2.fl.wire import (PAYLOAD_DELTA, PAYLOAD_WEIGHTS, PRIVACY_PREFIX
                                   quantize_with_error_feedback, transferred, unflatten_weights, zero_update_like)
 from medstylegan2.runfolder import atomic_write_bytes, round_file, round_numbers_in
 from medstylegan2.shuffle_sampler import ShuffleSampler
-from medstylegan2.privacy.class_guide import guide_from_state, guide_settings, guide_to_state, train_class_guide
+from medstylegan2.privacy.class_guide import (STATE_KEY, guide_from_state, guide_settings, guide_to_state,
+                                              train_from_settings)
 from medstylegan2.trainer import SiteTrainer, resolve_device
 from medstylegan2.privacy.reply import reply_metrics
 
@@ -37,8 +38,6 @@ log = logging.getLogger(__name__)
 
 # The local-state entry of int8 transfer's error feedback: what of the last update did not fit int8.
 TRANSFER_RESIDUAL = "transfer_residual"
-# The local-state entry of the class guide of a site without DP (under DP it is kept beside the ledger).
-CLASS_GUIDE = "class_guide"
 # Reply metric of a site that declines because it has fewer training images than one batch.
 TOO_FEW_IMAGES = "too_few_images"
 
@@ -227,7 +226,7 @@ def run_site_round(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, recei
             metrics[key] = float(stats[key])
     state = local_state_of(trainer)
     if guide is not None and not dp:  # under DP it is kept beside the ledger (privacy.class_guide)
-        state[CLASS_GUIDE] = guide_to_state(guide, guide_settings(cfg))
+        state[STATE_KEY] = guide_to_state(guide, guide_settings(cfg))
     if engine is not None:
         fault_point("site_trained", round_num=round_num, site=site)  # trained, not yet recorded
         metrics.update(_privacy_metrics(privacy.record(engine.spent_steps - steps_before)))
@@ -252,12 +251,9 @@ def site_class_guide(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, pri
     if privacy is not None and privacy.dp:
         return privacy.class_guide(cfg, images, labels, device=device, seed=seed % 2**31)
     settings = guide_settings(cfg)
-    if local_state is not None and CLASS_GUIDE in local_state:
-        return guide_from_state(local_state[CLASS_GUIDE], settings, "the site's local state").to(device)
-    return train_class_guide(images, labels, num_classes=settings["num_classes"], resolution=settings["resolution"],
-                             width=settings["width"], steps=settings["steps"], batch_size=settings["batch_size"],
-                             lr=settings["lr"], max_grad_norm=settings["max_grad_norm"], seed=seed % 2**31,
-                             device=device)
+    if local_state is not None and STATE_KEY in local_state:
+        return guide_from_state(local_state[STATE_KEY], settings, "the site's local state").to(device)
+    return train_from_settings(images, labels, settings, seed=seed % 2**31, device=device)
 
 
 def _declined(privacy: "RoundPrivacy", site: str, round_num: int, local_state: Optional[Mapping[str, Any]]

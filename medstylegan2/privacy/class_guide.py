@@ -39,12 +39,15 @@ from torch.func import functional_call, grad, vmap
 
 from medstylegan2.classifier import XrayClassifier
 from medstylegan2.errors import CheckpointError, PrivacyError
+from medstylegan2.privacy.engine import fresh_generator_seeds
+from medstylegan2.privacy.ledger import CLASS_GUIDE, LedgerError
 from medstylegan2.privacy.units import UnitIndex, sum_per_unit
 from medstylegan2.runfolder import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-MECHANISM = "class_guide"          # the ledger's name for the guide's release
+MECHANISM = CLASS_GUIDE            # the ledger's name for the guide's release
+STATE_KEY = "class_guide"          # a checkpoint's or a site's local state's entry holding the guide
 GUIDE_FOLDER = "class_guides"      # beside the ledger: one file per run and setting
 GUIDE_FORMAT = "medstylegan2-class-guide-v1"
 PER_SAMPLE_CHUNK = 64              # vmap rows at a time: bounded memory at large Poisson batches
@@ -117,8 +120,6 @@ def train_class_guide(images: np.ndarray, labels: np.ndarray, *, num_classes: in
             optimizer.step()
         return frozen(model)
 
-    from medstylegan2.privacy.engine import fresh_generator_seeds
-
     units = UnitIndex(groups, len(labels)) if groups is not None else None
     sampling, noise_seed = fresh_generator_seeds(noise.seed)
     sampler = UniformWithReplacementSampler(num_samples=units.num_units if units else len(labels),
@@ -141,6 +142,17 @@ def train_class_guide(images: np.ndarray, labels: np.ndarray, *, num_classes: in
         taken += 1
     assert taken == steps, f"the sampler gave {taken} of {steps} steps"
     return frozen(model)
+
+
+def train_from_settings(images: np.ndarray, labels: np.ndarray, settings: Mapping[str, Any], *,
+                        steps: Optional[int] = None, batch_size: Optional[int] = None, **options: Any
+                        ) -> XrayClassifier:
+    """``train_class_guide`` with a run's ``guide_settings``; ``steps`` and ``batch_size`` default to
+    the settings' (a DP round passes its own effective ones); ``options``: noise, groups, seed, device."""
+    return train_class_guide(images, labels, num_classes=settings["num_classes"], resolution=settings["resolution"],
+                             width=settings["width"], lr=settings["lr"], max_grad_norm=settings["max_grad_norm"],
+                             steps=settings["steps"] if steps is None else steps,
+                             batch_size=settings["batch_size"] if batch_size is None else batch_size, **options)
 
 
 def per_sample_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -204,8 +216,6 @@ class GuideStore:
         path = self.path(digest)
         if not path.exists():
             return None
-        from medstylegan2.privacy.ledger import LedgerError
-
         try:
             state = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem

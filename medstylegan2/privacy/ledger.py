@@ -62,7 +62,8 @@ GENESIS = "0" * 64
 ENTRY_KEYS = ("index", "prev", "time", "fingerprint", "run", "round", "noise_multiplier", "sample_rate", "steps",
               "accountant", "unit", "max_grad_norm", "delta", "hash")
 OPTIONAL_KEYS = ("mechanism",)
-MECHANISMS = ("discriminator", "class_guide")
+DISCRIMINATOR, CLASS_GUIDE = "discriminator", "class_guide"   # what a release trained
+MECHANISMS = (DISCRIMINATOR, CLASS_GUIDE)
 
 
 class LedgerError(UserError):
@@ -90,7 +91,7 @@ class Release:
     unit: str
     max_grad_norm: float
     delta: float
-    mechanism: str = "discriminator"
+    mechanism: str = DISCRIMINATOR
 
 
 @dataclass(frozen=True)
@@ -352,7 +353,7 @@ class PrivacyLedger:
             row = runs.setdefault(e["run"], {"releases": 0, "steps": 0, "guide_steps": 0, "rounds": []})
             row["releases"] += 1
             row["steps"] += e["steps"]
-            row["guide_steps"] += e["steps"] if e.get("mechanism") == "class_guide" else 0
+            row["guide_steps"] += e["steps"] if e.get("mechanism") == CLASS_GUIDE else 0
             row["rounds"].append(e["round"])
         for run, row in runs.items():
             row["epsilon"] = epsilon_of_history([(e["noise_multiplier"], e["sample_rate"], e["steps"])

@@ -152,7 +152,7 @@ class RoundPrivacy:
         budget: the round is then declined (``declined_reason``) and nothing is spent.
         """
         from medstylegan2.privacy.class_guide import (MECHANISM, GuideNoise, GuideStore, guide_digest, guide_settings,
-                                                      train_class_guide)
+                                                      train_from_settings)
 
         s = self.settings
         assert self.dp and self.ledger is not None and self.policy is not None
@@ -173,11 +173,9 @@ class RoundPrivacy:
         if not budget.ok:
             self.declined_reason = budget.reason
             return None
-        guide = train_class_guide(images, labels, num_classes=settings["num_classes"],
-                                  resolution=settings["resolution"], width=settings["width"], steps=s.guide_steps,
-                                  batch_size=s.batch_size, lr=settings["lr"], max_grad_norm=settings["max_grad_norm"],
-                                  noise=noise, groups=self.groups if s.unit == "patient" else None, seed=seed,
-                                  device=device)
+        guide = train_from_settings(images, labels, settings, steps=s.guide_steps, batch_size=s.batch_size,
+                                    noise=noise, groups=self.groups if s.unit == "patient" else None, seed=seed,
+                                    device=device)
         entry = self.ledger.record_release(Release(
             run=self.run, round=self.round_num, noise_multiplier=s.noise_multiplier, sample_rate=s.sample_rate,
             steps=s.guide_steps, accountant=s.accountant, unit=s.unit, max_grad_norm=settings["max_grad_norm"],
