@@ -46,8 +46,7 @@ class ModelConfig:
     mbstd_group_size: int = 4
     mbstd_channels: int = 1
     mbstd_reference: bool = False
-    # Dimension of the class embedding that D projects its features onto.
-    cmap_dim: int = 64
+    cmap_dim: int = 64  # dimension of the class embedding that D projects its features onto
     # Auxiliary-classifier head on D's features (AC-GAN, Odena et al. 2017): D also learns to
     # classify real images, and G is pushed to make fakes that D classifies as their conditioning
     # class (weight: train.class_loss_weight). Projection alone learns the classes slowly.
@@ -82,28 +81,23 @@ class TrainConfig:
     lambda_ds: float = 0.0
     ds_decay_steps: int = 10000
     truncation_psi: float = 1.0
-    # Weight of the auxiliary classifier's cross-entropy terms (model.d_class_head): on reals in
-    # D's loss (inside the per-sample loss that DP clips and noises) and on fakes in G's loss.
+    # Weight of D's class head's cross-entropy (model.d_class_head): on reals in D's loss, on fakes in G's.
     class_loss_weight: float = 1.0
-    # If set, the class loss weight moves linearly from class_loss_weight to this value over the
-    # first class_loss_decay_steps trainer steps of the site (class first, then variety).
+    # If set, the weight moves linearly from class_loss_weight to this over the first
+    # class_loss_decay_steps trainer steps of the site (class first, then variety: docs/recipe.md).
     class_loss_weight_end: Optional[float] = None
     class_loss_decay_steps: int = 1000
     # D updates per G update (each on a fresh real and fake batch); more helps under DP.
     d_steps_per_g: int = 1
-    # G updates per step, before the step's D updates, and G's batch (null: batch_size). G reads
-    # no real image, so under DP its updates cost no privacy: with D on large private batches
-    # (fewer, costlier steps), G can take more, smaller ones.
+    # G updates per step, before the step's D updates, and G's batch (null: batch_size). G reads no
+    # real image: under DP its updates cost no privacy, so G can take more, smaller ones than D.
     g_steps_per_d: int = 1
     g_batch_size: Optional[int] = None
     # Under DP: clip each fake image's gradient of D's loss to privacy.max_grad_norm, as the real
-    # ones are, so that both terms push D with the same strength (no privacy effect: fakes are
-    # not private; see privacy/fake_term.py).
+    # ones are: both terms push D equally (fakes are not private; privacy/fake_term.py).
     dp_clip_fakes: bool = False
-    # D parameters that keep their warm-start values, by name prefix (e.g. [blocks, epilogue.conv,
-    # epilogue.fc]): no optimizer holds them, so under DP no noise is spent on them. Measured
-    # without gain on the study's DP arm (frozen public features miss the private classes:
-    # docs/recipe.md).
+    # D parameters that keep their warm-start values, by name prefix (e.g. [blocks, epilogue.fc]):
+    # no optimizer holds them, so under DP no noise is spent on them (no gain: docs/recipe.md).
     d_frozen: list[str] = field(default_factory=list)
     # Under DP: D parameter-name prefixes clipped apart (e.g. [epilogue.class_head]): each prefix's
     # parameters, and the rest, get an equal share of privacy.max_grad_norm per sample, so that the
@@ -118,9 +112,12 @@ class TrainConfig:
     class_guide_lr: float = 0.002
     class_guide_max_grad_norm: float = 1.0
     class_guide_width: int = 16
-    # If set (e.g. 0.9): fakes the guide gives this probability of their class get no push, so G is
-    # pulled to recognisable, not to each class's most classifiable form. null: plain cross-entropy.
+    # If set (e.g. 0.9): no push on fakes the guide gives this probability of their class. null: none.
     class_guide_confidence: Optional[float] = None
+    # If set, the guide's weight moves linearly from class_guide_weight to this value over the first
+    # class_guide_decay_steps trainer steps of the site, as class_loss_weight_end does for D's head.
+    class_guide_weight_end: Optional[float] = None
+    class_guide_decay_steps: int = 1000
     # Warm start: a checkpoint (train-local or a federated round) whose G, G_ema and D weights
     # replace the fresh ones before training (e.g. pretrained on public data). Optimizer state,
     # counters and the model constants are not taken from it.
@@ -309,7 +306,8 @@ def _check_semantics(cfg: RunConfig) -> None:
     need(t.class_loss_weight >= 0, "train.class_loss_weight", "must be >= 0")
     need(t.class_loss_weight_end is None or t.class_loss_weight_end >= 0, "train.class_loss_weight_end",
          "must be >= 0 (or null: no schedule)")
-    need(t.class_loss_decay_steps > 0, "train.class_loss_decay_steps", "must be > 0")
+    need(min(t.class_loss_decay_steps, t.class_guide_decay_steps) > 0, "train.class_guide_decay_steps"
+         if t.class_guide_decay_steps <= 0 else "train.class_loss_decay_steps", "must be > 0")
     need(t.d_steps_per_g >= 1, "train.d_steps_per_g", "must be >= 1")
     need(t.g_steps_per_d >= 1, "train.g_steps_per_d", "must be >= 1")
     need(t.g_batch_size is None or t.g_batch_size >= 1, "train.g_batch_size", "must be >= 1 (or null: batch_size)")
@@ -322,6 +320,8 @@ def _check_semantics(cfg: RunConfig) -> None:
     need(min(t.class_guide_lr, t.class_guide_max_grad_norm) > 0, "train.class_guide_lr/max_grad_norm", "must be > 0")
     need(t.class_guide_confidence is None or 0 < t.class_guide_confidence < 1, "train.class_guide_confidence",
          "must be in (0, 1) (or null: the plain cross-entropy)")
+    need(t.class_guide_weight_end is None or t.class_guide_weight_end >= 0 < t.class_guide_weight,
+         "train.class_guide_weight_end", "must be >= 0, with train.class_guide_weight > 0 (or null: no schedule)")
     need(t.class_guide_weight == 0 or m.resolution >= 16, "train.class_guide_weight", "needs model.resolution >= 16")
     for key in ("z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max", "cmap_dim"):
         need(getattr(m, key) > 0, f"model.{key}", "must be > 0")

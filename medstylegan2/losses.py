@@ -55,6 +55,16 @@ def class_weight_of(D: nn.Module, cfg: TrainConfig, step: int = 0) -> float:
     return cfg.class_loss_weight + (cfg.class_loss_weight_end - cfg.class_loss_weight) * done
 
 
+def guide_weight_of(cfg: TrainConfig, step: int = 0) -> float:
+    """The class guide's weight at G step ``step``: ``cfg.class_guide_weight``, or with
+    ``class_guide_weight_end`` the linear schedule towards it (a strong class push while G learns the
+    classes, then room for each class's variety)."""
+    if cfg.class_guide_weight_end is None:
+        return cfg.class_guide_weight
+    done = _ramp(step, cfg.class_guide_decay_steps)
+    return cfg.class_guide_weight + (cfg.class_guide_weight_end - cfg.class_guide_weight) * done
+
+
 def ds_weight_of(cfg: TrainConfig, step: int) -> float:
     """The diversity-sensitive loss weight at G step ``step``: ``lambda_ds``, linearly decayed to 0."""
     if cfg.lambda_ds <= 0:
@@ -100,7 +110,7 @@ class StyleGAN2Loss:
         self.pl_mean = torch.zeros([])
         # The site's frozen class guide (set by the trainer) and the weight of its term in G's loss.
         self.class_guide: Optional[nn.Module] = None
-        self.guide_weight = cfg.class_guide_weight
+        self.guide_weight = guide_weight_of(cfg)
         # The same functions, possibly torch.compile'd by the trainer (acceleration.py): used only
         # where no double backward runs through them (not for R1 or path length).
         self.D_fast = D

@@ -17,6 +17,7 @@ from medstylegan2.classifier import predict
 from medstylegan2.cli import main
 from medstylegan2.config import load_config
 from medstylegan2.errors import CheckpointError, ConfigError
+from medstylegan2.losses import guide_weight_of
 from medstylegan2.phantoms import generate_phantoms
 from medstylegan2.privacy.class_guide import (GUIDE_FOLDER, GuideNoise, GuideStore, build_guide, guide_settings,
                                               guide_to_state, per_sample_gradients, train_class_guide)
@@ -125,6 +126,18 @@ def test_g_loss_adds_the_guides_cross_entropy_and_only_g_gets_gradients():
     trainer.train_steps(1)
     assert all(p.grad is None for p in guide.parameters())
     assert set(trainer.get_weights()) == {"G", "G_ema", "D"}  # what federation exchanges: no guide
+
+
+def test_the_guides_weight_follows_its_schedule_step_by_step():
+    cfg = smoke("train.class_guide_weight=3.0", "train.class_guide_weight_end=0.5", "train.class_guide_decay_steps=4")
+    x, y = phantoms(4, seed=0)
+    trainer = SiteTrainer(cfg, x, y, device="cpu", class_guide=train_class_guide(x, y, **guide_kwargs()))
+    seen = []
+    for _ in range(6):
+        trainer.train_steps(1)
+        seen.append(trainer.loss.guide_weight)  # the weight the step just taken used
+    assert seen == pytest.approx([3.0, 2.375, 1.75, 1.125, 0.5, 0.5])
+    assert guide_weight_of(smoke("train.class_guide_weight=3.0").train, step=10**6) == 3.0  # no schedule: constant
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,7 +262,9 @@ def test_train_local_under_dp_counts_the_guides_steps_and_resumes_with_the_same_
                                            ("train.class_guide_weight=-1", "train.class_guide_weight"),
                                            ("train.class_guide_lr=0", "train.class_guide_lr"),
                                            ("train.class_guide_confidence=1.0", "train.class_guide_confidence"),
-                                           ("train.class_guide_confidence=0.0", "train.class_guide_confidence")])
+                                           ("train.class_guide_confidence=0.0", "train.class_guide_confidence"),
+                                           ("train.class_guide_weight_end=-0.1", "train.class_guide_weight_end"),
+                                           ("train.class_guide_decay_steps=0", "train.class_guide_decay_steps")])
 def test_wrong_guide_settings_name_their_key(override, key):
     with pytest.raises(ConfigError, match=key):
         smoke(override)
