@@ -99,6 +99,30 @@ def test_the_public_pretraining_ignores_the_arms_private_only_class_choices(tmp_
     assert (public.class_guide_weight, public.class_loss_weight) == (0.0, recipe.class_loss_weight)
 
 
+def test_an_arms_class_push_decays_to_zero_over_its_share_of_each_sites_steps(tmp_path):
+    path = tiny_study(tmp_path)
+    doc = json.loads(path.read_text())
+    doc["profiles"]["quick"]["total_updates"] = 64
+    doc["arms"]["central"]["class_decay"] = 0.25
+    doc["arms"]["dp-eps10"].update(class_decay=0.5, overrides=["train.class_guide_weight=3.0"])
+    path.write_text(json.dumps(doc))
+    study = load_study(path)
+    central = load_config(study.base_config_path, arm_overrides(study, "quick", "central", seed=0)).train
+    assert (central.class_loss_weight_end, central.class_loss_decay_steps) == (0.0, 8)  # 0.25 x 2 rounds x 16 steps
+    assert central.class_guide_weight_end is None  # no guide in this arm: nothing to schedule
+    dp = load_config(study.base_config_path, arm_overrides(study, "quick", "dp-eps10", seed=0)).train
+    assert (dp.class_guide_weight_end, dp.class_guide_decay_steps) == (0.0, 8)  # 0.5 x 2 rounds x 8 steps
+    assert (dp.class_loss_weight_end, dp.class_loss_decay_steps) == (0.0, 8)
+    public = load_config(study.base_config_path, public_overrides(study, "quick", "dp-eps10")).train
+    recipe = load_config(study.base_config_path, doc["overrides"]).train
+    assert (public.class_loss_weight_end, public.class_guide_weight_end) == (None, None)
+    assert public.class_loss_decay_steps == recipe.class_loss_decay_steps  # the public digest does not move
+    doc["arms"]["central"]["class_decay"] = 0.0
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match="arms.central.class_decay"):
+        load_study(path)
+
+
 def test_study_config_rejects_delta_above_1e5_and_unknown_keys(tmp_path):
     path = tiny_study(tmp_path)
     doc = json.loads(path.read_text())

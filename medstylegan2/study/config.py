@@ -54,6 +54,10 @@ class ArmSpec:
     # Share of the profile's total_updates this arm takes: below 1 for an arm whose batches are
     # larger (0.25 with 4x the batch: as many images, in fewer, less noisy DP-SGD steps).
     update_fraction: float = 1.0
+    # Share of each site's trainer steps over which the class push (D's class head's weight and the
+    # class guide's) falls linearly to 0: the class first, then each class's variety (docs/recipe.md,
+    # session 23). None: the weights stay as the recipe sets them.
+    class_decay: Optional[float] = None
 
 
 @dataclass
@@ -154,6 +158,7 @@ def _validate(study: StudyConfig, where: str) -> None:
         need(arm.epsilon is None or arm.epsilon > 0, f"{k}.epsilon", "must be > 0 (or null: no DP)")
         need(0 < arm.delta <= 1e-5, f"{k}.delta", "must be in (0, 1e-5]")
         need(0 < arm.update_fraction <= 1, f"{k}.update_fraction", "must be in (0, 1]")
+        need(arm.class_decay is None or 0 < arm.class_decay <= 1, f"{k}.class_decay", "must be in (0, 1] (or null)")
     # Every (profile, arm) must make a valid run config.
     for pname in study.profiles:
         for arm in study.arms:
@@ -184,7 +189,13 @@ def arm_overrides(study: StudyConfig, profile: str, arm: str, *, seed: int,
     out += list(a.overrides)
     train = load_config(study.base_config_path, out).train
     local_steps = max(1, arm_updates(p, a) // (a.sites * p.rounds * (train.g_steps_per_d + train.d_steps_per_g)))
-    return out + [f"federation.local_steps={local_steps}"]
+    out.append(f"federation.local_steps={local_steps}")
+    if a.class_decay is not None:
+        decay_steps = max(1, round(a.class_decay * local_steps * p.rounds))
+        out += ["train.class_loss_weight_end=0.0", f"train.class_loss_decay_steps={decay_steps}"]
+        if train.class_guide_weight > 0:
+            out += ["train.class_guide_weight_end=0.0", f"train.class_guide_decay_steps={decay_steps}"]
+    return out
 
 
 def arm_updates(profile: ProfileSpec, arm: ArmSpec) -> int:
@@ -198,11 +209,14 @@ def public_overrides(study: StudyConfig, profile: str, arm: str) -> list[str]:
 
     What an arm chooses for its private training only does not shape the public pretraining: no
     class guide (a guide of the one-class public set knows no class) and D's class term at the
-    profile's recipe weight (an arm may turn it off under DP, where it would share D's clip)."""
+    profile's recipe weight and schedule (an arm may turn it off under DP, where it would share D's
+    clip, or let it decay)."""
     recipe = load_config(study.base_config_path, list(study.spec.overrides) + list(study.profile(profile).overrides))
     out = arm_overrides(study, profile, arm, seed=0) + [
         "privacy.enabled=false", "train.init_checkpoint=null", "train.d_frozen=[]", "train.class_guide_weight=0.0",
-        f"train.class_loss_weight={recipe.train.class_loss_weight}"]
+        "train.class_guide_weight_end=null", f"train.class_guide_decay_steps={recipe.train.class_guide_decay_steps}",
+        f"train.class_loss_weight={recipe.train.class_loss_weight}", "train.class_loss_weight_end=null",
+        f"train.class_loss_decay_steps={recipe.train.class_loss_decay_steps}"]
     if study.spec.public.batch_size is not None:
         out.append(f"train.batch_size={study.spec.public.batch_size}")
     return out
