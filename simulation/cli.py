@@ -9,13 +9,14 @@ ServerApp (``create_server_app``); the sites get the validated config from the s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from medstylegan2.cli_support import run_reporting_user_errors, setup_logging
 from medstylegan2.config import RunConfig, load_config
@@ -67,17 +68,28 @@ def _absolute_data_paths(cfg: RunConfig) -> list[str]:
     return extra
 
 
-def _write_site_policies(cfg: RunConfig, run_dir: Path, site_sizes: dict[str, int]) -> None:
+@contextlib.contextmanager
+def _site_policies(cfg: RunConfig, run_dir: Path, site_sizes: dict[str, int]) -> Iterator[None]:
     """Each virtual site's own policy file (``privacy.site.write_simulated_policies``); the folder is
-    named in the driver's own environment, which the site processes inherit (the server's messages
-    never carry it)."""
+    named in the driver's own environment while the simulation runs, which the site processes
+    inherit (the server's messages never carry it). Afterwards the environment is as it was: a
+    later run in the same process (the study's next arm, a test) must not find this run's policies."""
     from medstylegan2.privacy.site import SIMULATED_POLICIES_ENV, write_simulated_policies
 
+    before = os.environ.get(SIMULATED_POLICIES_ENV)
     folder = write_simulated_policies(cfg, run_dir, site_sizes)
-    if folder is None:
-        os.environ.pop(SIMULATED_POLICIES_ENV, None)
+    _set_environment(SIMULATED_POLICIES_ENV, None if folder is None else str(folder))
+    try:
+        yield
+    finally:
+        _set_environment(SIMULATED_POLICIES_ENV, before)
+
+
+def _set_environment(key: str, value: Optional[str]) -> None:
+    if value is None:
+        os.environ.pop(key, None)
     else:
-        os.environ[SIMULATED_POLICIES_ENV] = str(folder)
+        os.environ[key] = value
 
 
 def simulate(config_path: str | Path, overrides: list[str], *, run_dir: Optional[str | Path] = None,
@@ -115,17 +127,17 @@ def simulate(config_path: str | Path, overrides: list[str], *, run_dir: Optional
     if any(r["total"] == 0 for r in rows):
         log.warning("some sites have no training images: they will return their weights unchanged")
 
-    _write_site_policies(cfg, run_dir, {f"site-{i}": int(len(part)) for i, part in enumerate(parts)})
     server_app = create_server_app({"config-path": str(config_path), "overrides": shlex.join(overrides),
                                     "run-dir": str(run_dir), "resume": resume, "site-state-dir": "auto",
                                     "server-data": "config", "stop-after": stop_after})
     backend = runtime.backend_config(cfg, ray_address, lean=lean)
-    runtime.start_ray(backend)
-    if lean:
-        runtime.deliver_by_pending_nodes()
-    runtime.install_stop_handlers(run_dir)
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=sites,
-                   backend_config=backend, verbose_logging=verbose)
+    with _site_policies(cfg, run_dir, {f"site-{i}": int(len(part)) for i, part in enumerate(parts)}):
+        runtime.start_ray(backend)
+        if lean:
+            runtime.deliver_by_pending_nodes()
+        runtime.install_stop_handlers(run_dir)
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=sites,
+                       backend_config=backend, verbose_logging=verbose)
     return run_dir
 
 

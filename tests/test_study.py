@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -161,9 +162,14 @@ def test_shipped_study_config_is_valid():
 def test_tiny_study_runs_end_to_end_and_resumes_without_retraining(tmp_path):
     from simulation.study import run_study
 
+    from medstylegan2.privacy.site import SIMULATED_POLICIES_ENV
+
     config, out = tiny_study(tmp_path), tmp_path / "study"
+    before = os.environ.get(SIMULATED_POLICIES_ENV)
     doc = run_study(config, out, profile="quick")
     assert validate_study_json(doc) == []
+    # The DP arm's simulated site policies were named in this process's environment only while it ran.
+    assert os.environ.get(SIMULATED_POLICIES_ENV) == before
     assert set(doc["arms"]) == {"central", "dp-eps10"}
     assert doc["arms"]["central"]["epsilon"] is None
     assert 0 < doc["arms"]["dp-eps10"]["epsilon"] <= 10.0
