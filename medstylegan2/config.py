@@ -306,8 +306,8 @@ def _check_semantics(cfg: RunConfig) -> None:
     need(t.class_loss_weight >= 0, "train.class_loss_weight", "must be >= 0")
     need(t.class_loss_weight_end is None or t.class_loss_weight_end >= 0, "train.class_loss_weight_end",
          "must be >= 0 (or null: no schedule)")
-    need(min(t.class_loss_decay_steps, t.class_guide_decay_steps) > 0, "train.class_guide_decay_steps"
-         if t.class_guide_decay_steps <= 0 else "train.class_loss_decay_steps", "must be > 0")
+    for key in ("class_loss_decay_steps", "class_guide_decay_steps"):
+        need(getattr(t, key) > 0, f"train.{key}", "must be > 0")
     need(t.d_steps_per_g >= 1, "train.d_steps_per_g", "must be >= 1")
     need(t.g_steps_per_d >= 1, "train.g_steps_per_d", "must be >= 1")
     need(t.g_batch_size is None or t.g_batch_size >= 1, "train.g_batch_size", "must be >= 1 (or null: batch_size)")
@@ -320,7 +320,7 @@ def _check_semantics(cfg: RunConfig) -> None:
     need(min(t.class_guide_lr, t.class_guide_max_grad_norm) > 0, "train.class_guide_lr/max_grad_norm", "must be > 0")
     need(t.class_guide_confidence is None or 0 < t.class_guide_confidence < 1, "train.class_guide_confidence",
          "must be in (0, 1) (or null: the plain cross-entropy)")
-    need(t.class_guide_weight_end is None or t.class_guide_weight_end >= 0 < t.class_guide_weight,
+    need(t.class_guide_weight_end is None or (t.class_guide_weight_end >= 0 and t.class_guide_weight > 0),
          "train.class_guide_weight_end", "must be >= 0, with train.class_guide_weight > 0 (or null: no schedule)")
     need(t.class_guide_weight == 0 or m.resolution >= 16, "train.class_guide_weight", "needs model.resolution >= 16")
     for key in ("z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max", "cmap_dim"):

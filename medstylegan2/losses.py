@@ -49,20 +49,14 @@ def class_weight_of(D: nn.Module, cfg: TrainConfig, step: int = 0) -> float:
     ``cfg.class_loss_weight``, or with ``class_loss_weight_end`` the linear schedule towards it."""
     if not getattr(D, "has_class_head", False):
         return 0.0
-    if cfg.class_loss_weight_end is None:
-        return cfg.class_loss_weight
-    done = _ramp(step, cfg.class_loss_decay_steps)
-    return cfg.class_loss_weight + (cfg.class_loss_weight_end - cfg.class_loss_weight) * done
+    return _scheduled(cfg.class_loss_weight, cfg.class_loss_weight_end, step, cfg.class_loss_decay_steps)
 
 
 def guide_weight_of(cfg: TrainConfig, step: int = 0) -> float:
     """The class guide's weight at G step ``step``: ``cfg.class_guide_weight``, or with
     ``class_guide_weight_end`` the linear schedule towards it (a strong class push while G learns the
     classes, then room for each class's variety)."""
-    if cfg.class_guide_weight_end is None:
-        return cfg.class_guide_weight
-    done = _ramp(step, cfg.class_guide_decay_steps)
-    return cfg.class_guide_weight + (cfg.class_guide_weight_end - cfg.class_guide_weight) * done
+    return _scheduled(cfg.class_guide_weight, cfg.class_guide_weight_end, step, cfg.class_guide_decay_steps)
 
 
 def ds_weight_of(cfg: TrainConfig, step: int) -> float:
@@ -70,6 +64,11 @@ def ds_weight_of(cfg: TrainConfig, step: int) -> float:
     if cfg.lambda_ds <= 0:
         return 0.0
     return cfg.lambda_ds * (1.0 - _ramp(step, cfg.ds_decay_steps))
+
+
+def _scheduled(start: float, end: Optional[float], step: int, steps: int) -> float:
+    """``start``, or with an ``end`` the linear move from ``start`` to ``end`` over ``steps``, at ``step``."""
+    return start if end is None else start + (end - start) * _ramp(step, steps)
 
 
 def _ramp(step: int, steps: int) -> float:

@@ -46,7 +46,6 @@ from medstylegan2.runfolder import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-MECHANISM = CLASS_GUIDE            # the ledger's name for the guide's release
 STATE_KEY = "class_guide"          # a checkpoint's or a site's local state's entry holding the guide
 GUIDE_FOLDER = "class_guides"      # beside the ledger: one file per run and setting
 GUIDE_FORMAT = "medstylegan2-class-guide-v1"
@@ -222,7 +221,7 @@ class GuideStore:
             raise CheckpointError(f"{path}: unreadable class guide ({exc}); move it away and the site trains a new "
                                   "one (its privacy cost is recorded again)") from exc
         entry_hash = state.get("ledger_entry") if isinstance(state, dict) else None
-        if not any(e["hash"] == entry_hash and e.get("mechanism") == MECHANISM for e in ledger_entries):
+        if not any(e["hash"] == entry_hash and e.get("mechanism") == CLASS_GUIDE for e in ledger_entries):
             raise LedgerError(f"{path}: this class guide names ledger entry {str(entry_hash)[:12]}..., which the "
                               "site's ledger does not hold: it was not trained through this ledger")
         return guide_from_state(state, settings, str(path))

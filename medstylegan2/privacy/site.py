@@ -41,7 +41,7 @@ import numpy as np
 from medstylegan2.errors import UserError
 from medstylegan2.patient_ids import read_patient_ids
 from medstylegan2.privacy.fingerprint import dataset_fingerprint
-from medstylegan2.privacy.ledger import PrivacyLedger, Release
+from medstylegan2.privacy.ledger import CLASS_GUIDE, PrivacyLedger, Release
 from medstylegan2.privacy.policy import SitePolicy, check_site_size, load_policy
 from medstylegan2.privacy.request import EffectiveSettings, RoundRequest, check_budget, check_request
 
@@ -151,7 +151,7 @@ class RoundPrivacy:
         before it is kept or used. None when the guide and this round together would pass the
         budget: the round is then declined (``declined_reason``) and nothing is spent.
         """
-        from medstylegan2.privacy.class_guide import (MECHANISM, GuideNoise, GuideStore, guide_digest, guide_settings,
+        from medstylegan2.privacy.class_guide import (GuideNoise, GuideStore, guide_digest, guide_settings,
                                                       train_from_settings)
 
         s = self.settings
@@ -179,7 +179,7 @@ class RoundPrivacy:
         entry = self.ledger.record_release(Release(
             run=self.run, round=self.round_num, noise_multiplier=s.noise_multiplier, sample_rate=s.sample_rate,
             steps=s.guide_steps, accountant=s.accountant, unit=s.unit, max_grad_norm=settings["max_grad_norm"],
-            delta=s.delta, mechanism=MECHANISM))
+            delta=s.delta, mechanism=CLASS_GUIDE))
         path = store.save(digest, guide, settings, entry)
         log.info("round %d: class guide trained (%d DP-SGD steps), recorded (ledger entry %d), kept in %s",
                  self.round_num, s.guide_steps, entry["index"], path)
