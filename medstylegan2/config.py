@@ -87,6 +87,10 @@ class TrainConfig:
     # class_loss_decay_steps trainer steps of the site (class first, then variety: docs/recipe.md).
     class_loss_weight_end: Optional[float] = None
     class_loss_decay_steps: int = 1000
+    # Weight of the head's cross-entropy on reals in D's loss alone, held for the whole run; null: as
+    # G's (class_loss_weight and its schedule). Set, D keeps learning the classes while G's push
+    # decays, so D's features stay class-aware for its projection term.
+    d_class_loss_weight: Optional[float] = None
     # D updates per G update (each on a fresh real and fake batch); more helps under DP.
     d_steps_per_g: int = 1
     # G updates per step, before the step's D updates, and G's batch (null: batch_size). G reads no
@@ -306,6 +310,8 @@ def _check_semantics(cfg: RunConfig) -> None:
     need(t.class_loss_weight >= 0, "train.class_loss_weight", "must be >= 0")
     need(t.class_loss_weight_end is None or t.class_loss_weight_end >= 0, "train.class_loss_weight_end",
          "must be >= 0 (or null: no schedule)")
+    need(t.d_class_loss_weight is None or t.d_class_loss_weight >= 0, "train.d_class_loss_weight",
+         "must be >= 0 (or null: as train.class_loss_weight)")
     for key in ("class_loss_decay_steps", "class_guide_decay_steps"):
         need(getattr(t, key) > 0, f"train.{key}", "must be > 0")
     need(t.d_steps_per_g >= 1, "train.d_steps_per_g", "must be >= 1")

@@ -52,6 +52,14 @@ def class_weight_of(D: nn.Module, cfg: TrainConfig, step: int = 0) -> float:
     return _scheduled(cfg.class_loss_weight, cfg.class_loss_weight_end, step, cfg.class_loss_decay_steps)
 
 
+def d_class_weight_of(D: nn.Module, cfg: TrainConfig, step: int = 0) -> float:
+    """The head's loss weight on reals in D's loss at step ``step``: ``cfg.d_class_loss_weight`` if set
+    (and D has a class head), else G's weight (``class_weight_of``)."""
+    if cfg.d_class_loss_weight is None or not getattr(D, "has_class_head", False):
+        return class_weight_of(D, cfg, step)
+    return cfg.d_class_loss_weight
+
+
 def guide_weight_of(cfg: TrainConfig, step: int = 0) -> float:
     """The class guide's weight at G step ``step``: ``cfg.class_guide_weight``, or with
     ``class_guide_weight_end`` the linear schedule towards it (a strong class push while G learns the
@@ -105,7 +113,8 @@ class StyleGAN2Loss:
     def __init__(self, G: nn.Module, D: nn.Module, cfg: TrainConfig):
         self.G, self.D, self.cfg = G, D, cfg
         self.has_mapping = hasattr(G, "mapping") and hasattr(G, "synthesize")
-        self.class_weight = class_weight_of(D, cfg)
+        self.class_weight = class_weight_of(D, cfg)       # the head's term on fakes, in G's loss
+        self.d_class_weight = d_class_weight_of(D, cfg)   # on reals, in D's loss
         self.pl_mean = torch.zeros([])
         # The site's frozen class guide (set by the trainer) and the weight of its term in G's loss.
         self.class_guide: Optional[nn.Module] = None
@@ -198,7 +207,7 @@ class StyleGAN2Loss:
     def discriminator_real(self, real: torch.Tensor, labels: torch.Tensor, r1_weight: float) -> torch.Tensor:
         # R1 is a double backward: the eager D then.
         D = self.D if r1_weight > 0 else self.D_fast
-        return discriminator_real_loss_per_sample(D, real, labels, r1_weight, self.class_weight).mean()
+        return discriminator_real_loss_per_sample(D, real, labels, r1_weight, self.d_class_weight).mean()
 
     def r1_weight(self, lazy: bool) -> float:
         """gamma/2 scaled by the lazy interval on regularization steps, else 0."""

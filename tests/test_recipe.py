@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medstylegan2.config import ConfigError, load_config
-from medstylegan2.losses import class_weight_of, discriminator_real_loss_per_sample
+from medstylegan2.losses import class_weight_of, d_class_weight_of, discriminator_real_loss_per_sample
 from medstylegan2.networks import Discriminator
 from medstylegan2.privacy.engine import make_privacy_engine
 from medstylegan2.privacy.per_sample import per_sample_real_gradients
@@ -185,7 +185,35 @@ def test_the_trainer_uses_the_scheduled_class_weight_in_each_step():
     assert trainer.loss.class_weight == 2.0  # the weight of the third step (G step 2)
 
 
+def test_d_can_hold_its_class_weight_on_reals_while_gs_push_decays():
+    cfg = load_config(None, TINY + ["train.class_loss_weight=3", "train.class_loss_weight_end=0",
+                                    "train.class_loss_decay_steps=2", "train.d_class_loss_weight=3"])
+    D = Discriminator(img_resolution=16, channel_base=256, channel_max=32, cmap_dim=16, class_head=True)
+    assert [d_class_weight_of(D, cfg.train, step) for step in (0, 1, 2, 100)] == [3.0] * 4
+    assert [class_weight_of(D, cfg.train, step) for step in (0, 1, 2, 100)] == [3.0, 1.5, 0.0, 0.0]
+    headless = Discriminator(img_resolution=16, channel_base=256, channel_max=32, cmap_dim=16)
+    assert d_class_weight_of(headless, cfg.train, 0) == 0.0
+    unset = load_config(None, TINY + ["train.class_loss_weight=3", "train.class_loss_weight_end=0",
+                                      "train.class_loss_decay_steps=2"])
+    assert [d_class_weight_of(D, unset.train, step) for step in (0, 1, 2)] == [3.0, 1.5, 0.0]  # as G's
+
+
+def test_with_gs_push_gone_d_still_learns_the_classes_on_reals():
+    cfg = load_config(None, TINY + ["train.class_loss_weight=3", "train.class_loss_weight_end=0",
+                                    "train.class_loss_decay_steps=1", "train.d_class_loss_weight=2"])
+    trainer = SiteTrainer(cfg, *random_site(), device="cpu")
+    trainer.train_steps(2)
+    assert (trainer.loss.class_weight, trainer.loss.d_class_weight) == (0.0, 2.0)
+    assert "loss_g_class" not in trainer.loss.generator_main(torch.randn(4, 16), torch.tensor([0, 1, 2, 0]))[1]
+    images, labels = torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 2, 0])
+    trainer.D.zero_grad()
+    trainer.loss.discriminator_real(images, labels, r1_weight=0.0).backward()
+    assert trainer.D.epilogue.class_head.weight.grad.abs().sum() > 0
+
+
 def test_new_recipe_keys_are_validated():
+    with pytest.raises(ConfigError, match="train.d_class_loss_weight"):
+        load_config(None, ["train.d_class_loss_weight=-1"])
     with pytest.raises(ConfigError, match="train.class_loss_weight_end"):
         load_config(None, ["train.class_loss_weight_end=-1"])
     with pytest.raises(ConfigError, match="train.class_loss_decay_steps"):
