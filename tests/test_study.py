@@ -105,7 +105,8 @@ def test_an_arms_class_push_decays_to_zero_over_its_share_of_each_sites_steps(tm
     doc = json.loads(path.read_text())
     doc["profiles"]["quick"]["total_updates"] = 64
     doc["arms"]["central"]["class_decay"] = 0.25
-    doc["arms"]["dp-eps10"].update(class_decay=0.5, overrides=["train.class_guide_weight=3.0"])
+    doc["arms"]["dp-eps10"].update(class_decay=0.5, overrides=["train.class_guide_weight=3.0",
+                                                               "train.d_class_loss_weight=3.0"])
     path.write_text(json.dumps(doc))
     study = load_study(path)
     central = load_config(study.base_config_path, arm_overrides(study, "quick", "central", seed=0)).train
@@ -117,6 +118,7 @@ def test_an_arms_class_push_decays_to_zero_over_its_share_of_each_sites_steps(tm
     public = load_config(study.base_config_path, public_overrides(study, "quick", "dp-eps10")).train
     recipe = load_config(study.base_config_path, doc["overrides"]).train
     assert (public.class_loss_weight_end, public.class_guide_weight_end) == (None, None)
+    assert public.d_class_loss_weight is None  # D's held class weight is the arm's choice, not the pretraining's
     assert public.class_loss_decay_steps == recipe.class_loss_decay_steps  # the public digest does not move
     doc["arms"]["central"]["class_decay"] = 0.0
     path.write_text(json.dumps(doc))

@@ -198,6 +198,10 @@ def arm_overrides(study: StudyConfig, profile: str, arm: str, *, seed: int,
     return out
 
 
+def _yaml_value(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
 def arm_updates(profile: ProfileSpec, arm: ArmSpec) -> int:
     """G + D updates the arm may take, summed over its sites: its share of the profile's."""
     return int(profile.total_updates * arm.update_fraction)
@@ -216,7 +220,8 @@ def public_overrides(study: StudyConfig, profile: str, arm: str) -> list[str]:
         "privacy.enabled=false", "train.init_checkpoint=null", "train.d_frozen=[]", "train.class_guide_weight=0.0",
         "train.class_guide_weight_end=null", f"train.class_guide_decay_steps={recipe.train.class_guide_decay_steps}",
         f"train.class_loss_weight={recipe.train.class_loss_weight}", "train.class_loss_weight_end=null",
-        f"train.class_loss_decay_steps={recipe.train.class_loss_decay_steps}"]
+        f"train.class_loss_decay_steps={recipe.train.class_loss_decay_steps}",
+        f"train.d_class_loss_weight={_yaml_value(recipe.train.d_class_loss_weight)}"]
     if study.spec.public.batch_size is not None:
         out.append(f"train.batch_size={study.spec.public.batch_size}")
     return out
