@@ -87,9 +87,8 @@ class TrainConfig:
     # class_loss_decay_steps trainer steps of the site (class first, then variety: docs/recipe.md).
     class_loss_weight_end: Optional[float] = None
     class_loss_decay_steps: int = 1000
-    # Weight of the head's cross-entropy on reals in D's loss alone, held for the whole run; null: as
-    # G's (class_loss_weight and its schedule). Set, D keeps learning the classes while G's push
-    # decays, so D's features stay class-aware for its projection term.
+    # The head's weight on reals in D's loss alone, held all run (null: as G's, schedule included):
+    # D keeps learning the classes while G's push decays (a trade, not a gain: docs/recipe.md).
     d_class_loss_weight: Optional[float] = None
     # D updates per G update (each on a fresh real and fake batch); more helps under DP.
     d_steps_per_g: int = 1
@@ -118,13 +117,11 @@ class TrainConfig:
     class_guide_width: int = 16
     # If set (e.g. 0.9): no push on fakes the guide gives this probability of their class. null: none.
     class_guide_confidence: Optional[float] = None
-    # If set, the guide's weight moves linearly from class_guide_weight to this value over the first
-    # class_guide_decay_steps trainer steps of the site, as class_loss_weight_end does for D's head.
+    # If set, the guide's weight moves to this value as class_loss_weight_end does for D's head.
     class_guide_weight_end: Optional[float] = None
     class_guide_decay_steps: int = 1000
-    # Warm start: a checkpoint (train-local or a federated round) whose G, G_ema and D weights
-    # replace the fresh ones before training (e.g. pretrained on public data). Optimizer state,
-    # counters and the model constants are not taken from it.
+    # Warm start: a checkpoint (train-local or a federated round) whose G, G_ema and D weights replace
+    # the fresh ones (e.g. pretrained on public data); not its optimizer state, counters or constants.
     init_checkpoint: Optional[str] = None
     grid_every: int = 100
     checkpoint_every: int = 100
@@ -308,19 +305,16 @@ def _check_semantics(cfg: RunConfig) -> None:
          "needs model.arch 'stylegan2' (the DCGAN baseline has no class head)")
     need(m.mapping_lr_multiplier > 0, "model.mapping_lr_multiplier", "must be > 0")
     need(t.class_loss_weight >= 0, "train.class_loss_weight", "must be >= 0")
-    need(t.class_loss_weight_end is None or t.class_loss_weight_end >= 0, "train.class_loss_weight_end",
-         "must be >= 0 (or null: no schedule)")
-    need(t.d_class_loss_weight is None or t.d_class_loss_weight >= 0, "train.d_class_loss_weight",
-         "must be >= 0 (or null: as train.class_loss_weight)")
+    for key in ("class_loss_weight_end", "d_class_loss_weight"):
+        need(getattr(t, key) is None or getattr(t, key) >= 0, f"train.{key}", "must be >= 0 (or null)")
     for key in ("class_loss_decay_steps", "class_guide_decay_steps"):
         need(getattr(t, key) > 0, f"train.{key}", "must be > 0")
     need(t.d_steps_per_g >= 1, "train.d_steps_per_g", "must be >= 1")
     need(t.g_steps_per_d >= 1, "train.g_steps_per_d", "must be >= 1")
     need(t.g_batch_size is None or t.g_batch_size >= 1, "train.g_batch_size", "must be >= 1 (or null: batch_size)")
-    need(all(t.d_frozen), "train.d_frozen", "must not hold an empty name (give D parameter-name prefixes, "
-         "e.g. [blocks, epilogue.fc])")
-    need(all(t.dp_clip_groups), "train.dp_clip_groups", "must not hold an empty name (give D parameter-name "
-         "prefixes, e.g. [epilogue.class_head])")
+    for key, example in (("d_frozen", "[blocks, epilogue.fc]"), ("dp_clip_groups", "[epilogue.class_head]")):
+        need(all(getattr(t, key)), f"train.{key}",
+             f"must not hold an empty name (give D parameter-name prefixes, e.g. {example})")
     need(t.class_guide_weight >= 0, "train.class_guide_weight", "must be >= 0 (0: no class guide)")
     need(min(t.class_guide_steps, t.class_guide_width) >= 1, "train.class_guide_steps/width", "must be >= 1")
     need(min(t.class_guide_lr, t.class_guide_max_grad_norm) > 0, "train.class_guide_lr/max_grad_norm", "must be > 0")

@@ -113,16 +113,21 @@ class StyleGAN2Loss:
     def __init__(self, G: nn.Module, D: nn.Module, cfg: TrainConfig):
         self.G, self.D, self.cfg = G, D, cfg
         self.has_mapping = hasattr(G, "mapping") and hasattr(G, "synthesize")
-        self.class_weight = class_weight_of(D, cfg)       # the head's term on fakes, in G's loss
-        self.d_class_weight = d_class_weight_of(D, cfg)   # on reals, in D's loss
         self.pl_mean = torch.zeros([])
-        # The site's frozen class guide (set by the trainer) and the weight of its term in G's loss.
+        # The site's frozen class guide (set by the trainer); its term's weight is set by schedule().
         self.class_guide: Optional[nn.Module] = None
-        self.guide_weight = guide_weight_of(cfg)
+        self.schedule(0)
         # The same functions, possibly torch.compile'd by the trainer (acceleration.py): used only
         # where no double backward runs through them (not for R1 or path length).
         self.D_fast = D
         self.synthesize_fast = G.synthesize if self.has_mapping else None
+
+    def schedule(self, step: int) -> None:
+        """The class terms' weights at trainer step ``step``: D's head on fakes in G's loss, on reals in
+        D's loss, and the class guide's in G's loss (each on its schedule: class first, then variety)."""
+        self.class_weight = class_weight_of(self.D, self.cfg, step)
+        self.d_class_weight = d_class_weight_of(self.D, self.cfg, step)
+        self.guide_weight = guide_weight_of(self.cfg, step)
 
     # -- generation ------------------------------------------------------------------------------
     def generate(self, z: torch.Tensor, labels: torch.Tensor, *, update_w_avg: bool = True,

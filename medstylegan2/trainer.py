@@ -24,7 +24,7 @@ from medstylegan2.acceleration import (DeviceStats, as_floats, copy_indices_to, 
                                        to_memory_format)
 from medstylegan2.config import RunConfig
 from medstylegan2.errors import CheckpointError, UserError
-from medstylegan2.losses import StyleGAN2Loss, class_weight_of, d_class_weight_of, ds_weight_of, guide_weight_of
+from medstylegan2.losses import StyleGAN2Loss, ds_weight_of
 from medstylegan2.networks import build_networks, freeze_parameters
 from medstylegan2.privacy.class_guide import STATE_KEY, guide_settings, guide_to_state
 from medstylegan2.privacy.fake_term import add_clipped_fake_gradient
@@ -170,9 +170,7 @@ class SiteTrainer:
         t = self.cfg.train
         batch = t.batch_size
         stats: dict[str, Any] = {}
-        self.loss.class_weight = class_weight_of(self.D, t, self.step)
-        self.loss.d_class_weight = d_class_weight_of(self.D, t, self.step)
-        self.loss.guide_weight = guide_weight_of(t, self.step)
+        self.loss.schedule(self.step)
 
         # G: g_steps_per_d updates (non-saturating loss, lazy path length), each followed by the EMA.
         for g_index in range(self.step * t.g_steps_per_d, (self.step + 1) * t.g_steps_per_d):
