@@ -70,6 +70,21 @@ def test_an_arm_with_larger_batches_can_take_a_share_of_the_updates(tmp_path):
         load_study(path)
 
 
+def test_a_per_site_arm_gives_each_site_the_steps_a_one_site_arm_takes(tmp_path):
+    path = tiny_study(tmp_path)
+    doc = json.loads(path.read_text())
+    doc["profiles"]["quick"]["total_updates"] = 64
+    doc["arms"]["dp-eps10"].update(sites=2, compute="per_site")
+    path.write_text(json.dumps(doc))
+    study = load_study(path)
+    assert arm_overrides(study, "quick", "central", seed=0)[-1] == "federation.local_steps=16"
+    assert arm_overrides(study, "quick", "dp-eps10", seed=0)[-1] == "federation.local_steps=16"
+    doc["arms"]["dp-eps10"]["compute"] = "per_hospital"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match="arms.dp-eps10.compute"):
+        load_study(path)
+
+
 def test_the_public_pretraining_trains_all_of_d_without_dp_at_its_own_batch(tmp_path):
     path = tiny_study(tmp_path)
     doc = json.loads(path.read_text())

@@ -54,6 +54,10 @@ class ArmSpec:
     # Share of the profile's total_updates this arm takes: below 1 for an arm whose batches are
     # larger (0.25 with 4x the batch: as many images, in fewer, less noisy DP-SGD steps).
     update_fraction: float = 1.0
+    # What the arm's updates are counted against: "summed" over its sites (the profile's
+    # total_updates shared by them), or "per_site" (each site takes total_updates, as many steps as
+    # a one-site arm: equal wall clock, since a federation's sites train at the same time).
+    compute: Literal["summed", "per_site"] = "summed"
     # Share of each site's trainer steps over which the class push (D's class head's weight and the
     # class guide's) falls linearly to 0: the class first, then each class's variety (docs/recipe.md,
     # session 23). None: the weights stay as the recipe sets them.
@@ -203,8 +207,10 @@ def _yaml_value(value: Any) -> str:
 
 
 def arm_updates(profile: ProfileSpec, arm: ArmSpec) -> int:
-    """G + D updates the arm may take, summed over its sites: its share of the profile's."""
-    return int(profile.total_updates * arm.update_fraction)
+    """G + D updates the arm may take, summed over its sites: its share of the profile's (each
+    site's share with ``compute: per_site``)."""
+    per_site = arm.sites if arm.compute == "per_site" else 1
+    return int(profile.total_updates * arm.update_fraction * per_site)
 
 
 def public_overrides(study: StudyConfig, profile: str, arm: str) -> list[str]:
