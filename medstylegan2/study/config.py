@@ -202,10 +202,6 @@ def arm_overrides(study: StudyConfig, profile: str, arm: str, *, seed: int,
     return out
 
 
-def _yaml_value(value: Any) -> str:
-    return "null" if value is None else str(value)
-
-
 def arm_updates(profile: ProfileSpec, arm: ArmSpec) -> int:
     """G + D updates the arm may take, summed over its sites: its share of the profile's (each
     site's share with ``compute: per_site``)."""
@@ -227,7 +223,8 @@ def public_overrides(study: StudyConfig, profile: str, arm: str) -> list[str]:
         "train.class_guide_weight_end=null", f"train.class_guide_decay_steps={recipe.train.class_guide_decay_steps}",
         f"train.class_loss_weight={recipe.train.class_loss_weight}", "train.class_loss_weight_end=null",
         f"train.class_loss_decay_steps={recipe.train.class_loss_decay_steps}",
-        f"train.d_class_loss_weight={_yaml_value(recipe.train.d_class_loss_weight)}"]
+        # json.dumps: an unset weight must reach the override parser as YAML null, not "None"
+        f"train.d_class_loss_weight={json.dumps(recipe.train.d_class_loss_weight)}"]
     if study.spec.public.batch_size is not None:
         out.append(f"train.batch_size={study.spec.public.batch_size}")
     return out
