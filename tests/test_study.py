@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -176,14 +177,17 @@ def test_shipped_study_config_is_valid():
 
 
 @pytest.mark.slow
-def test_tiny_study_runs_end_to_end_and_resumes_without_retraining(tmp_path):
+def test_tiny_study_runs_end_to_end_and_resumes_without_retraining(tmp_path, caplog):
     from simulation.study import run_study
 
     from medstylegan2.privacy.site import SIMULATED_POLICIES_ENV
 
     config, out = tiny_study(tmp_path), tmp_path / "study"
     before = os.environ.get(SIMULATED_POLICIES_ENV)
+    caplog.set_level(logging.INFO, logger="medstylegan2.study")
     doc = run_study(config, out, profile="quick")
+    # The public pretraining (minutes of CPU work in the real profiles) reports its progress.
+    assert any("public pretraining: step 2 / 2" in r.getMessage() for r in caplog.records)
     assert validate_study_json(doc) == []
     # The DP arm's simulated site policies were named in this process's environment only while it ran.
     assert os.environ.get(SIMULATED_POLICIES_ENV) == before
