@@ -127,21 +127,21 @@ def _public_pretrain(study: sc.StudyConfig, profile: str, out: Path, arm: str) -
              study.spec.public.data_seed, spec.public_steps)
     started = time.perf_counter()
     trainer = SiteTrainer(cfg, public.images, public.labels, device="cpu", seed=0)
-    trainer.train_steps(spec.public_steps, progress=_progress_logger("public pretraining", spec.public_steps, started))
+    trainer.train_steps(spec.public_steps, progress=_pretraining_progress(spec.public_steps, started))
     trainer.save_checkpoint(ckpt)
     atomic_write_text(done, json.dumps({"minutes": (time.perf_counter() - started) / 60, "images": len(public),
                                            "data_seed": study.spec.public.data_seed, "steps": spec.public_steps}))
     return ckpt
 
 
-def _progress_logger(what: str, total: int, started: float, *, reports: int = 10) -> Callable[[int, dict], None]:
-    """A ``train_steps`` progress hook that logs about ``reports`` times over ``total`` steps (minutes of
-    CPU work otherwise pass without a line)."""
-    every = max(1, total // reports)
+def _pretraining_progress(total: int, started: float) -> Callable[[int, dict], None]:
+    """A ``train_steps`` hook that logs every tenth of the public pretraining's steps and the last
+    (minutes of CPU work otherwise pass without a line)."""
+    every = max(1, total // 10)
 
     def report(step: int, _stats: dict) -> None:
         if step % every == 0 or step == total:
-            log.info("%s: step %d / %d (%.1f min)", what, step, total, (time.perf_counter() - started) / 60)
+            log.info("public pretraining: step %d / %d (%.1f min)", step, total, (time.perf_counter() - started) / 60)
     return report
 
 

@@ -205,8 +205,8 @@ def arm_overrides(study: StudyConfig, profile: str, arm: str, *, seed: int,
 def arm_updates(profile: ProfileSpec, arm: ArmSpec) -> int:
     """G + D updates the arm may take, summed over its sites: its share of the profile's (each
     site's share with ``compute: per_site``)."""
-    per_site = arm.sites if arm.compute == "per_site" else 1
-    return int(profile.total_updates * arm.update_fraction * per_site)
+    sites_counted = arm.sites if arm.compute == "per_site" else 1
+    return int(profile.total_updates * arm.update_fraction * sites_counted)
 
 
 def public_overrides(study: StudyConfig, profile: str, arm: str) -> list[str]:
