@@ -7,7 +7,7 @@ images reaches 99% held-out accuracy at epsilon 10 and 98% at epsilon 1 on one s
 phantoms. With ``train.class_guide_weight`` > 0 every site trains one (``train_class_guide``),
 freezes it, and G's loss adds ``class_guide_weight x CE(guide(fake), label)`` (``losses``).
 
-Privacy (docs/privacy.md, point 8): training the guide is one more DP-SGD mechanism on the
+Privacy (docs/privacy.md, point 5): training the guide is one more DP-SGD mechanism on the
 site's data: Poisson sampling at the round's public sample rate, each unit's (image's or
 patient's) gradient clipped to ``class_guide_max_grad_norm``, Gaussian noise at the round's
 sigma, the noisy sum divided by the round's public expected batch size. Its steps are a release

@@ -1,0 +1,161 @@
+"""Per-class image statistics a site releases once under DP, for G's fakes to match.
+
+Under DP every class of G's samples narrows over a run: the class guide pulls each class towards
+its most recognisable form, and a D trained through DP-SGD's noise does not see the loss of
+variety (docs/recipe.md, "The narrowing under DP", session 26). Two numbers per class say what the
+variety should be: where a class's images are bright or dense on a coarse grid (its mean picture),
+and how much they differ from one another there (its spread). Released once with the Gaussian
+mechanism, they cost little epsilon (one step at sample rate 1 with a large sigma), and G's loss can
+ask its fakes of each class to have the same mean picture and spread. G still reads no real image:
+it reads the release (post-processing).
+
+The mechanism (docs/privacy.md, point 6). Each image x (float, [-1, 1]) gives its coarse picture
+u = mean-pooled x on a ``grid`` x ``grid`` raster (every cell in [-1, 1]) and the record vector,
+zero outside its class's block::
+
+    [u / grid, mean(u^2), 1]     (norm <= sqrt(1 + 1 + 1) = sqrt(3))
+
+A unit (an image, or a patient with all their images) contributes the sum of its images' vectors,
+clipped to norm sqrt(3): adding or removing one unit moves the sum by at most SENSITIVITY. The
+site releases the sum plus N(0, (sigma * SENSITIVITY)^2) on every coordinate, which is the
+Gaussian mechanism with noise multiplier sigma: in Opacus' accountant one step at sample rate 1,
+(sigma, 1.0, 1). Everything below is computed from the noisy sums alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medstylegan2.errors import CheckpointError, PrivacyError
+from medstylegan2.privacy.engine import fresh_generator_seeds
+
+SENSITIVITY = math.sqrt(3.0)    # the norm bound of one unit's record vector (see the module docstring)
+# A class whose noisy count is below this many noise standard deviations is too uncertain to match:
+# its mean picture divides by a count that may be mostly noise.
+MIN_COUNT_IN_NOISE_STDS = 10.0
+MOMENTS_FORMAT = "medstylegan2-class-moments-v1"
+
+
+@dataclass(frozen=True)
+class ClassMoments:
+    """What the release says per class: ``means`` [C, grid*grid] (the mean coarse picture),
+    ``spreads`` [C] (the per-cell standard deviation, averaged over cells as a variance),
+    ``counts`` [C] (the noisy number of units) and ``usable`` [C] (False: the noisy count was too
+    small to divide by; G's loss skips the class)."""
+
+    grid: int
+    means: torch.Tensor
+    spreads: torch.Tensor
+    counts: torch.Tensor
+    usable: torch.Tensor
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.means.shape[0])
+
+    def to(self, device: Any) -> "ClassMoments":
+        return ClassMoments(self.grid, *(t.to(device) for t in (self.means, self.spreads, self.counts, self.usable)))
+
+    def to_state(self) -> dict[str, Any]:
+        return {"format": MOMENTS_FORMAT, "grid": self.grid,
+                **{k: getattr(self, k).detach().cpu() for k in ("means", "spreads", "counts", "usable")}}
+
+    @classmethod
+    def from_state(cls, state: Any, where: str) -> "ClassMoments":
+        if not isinstance(state, dict) or state.get("format") != MOMENTS_FORMAT:
+            raise CheckpointError(f"{where}: not a class-moments release (expected format {MOMENTS_FORMAT!r})")
+        means, spreads, counts, usable = (state.get(k) for k in ("means", "spreads", "counts", "usable"))
+        grid = state.get("grid")
+        ok = (isinstance(grid, int) and all(isinstance(t, torch.Tensor) for t in (means, spreads, counts, usable))
+              and means.ndim == 2 and means.shape[1] == grid * grid
+              and spreads.shape == counts.shape == usable.shape == means.shape[:1])
+        if not ok:
+            raise CheckpointError(f"{where}: the class-moments release is malformed (grid {grid!r})")
+        return cls(grid, means.float(), spreads.float(), counts.float(), usable.bool())
+
+
+def coarse_pictures(x: torch.Tensor, grid: int) -> torch.Tensor:
+    """Float images [N, 1, H, W] in [-1, 1] -> their mean-pooled ``grid`` x ``grid`` pictures, [N, grid*grid]."""
+    if x.ndim != 4 or x.shape[1] != 1:
+        raise ValueError(f"expected grayscale images [N, 1, H, W], got shape {tuple(x.shape)}")
+    return F.adaptive_avg_pool2d(x.float(), grid).flatten(1)
+
+
+def release_class_moments(images: np.ndarray, labels: np.ndarray, *, num_classes: int, grid: int,
+                          noise_multiplier: Optional[float], groups: Optional[np.ndarray] = None,
+                          seed: Optional[int] = None, chunk: int = 1024) -> ClassMoments:
+    """The release from uint8 ``images`` [N, 1, H, W] and ``labels`` (see the module docstring).
+
+    ``noise_multiplier`` None: the exact statistics (no privacy; a non-DP site). ``groups``: each
+    image's unit (patient) id, so a unit's images are summed before the clip. ``seed``: debugging
+    only; None draws the noise from OS entropy, as DP-SGD's noise.
+    """
+    if len(images) != len(labels):
+        raise PrivacyError(f"class moments need one label per image (got {len(images)} images, {len(labels)} labels)")
+    if grid < 1:
+        raise PrivacyError(f"class moments need a grid of at least 1 cell a side (got {grid})")
+    labels = np.asarray(labels).astype(np.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise PrivacyError(f"class moments: labels must lie in 0..{num_classes - 1}")
+    cells = grid * grid
+    width = cells + 2
+    records = []
+    for start in range(0, len(images), chunk):
+        x = torch.as_tensor(np.asarray(images[start:start + chunk])).float() / 127.5 - 1.0
+        u = coarse_pictures(x, grid)
+        block = torch.cat([u / grid, u.pow(2).mean(1, keepdim=True), torch.ones(len(u), 1)], dim=1)
+        vec = torch.zeros(len(u), num_classes * width, dtype=torch.float64)
+        y = torch.as_tensor(labels[start:start + chunk])
+        for c in range(num_classes):
+            rows = y == c
+            vec[rows, c * width:(c + 1) * width] = block[rows].double()
+        records.append(vec)
+    vectors = torch.cat(records) if records else torch.zeros(0, num_classes * width, dtype=torch.float64)
+    if groups is not None:
+        _, unit_of = np.unique(np.asarray(groups), return_inverse=True)
+        per_unit = torch.zeros(int(unit_of.max()) + 1 if len(unit_of) else 0, vectors.shape[1], dtype=torch.float64)
+        vectors = per_unit.index_add_(0, torch.as_tensor(unit_of, dtype=torch.long), vectors)
+    # The clip: a no-op for single images (their norm is at most sqrt(3)), the bound for a patient's sum.
+    norms = vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    total = (vectors * (SENSITIVITY / norms).clamp(max=1.0)).sum(0)
+    noise_std = 0.0
+    if noise_multiplier is not None:
+        if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
+            raise PrivacyError(f"class moments: the noise multiplier must be > 0 (got {noise_multiplier!r})")
+        _, noise_seed = fresh_generator_seeds(seed)
+        noise_std = noise_multiplier * SENSITIVITY
+        total = total + torch.randn(total.shape, generator=torch.Generator().manual_seed(noise_seed),
+                                    dtype=torch.float64) * noise_std
+    per_class = total.reshape(num_classes, width)
+    counts = per_class[:, -1]
+    usable = counts >= max(MIN_COUNT_IN_NOISE_STDS * noise_std, 1.0)
+    safe = counts.clamp_min(1.0)[:, None]
+    means = (grid * per_class[:, :cells] / safe).clamp(-1.0, 1.0)
+    mean_square = per_class[:, cells] / safe[:, 0]
+    spreads = (mean_square - means.pow(2).mean(1)).clamp_min(0.0).sqrt()
+    return ClassMoments(grid, means.float(), spreads.float(), counts.float(), usable)
+
+
+def moments_loss(fake: torch.Tensor, labels: torch.Tensor, moments: ClassMoments) -> torch.Tensor:
+    """How far each class's fakes in the batch are from the release: the mean squared difference of
+    the mean coarse pictures plus the squared difference of the spreads, averaged over the classes
+    with at least two fakes here and a usable release (0 when there is none)."""
+    u = coarse_pictures(fake, moments.grid)
+    labels = labels.long()
+    terms = []
+    for c in range(moments.num_classes):
+        rows = labels == c
+        if int(rows.sum()) < 2 or not bool(moments.usable[c]):
+            continue
+        mean = u[rows].mean(0)
+        spread = (u[rows].pow(2).mean(1).mean() - mean.pow(2).mean()).clamp_min(1e-8).sqrt()
+        terms.append((mean - moments.means[c]).pow(2).mean() + (spread - moments.spreads[c]).pow(2))
+    if not terms:
+        return fake.new_zeros(())
+    return torch.stack(terms).mean()
