@@ -106,6 +106,10 @@ def test_the_loss_is_zero_on_the_real_images_and_pushes_collapsed_fakes_apart():
     m = release_class_moments(images, labels, num_classes=2, grid=4, noise_multiplier=None)
     real = as_float(images)
     assert float(moments_loss(real, torch.as_tensor(labels), m)) == pytest.approx(0.0, abs=1e-6)
+    # A class with one fake in the batch has no spread to compare: it is left out, not scored.
+    lone = torch.cat([real[labels == 0], torch.ones(1, 1, 16, 16)])
+    lone_labels = torch.cat([torch.zeros(int((labels == 0).sum()), dtype=torch.long), torch.ones(1, dtype=torch.long)])
+    assert float(moments_loss(lone, lone_labels, m)) == pytest.approx(0.0, abs=1e-6)
     # Every class-0 fake the same image: right mean picture, no spread.
     collapsed = real[labels == 0].mean(0, keepdim=True).repeat(50, 1, 1, 1) + 0.01 * torch.randn(50, 1, 16, 16)
     collapsed.requires_grad_(True)

@@ -145,17 +145,15 @@ def release_class_moments(images: np.ndarray, labels: np.ndarray, *, num_classes
 def moments_loss(fake: torch.Tensor, labels: torch.Tensor, moments: ClassMoments) -> torch.Tensor:
     """How far each class's fakes in the batch are from the release: the mean squared difference of
     the mean coarse pictures plus the squared difference of the spreads, averaged over the classes
-    with at least two fakes here and a usable release (0 when there is none)."""
+    with at least two fakes here and a usable release (0 when there is none). Masks, not branches:
+    no host sync on a GPU."""
     u = coarse_pictures(fake, moments.grid)
-    labels = labels.long()
-    terms = []
-    for c in range(moments.num_classes):
-        rows = labels == c
-        if int(rows.sum()) < 2 or not bool(moments.usable[c]):
-            continue
-        mean = u[rows].mean(0)
-        spread = (u[rows].pow(2).mean(1).mean() - mean.pow(2).mean()).clamp_min(1e-8).sqrt()
-        terms.append((mean - moments.means[c]).pow(2).mean() + (spread - moments.spreads[c]).pow(2))
-    if not terms:
-        return fake.new_zeros(())
-    return torch.stack(terms).mean()
+    members = F.one_hot(labels.long(), moments.num_classes).to(u.dtype)            # [N, C]
+    counts = members.sum(0)
+    per = counts.clamp_min(1.0)
+    mean = members.t() @ u / per[:, None]                                          # [C, cells]
+    mean_square = members.t() @ u.pow(2).mean(1) / per                            # [C]
+    spread = (mean_square - mean.pow(2).mean(1)).clamp_min(1e-8).sqrt()
+    terms = (mean - moments.means).pow(2).mean(1) + (spread - moments.spreads).pow(2)
+    counted = ((counts >= 2) & moments.usable).to(u.dtype)
+    return (terms * counted).sum() / counted.sum().clamp_min(1.0)
