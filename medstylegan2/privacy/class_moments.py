@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from medstylegan2.errors import CheckpointError, PrivacyError
 from medstylegan2.privacy.engine import fresh_generator_seeds
+from medstylegan2.privacy.units import sum_per_unit
 
 SENSITIVITY = math.sqrt(3.0)    # the norm bound of one unit's record vector (see the module docstring)
 # A class whose noisy count is below this many noise standard deviations is too uncertain to match:
@@ -109,18 +110,13 @@ def release_class_moments(images: np.ndarray, labels: np.ndarray, *, num_classes
     for start in range(0, len(images), chunk):
         x = torch.as_tensor(np.asarray(images[start:start + chunk])).float() / 127.5 - 1.0
         u = coarse_pictures(x, grid)
-        block = torch.cat([u / grid, u.pow(2).mean(1, keepdim=True), torch.ones(len(u), 1)], dim=1)
-        vec = torch.zeros(len(u), num_classes * width, dtype=torch.float64)
-        y = torch.as_tensor(labels[start:start + chunk])
-        for c in range(num_classes):
-            rows = y == c
-            vec[rows, c * width:(c + 1) * width] = block[rows].double()
-        records.append(vec)
+        block = torch.cat([u / grid, u.pow(2).mean(1, keepdim=True), torch.ones(len(u), 1)], dim=1).double()
+        # The block goes to its class's slot, zeros elsewhere.
+        in_class = F.one_hot(torch.as_tensor(labels[start:start + chunk]), num_classes).double()
+        records.append((in_class[:, :, None] * block[:, None, :]).flatten(1))
     vectors = torch.cat(records) if records else torch.zeros(0, num_classes * width, dtype=torch.float64)
     if groups is not None:
-        _, unit_of = np.unique(np.asarray(groups), return_inverse=True)
-        per_unit = torch.zeros(int(unit_of.max()) + 1 if len(unit_of) else 0, vectors.shape[1], dtype=torch.float64)
-        vectors = per_unit.index_add_(0, torch.as_tensor(unit_of, dtype=torch.long), vectors)
+        vectors = sum_per_unit({"record": vectors}, torch.as_tensor(np.asarray(groups), dtype=torch.long))["record"]
     # The clip: a no-op for single images (their norm is at most sqrt(3)), the bound for a patient's sum.
     norms = vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)
     total = (vectors * (SENSITIVITY / norms).clamp(max=1.0)).sum(0)
