@@ -10,6 +10,7 @@ A config file may extend another (``base: other.yaml``): ``medstylegan2.config_f
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -120,6 +121,12 @@ class TrainConfig:
     # If set, the guide's weight moves to this value as class_loss_weight_end does for D's head.
     class_guide_weight_end: Optional[float] = None
     class_guide_decay_steps: int = 1000
+    # Class moments (privacy/class_moments.py): each site releases once per run each class's mean coarse
+    # picture (grid x grid) and spread, under DP with Gaussian noise class_moments_noise (inside its
+    # epsilon); G's loss adds class_moments_weight x how far each class's fakes are from them. 0: off.
+    class_moments_weight: float = 0.0
+    class_moments_grid: int = 8
+    class_moments_noise: float = 5.0
     # Warm start: a checkpoint (train-local or a federated round) whose G, G_ema and D weights replace
     # the fresh ones (e.g. pretrained on public data); not its optimizer state, counters or constants.
     init_checkpoint: Optional[str] = None
@@ -323,6 +330,9 @@ def _check_semantics(cfg: RunConfig) -> None:
     need(t.class_guide_weight_end is None or (t.class_guide_weight_end >= 0 and t.class_guide_weight > 0),
          "train.class_guide_weight_end", "must be >= 0, with train.class_guide_weight > 0 (or null: no schedule)")
     need(t.class_guide_weight == 0 or m.resolution >= 16, "train.class_guide_weight", "needs model.resolution >= 16")
+    need(t.class_moments_weight >= 0, "train.class_moments_weight", "must be >= 0 (0: no class moments)")
+    need(1 <= t.class_moments_grid <= m.resolution, "train.class_moments_grid", "must be in [1, model.resolution]")
+    need(0 < t.class_moments_noise < math.inf, "train.class_moments_noise", "must be a finite noise multiplier > 0")
     for key in ("z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max", "cmap_dim"):
         need(getattr(m, key) > 0, f"model.{key}", "must be > 0")
     for key in ("d_channel_base", "d_channel_max"):
@@ -334,16 +344,13 @@ def _check_semantics(cfg: RunConfig) -> None:
     need(t.lambda_ds >= 0, "train.lambda_ds", "must be >= 0")
     need(0 < t.truncation_psi <= 1, "train.truncation_psi", "must be in (0, 1]")
     need(0 <= d.heldout_fraction < 1, "data.heldout_fraction", "must be in [0, 1)")
-    need(d.source == "phantoms" or d.root is not None, "data.root",
-         f"is required when data.source is '{d.source}'")
+    need(d.source == "phantoms" or d.root is not None, "data.root", f"is required when data.source is '{d.source}'")
     need(d.phantoms_per_class > 0, "data.phantoms_per_class", "must be > 0")
     check_label_map(d.label_map)
-    need(f.sites > 0 and f.rounds > 0 and f.local_steps > 0, "federation.sites/rounds/local_steps",
-         "must all be > 0")
+    need(min(f.sites, f.rounds, f.local_steps) > 0, "federation.sites/rounds/local_steps", "must all be > 0")
     need(0 < f.fraction_train <= 1, "federation.fraction_train", "must be in (0, 1]")
     need(1 <= f.min_sites <= f.sites, "federation.min_sites", f"must be in [1, federation.sites={f.sites}]")
-    need(f.dirichlet_alpha > 0 and f.quantity_alpha > 0, "federation.dirichlet_alpha/quantity_alpha",
-         "must be > 0")
+    need(min(f.dirichlet_alpha, f.quantity_alpha) > 0, "federation.dirichlet_alpha/quantity_alpha", "must be > 0")
     need(f.proximal_mu >= 0, "federation.proximal_mu", "must be >= 0")
     need(f.evaluate_every >= 0, "federation.evaluate_every", "must be >= 0 (0: only at the end)")
     need(f.server_lr > 0, "federation.server_lr", "must be > 0")
@@ -355,8 +362,7 @@ def _check_semantics(cfg: RunConfig) -> None:
     need(f.server_tau > 0, "federation.server_tau", "must be > 0")
     need(f.client_num_cpus > 0, "federation.client_num_cpus", "must be > 0")
     need(f.client_num_gpus >= 0, "federation.client_num_gpus", "must be >= 0")
-    need(f.connect_timeout_s > 0 and f.round_timeout_s > 0, "federation.connect_timeout_s/round_timeout_s",
-         "must be > 0")
+    need(min(f.connect_timeout_s, f.round_timeout_s) > 0, "federation.connect_timeout_s/round_timeout_s", "must be > 0")
     need(f.keep_checkpoints >= 0, "federation.keep_checkpoints", "must be >= 0 (0 keeps every round)")
     check_metrics_config(cfg.metrics)
     if p.enabled:
@@ -367,18 +373,12 @@ def _check_semantics(cfg: RunConfig) -> None:
              "must be 0 when privacy.enabled is true, unless model.mbstd_reference is true: minibatch-stddev "
              "over the batch mixes samples of a batch, so per-sample gradients are undefined")
         need(m.arch == "stylegan2", "model.arch", "must be 'stylegan2' when privacy.enabled is true")
-    if p.delta is not None:
-        need(0 < p.delta < 1, "privacy.delta", "must be in (0, 1)")
-    if p.noise_multiplier is not None:
-        need(p.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0")
-    if p.target_epsilon is not None:
-        need(p.target_epsilon > 0, "privacy.target_epsilon", "must be > 0")
-    if p.budget_epsilon is not None:
-        need(p.budget_epsilon > 0, "privacy.budget_epsilon", "must be > 0")
-    if p.noise_seed is not None:
-        need(p.noise_seed >= 0, "privacy.noise_seed", "must be >= 0 (or null for OS entropy)")
-    if p.policy is not None:
-        need(bool(str(p.policy).strip()), "privacy.policy", "must be a file path (or null)")
+    need(p.delta is None or 0 < p.delta < 1, "privacy.delta", "must be in (0, 1)")
+    need(p.noise_multiplier is None or p.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0")
+    for key in ("target_epsilon", "budget_epsilon"):
+        need(getattr(p, key) is None or getattr(p, key) > 0, f"privacy.{key}", "must be > 0")
+    need(p.noise_seed is None or p.noise_seed >= 0, "privacy.noise_seed", "must be >= 0 (or null for OS entropy)")
+    need(p.policy is None or bool(str(p.policy).strip()), "privacy.policy", "must be a file path (or null)")
 
 
 LABEL_SKIP = "skip"

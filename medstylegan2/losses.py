@@ -8,7 +8,9 @@ With a class head on D (``model.d_class_head``, AC-GAN) D's real loss adds the h
 cross-entropy on the real labels and G's loss adds it on the fakes' conditioning labels, both
 weighted by ``train.class_loss_weight``. With a class guide (``privacy.class_guide``: a frozen
 classifier the site trained on its own images) G's loss adds ``train.class_guide_weight`` times
-the guide's cross-entropy on the fakes.
+the guide's cross-entropy on the fakes; with class moments (``privacy.class_moments``: each
+class's mean coarse picture and spread, released once) ``train.class_moments_weight`` times how
+far each class's fakes in the batch are from them.
 
 The discriminator's real-image terms are written per sample (``reduction="none"``) because the
 differential-privacy path needs them one sample at a time; the non-private path takes the mean.
@@ -24,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medstylegan2.config import TrainConfig
+from medstylegan2.privacy.class_moments import ClassMoments, moments_loss
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -116,6 +119,8 @@ class StyleGAN2Loss:
         self.pl_mean = torch.zeros([])
         # The site's frozen class guide (set by the trainer); its term's weight is set by schedule().
         self.class_guide: Optional[nn.Module] = None
+        # The site's class-moments release (set by the trainer), matched with class_moments_weight.
+        self.class_moments: Optional[ClassMoments] = None
         self.schedule(0)
         # The same functions, possibly torch.compile'd by the trainer (acceleration.py): used only
         # where no double backward runs through them (not for R1 or path length).
@@ -176,6 +181,11 @@ class StyleGAN2Loss:
                 pushed = F.relu(guide_loss + math.log(self.cfg.class_guide_confidence))
             loss = loss + self.guide_weight * pushed.mean()
             stats["loss_g_guide"] = guide_loss.mean().detach()
+        if self.class_moments is not None and self.cfg.class_moments_weight > 0:
+            # Against the narrowing: each class's fakes keep the released mean picture and spread.
+            mismatch = moments_loss(at_least_fp32(fake), labels, self.class_moments)
+            loss = loss + self.cfg.class_moments_weight * mismatch
+            stats["loss_g_moments"] = mismatch.detach()
         if ds_weight > 0:
             # Seed paper's "style difference" loss (StarGAN v2's diversity-sensitive loss): two
             # latents of one class should give different images; maximized, so subtracted.

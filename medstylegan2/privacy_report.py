@@ -254,14 +254,17 @@ def format_ledger_table(summary: Mapping[str, Any]) -> str:
     """A Markdown table of one ledger: epsilon per run token and over the data set's lifetime."""
     lines = [f"Lifetime ledger {summary['ledger']} ({summary['accountant'].upper()} accountant, "
              f"delta {summary['delta']:.3g}; {len(summary['fingerprints'])} data set fingerprint(s))",
-             "| run | releases | rounds | steps (class guide's) | epsilon |", "|---|---|---|---|---|"]
+             "| run | releases (class moments') | rounds | steps (class guide's) | epsilon |", "|---|---|---|---|---|"]
     for run_token, row in summary["runs"].items():
         rounds = row["rounds"]
         shown = ",".join(str(r) for r in rounds[:12]) + (" ..." if len(rounds) > 12 else "")
-        lines.append(f"| {run_token} | {row['releases']} | {shown} | {row['steps']} ({row['guide_steps']}) | "
+        lines.append(f"| {run_token} | {row['releases']} ({row['moments_releases']}) | {shown} | "
+                     f"{row['steps']} ({row['guide_steps']}) | "
                      f"{row['epsilon']:.4g} |")
     guide = sum(row["guide_steps"] for row in summary["runs"].values())
-    lines.append(f"| **lifetime** | {summary['releases']} | | {summary['steps']} ({guide}) | {summary['epsilon']:.4g} |")
+    moments = sum(row["moments_releases"] for row in summary["runs"].values())
+    lines.append(f"| **lifetime** | {summary['releases']} ({moments}) | | {summary['steps']} ({guide}) | "
+                 f"{summary['epsilon']:.4g} |")
     return "\n".join(lines)
 
 

@@ -40,12 +40,13 @@ from medstylegan2.errors import CheckpointError, UserError
 from medstylegan2.metrics.memorization import THRESHOLD_PERCENTILE, memorization_threshold, pixel_nearest
 from medstylegan2.model_card import (INTENDED_USE, NOT_FOR_DIAGNOSIS, collect_provenance, find_evaluation,
                                      render_model_card)
+from medstylegan2.network_weights import load_state_dict_checked
 from medstylegan2.networks import build_networks
 from medstylegan2.release_folder import PartialFolder, check_output
 from medstylegan2.release_images import (CPU_BLOCK, SEED_RULE, NpzWriter, PngWriter, image_seed, render_block,
                                          sha256_file)
 from medstylegan2.runfolder import atomic_write_json, atomic_write_text, config_from_checkpoint, read_checkpoint
-from medstylegan2.trainer import load_state_dict_checked, resolve_device
+from medstylegan2.trainer import resolve_device
 
 log = logging.getLogger(__name__)
 

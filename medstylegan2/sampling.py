@@ -11,11 +11,12 @@ import torch
 
 from medstylegan2.config import CLASS_NAMES, RunConfig
 from medstylegan2.images import ImageSet, write_image_folder
+from medstylegan2.network_weights import load_state_dict_checked
 from medstylegan2.networks import build_networks
 from medstylegan2.errors import CheckpointError
 from medstylegan2.runfolder import config_from_checkpoint, read_checkpoint
 from medstylegan2.tiling import save_image, tile_rows
-from medstylegan2.trainer import float_to_images, load_state_dict_checked
+from medstylegan2.trainer import float_to_images
 
 log = logging.getLogger(__name__)
 

@@ -84,15 +84,18 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(cfg.device)
     privacy = None
     guide_steps = cfg.train.class_guide_steps if cfg.train.class_guide_weight > 0 else 0
+    moments_on = cfg.train.class_moments_weight > 0
     if cfg.privacy.enabled:
         from medstylegan2.privacy.engine import make_privacy_engine
 
-        # Planned for the whole run (D's steps and the class guide's), so a target epsilon is met
-        # after --steps steps.
+        # Planned for the whole run (D's steps, the class guide's and the class moments' release),
+        # so a target epsilon is met after --steps steps.
         privacy = make_privacy_engine(cfg, len(train_set), planned_d_steps(cfg, args.steps) + guide_steps,
-                                      seed=cfg.seed)
+                                      seed=cfg.seed, planned_also=[moments_release(cfg)] if moments_on else [])
     guide = local_class_guide(cfg, train_set, privacy, state, device) if guide_steps else None
-    trainer = SiteTrainer(cfg, train_set.images, train_set.labels, device=device, privacy=privacy, class_guide=guide)
+    moments = local_class_moments(cfg, train_set, privacy, state) if moments_on else None
+    trainer = SiteTrainer(cfg, train_set.images, train_set.labels, device=device, privacy=privacy, class_guide=guide,
+                          class_moments=moments)
     if state is None and cfg.train.init_checkpoint:
         load_init_weights(trainer, cfg.train.init_checkpoint)
     if state is not None:
@@ -128,6 +131,32 @@ def local_class_guide(cfg: RunConfig, train_set, privacy, state, device):
     if privacy is not None:
         privacy.accountant.history.append((privacy.noise_multiplier, privacy.sample_rate, settings["steps"]))
     return guide
+
+
+def moments_release(cfg: RunConfig) -> tuple[float, float, int]:
+    """The class moments' release as the accountant counts it: one Gaussian step at sample rate 1."""
+    return (cfg.train.class_moments_noise, 1.0, 1)
+
+
+def local_class_moments(cfg: RunConfig, train_set, privacy, state):
+    """The run's class moments (``privacy.class_moments``): the checkpoint's on resume, else released now.
+
+    Under DP they are released with ``train.class_moments_noise`` and the release goes into the
+    engine's accountant history before D's first step (and so into every checkpoint after it).
+    """
+    from medstylegan2.privacy.class_moments import STATE_KEY, ClassMoments, release_from_config
+
+    if state is not None:
+        if STATE_KEY not in state:
+            raise UserError("the checkpoint was trained without class moments but train.class_moments_weight > 0: "
+                            "resume with the checkpoint's own config")
+        return ClassMoments.from_state(state[STATE_KEY], "the checkpoint's class moments")
+    noise = cfg.train.class_moments_noise if privacy is not None else None
+    moments = release_from_config(cfg, train_set.images, train_set.labels, noise_multiplier=noise,
+                                  seed=cfg.privacy.noise_seed)
+    if privacy is not None:
+        privacy.accountant.history.append(moments_release(cfg))
+    return moments
 
 
 def train_loop(trainer: SiteTrainer, *, total_steps: int, out: Path) -> None:

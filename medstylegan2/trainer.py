@@ -25,8 +25,10 @@ from medstylegan2.acceleration import (DeviceStats, as_floats, copy_indices_to, 
 from medstylegan2.config import RunConfig
 from medstylegan2.errors import CheckpointError, UserError
 from medstylegan2.losses import StyleGAN2Loss, ds_weight_of
+from medstylegan2.network_weights import load_state_dict_checked
 from medstylegan2.networks import build_networks, freeze_parameters
 from medstylegan2.privacy.class_guide import STATE_KEY, guide_settings, guide_to_state
+from medstylegan2.privacy.class_moments import STATE_KEY as MOMENTS_KEY, ClassMoments
 from medstylegan2.privacy.fake_term import add_clipped_fake_gradient
 from medstylegan2.rng_state import rng_state, seed_everything, set_rng_state
 from medstylegan2.runfolder import write_checkpoint
@@ -64,7 +66,8 @@ class SiteTrainer:
 
     def __init__(self, cfg: RunConfig, images: np.ndarray, labels: np.ndarray, *,
                  device: torch.device | str | None = None, seed: Optional[int] = None,
-                 privacy: Optional["DPEngine"] = None, class_guide: Optional[nn.Module] = None):
+                 privacy: Optional["DPEngine"] = None, class_guide: Optional[nn.Module] = None,
+                 class_moments: Optional[ClassMoments] = None):
         self.cfg = cfg
         self.device = torch.device(device) if device is not None else resolve_device(cfg.device)
         self.seed = cfg.seed if seed is None else seed
@@ -87,8 +90,10 @@ class SiteTrainer:
             raise UserError(f"train.d_frozen: {exc}") from None
         self.loss = StyleGAN2Loss(self.G, self.D, cfg.train)
         self.loss.pl_mean = self.loss.pl_mean.to(self.device)
-        # The site's frozen class guide (privacy.class_guide), read by G's loss; never sent anywhere.
+        # The site's frozen class guide and class-moments release (privacy.class_guide, privacy.class_moments),
+        # read by G's loss; never sent anywhere.
         self.loss.class_guide = None if class_guide is None else class_guide.to(self.device)
+        self.loss.class_moments = None if class_moments is None else class_moments.to(self.device)
         if self.accel.compile:
             # Reference mbstd swaps a tensor attribute of D every step: compiled, each swap would
             # be a guard failure and a recompile, so D stays eager then.
@@ -354,6 +359,8 @@ class SiteTrainer:
             state["privacy"] = self.privacy.state_dict()
         if self.loss.class_guide is not None:  # under DP its steps are in the privacy state's history
             state[STATE_KEY] = guide_to_state(self.loss.class_guide, guide_settings(self.cfg))
+        if self.loss.class_moments is not None:  # under DP its release is in the privacy state's history
+            state[MOMENTS_KEY] = self.loss.class_moments.to_state()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -370,25 +377,6 @@ class SiteTrainer:
     def save_checkpoint(self, path: str | Path) -> Path:
         """Everything above in one checkpoint file (``medstylegan2.runfolder.write_checkpoint``: atomic)."""
         return write_checkpoint(path, self.state_dict())
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading weights
-
-
-def load_state_dict_checked(module: nn.Module, state: dict[str, torch.Tensor], *, what: str) -> None:
-    """load_state_dict with an error that names the network, the key and both shapes."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise CheckpointError(f"{what}: weights do not fit the model (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}); was it trained with another model config?")
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(own[key].shape):
-            raise CheckpointError(f"{what}.{key}: shape {tuple(value.shape)} does not match the model's "
-                                  f"{tuple(own[key].shape)}; was it trained with another model config?")
-    module.load_state_dict(state)
 
 
 def _sanitize_gradients(module: nn.Module) -> None:

@@ -182,7 +182,7 @@ def test_a_dp_site_records_the_guide_once_and_its_epsilon_composes_both_mechanis
         assert len(guides) == 1
     # privacy-report --ledger shows which steps were the guide's.
     assert main(["privacy-report", "--ledger", str(ledger_of(tmp_path, "site-0"))]) == 0
-    assert "| 3 | 1,1,2 | 10 (4) |" in capsys.readouterr().out
+    assert "| 3 (0) | 1,1,2 | 10 (4) |" in capsys.readouterr().out
     # A new run trains (and records) its own guide.
     run(smoke(*DP, *GUIDE), nodes, tmp_path / "again", tmp_path / "state-2")
     entries = PrivacyLedger(ledger_of(tmp_path, "site-0"), None).entries()

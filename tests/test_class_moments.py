@@ -1,4 +1,9 @@
-"""Per-class image statistics released once under DP (privacy/class_moments.py), and G's loss on them."""
+"""Per-class image statistics released once under DP (privacy/class_moments.py), and G's loss on them.
+
+Wired into a round as the class guide is: the site's plan and budgets count the release, its
+ledger records it (``mechanism: class_moments``) before it is kept beside the ledger and used, a
+later round of the run reuses it for free, and it never leaves the site.
+"""
 
 import math
 
@@ -6,9 +11,23 @@ import numpy as np
 import pytest
 import torch
 
-from medstylegan2.errors import CheckpointError, PrivacyError
-from medstylegan2.privacy.class_moments import (SENSITIVITY, ClassMoments, coarse_pictures, moments_loss,
-                                                release_class_moments)
+from medstylegan2.cli import main
+from medstylegan2.errors import CheckpointError, ConfigError, PrivacyError
+from medstylegan2.fl.site_round import site_class_moments
+from medstylegan2.phantoms import generate_phantoms
+from medstylegan2.privacy.accounting import epsilon_of_history, sigma_for
+from medstylegan2.privacy.class_moments import (MOMENTS_FOLDER, SENSITIVITY, ClassMoments, MomentsStore,
+                                                coarse_pictures, moments_loss, release_class_moments,
+                                                release_from_config)
+from medstylegan2.privacy.ledger import LedgerError, PrivacyLedger
+from medstylegan2.privacy.request import RoundRequest, check_request
+from medstylegan2.runfolder import read_checkpoint
+from medstylegan2.trainer import SiteTrainer
+from test_class_guide import policy
+from test_site_privacy import DP, SIGMA, ledger_of, opacus_epsilon, round_line, run, site_policies, smoke
+
+SIGMA_M = 4.0
+MOMENTS = ["train.class_moments_weight=10.0", f"train.class_moments_noise={SIGMA_M}"]
 
 
 def two_classes(n=200, seed=0):
@@ -84,6 +103,18 @@ def test_noise_has_the_gaussian_mechanisms_scale():
     assert float((draws - exact).mean().abs()) < expected
 
 
+def test_the_spread_under_noise_is_not_shrunk_by_the_noise_on_the_mean_picture():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(1000, 1, 16, 16), dtype=np.uint8)  # spread^2 about 0.083
+    labels = np.zeros(1000, dtype=np.int64)
+    exact = float(release_class_moments(images, labels, num_classes=1, grid=8, noise_multiplier=None).spreads[0])
+    squares = torch.stack([release_class_moments(images, labels, num_classes=1, grid=8, noise_multiplier=20.0,
+                                                 seed=s).spreads[0] ** 2 for s in range(40)])
+    # Each cell of the noisy mean picture carries noise of variance (8 * 20 * sqrt(3) / 1000)^2 =
+    # 0.077: uncorrected, spread^2 would come out near 0.083 - 0.077 on average.
+    assert float(squares.mean()) == pytest.approx(exact ** 2, abs=0.02)
+
+
 def test_a_class_too_small_for_its_noise_is_marked_unusable():
     images, labels = two_classes(n=20)
     m = release_class_moments(images, labels, num_classes=3, grid=4, noise_multiplier=50.0, seed=0)
@@ -129,3 +160,139 @@ def test_the_release_round_trips_and_a_malformed_state_is_named():
     broken = m.to_state() | {"means": torch.zeros(2, 5)}
     with pytest.raises(CheckpointError, match="site-0 guide file: the class-moments release is malformed"):
         ClassMoments.from_state(broken, "site-0 guide file")
+
+
+# ----------------------------------------------------------------------------------------------
+# G reads the release; it never leaves the site
+
+
+def test_g_loss_adds_the_weighted_mismatch_and_the_release_never_leaves_the_site():
+    cfg = smoke("train.class_moments_weight=5.0")
+    data = generate_phantoms(4, cfg.model.resolution, seed=0)
+    x, y = np.asarray(data.images), np.asarray(data.labels)
+    trainer = SiteTrainer(cfg, x, y, device="cpu", class_moments=release_from_config(cfg, x, y, noise_multiplier=None))
+    z, labels = torch.randn(6, cfg.model.z_dim), torch.tensor([0, 1, 2, 0, 1, 2])
+    torch.manual_seed(1)  # the same style mixing in both calls
+    matched, stats = trainer.loss.generator_main(z, labels)
+    moments, trainer.loss.class_moments = trainer.loss.class_moments, None
+    torch.manual_seed(1)
+    plain, _ = trainer.loss.generator_main(z, labels)
+    assert float(stats["loss_g_moments"]) > 0
+    assert float((matched - plain).detach()) == pytest.approx(5.0 * float(stats["loss_g_moments"]), rel=1e-4)
+    trainer.loss.class_moments = moments
+    trainer.train_steps(1)
+    assert set(trainer.get_weights()) == {"G", "G_ema", "D"}  # what federation exchanges: no release
+
+
+def test_a_site_without_dp_matches_its_exact_statistics():
+    cfg = smoke(*MOMENTS)
+    data = generate_phantoms(4, cfg.model.resolution, seed=0)
+    x, y = np.asarray(data.images), np.asarray(data.labels)
+    exact = release_class_moments(x, y, num_classes=3, grid=cfg.train.class_moments_grid, noise_multiplier=None)
+    got = site_class_moments(cfg, x, y, None, device="cpu")
+    assert torch.equal(got.means, exact.means) and torch.equal(got.spreads, exact.spreads)
+    assert site_class_moments(smoke(), x, y, None, device="cpu") is None  # weight 0: off
+
+
+# ----------------------------------------------------------------------------------------------
+# The site's plan, budget and ledger count the release
+
+
+def test_sigma_for_a_target_beside_a_fixed_release_meets_the_target_with_more_noise():
+    alone = sigma_for(2.0, 1e-5, 0.01, 500, "rdp")
+    beside = sigma_for(2.0, 1e-5, 0.01, 500, "rdp", also=[(SIGMA_M, 1.0, 1)])
+    assert beside > alone
+    assert 2.0 - 0.01 <= epsilon_of_history([(beside, 0.01, 500), (SIGMA_M, 1.0, 1)], 1e-5, "rdp") <= 2.0
+    with pytest.raises(ValueError, match="alone reach epsilon"):
+        sigma_for(0.5, 1e-5, 0.01, 500, "rdp", also=[(1.0, 1.0, 1)])
+
+
+def test_the_planned_run_counts_the_moments_release_and_its_noise_has_the_sites_floor():
+    request = dict(dp=True, local_steps=10, batch_size=10, planned_rounds=5, max_grad_norm=1.0, delta=1e-5)
+    site = policy(epsilon_per_run=2.0, min_noise_multiplier=0.5)
+    assert check_request(site, RoundRequest(**request, noise_multiplier=0.9)).ok
+    refused = check_request(site, RoundRequest(**request, noise_multiplier=0.9, moments_noise=0.6))
+    assert not refused.ok and "class moments' release at sigma 0.6" in refused.reason
+    for noise, words in ((0.4, "below this site's floor"), (0.0, "gives no privacy"), (float("nan"), "no privacy")):
+        decision = check_request(site, RoundRequest(**request, noise_multiplier=0.9, moments_noise=noise))
+        assert not decision.ok and words in decision.reason
+    # A target epsilon covers D's steps and the release together: more noise on D for the same epsilon.
+    alone = check_request(site, RoundRequest(**request, target_epsilon=2.0)).settings
+    both = check_request(site, RoundRequest(**request, target_epsilon=2.0, moments_noise=SIGMA_M)).settings
+    assert both.noise_multiplier > alone.noise_multiplier and both.moments_noise == SIGMA_M
+    unreachable = check_request(site, RoundRequest(**request, target_epsilon=2.0, moments_noise=0.6))
+    assert not unreachable.ok and "cannot be met" in unreachable.reason
+
+
+def test_a_dp_site_records_the_release_once_and_its_epsilon_composes_it(tmp_path, capsys):
+    cfg = smoke(*DP, *MOMENTS, "federation.rounds=2")
+    nodes = site_policies(tmp_path, cfg)
+    run(cfg, nodes, tmp_path / "run", tmp_path / "state")
+    for site in ("site-0", "site-1"):
+        entries = PrivacyLedger(ledger_of(tmp_path, site), None).entries()
+        # Round 1: the release, then D's; round 2 reuses the release and spends only D's.
+        assert [(e["round"], e["mechanism"]) for e in entries] == [
+            (1, "class_moments"), (1, "discriminator"), (2, "discriminator")]
+        release, d_round = entries[0], entries[1]
+        assert (release["noise_multiplier"], release["sample_rate"], release["steps"]) == (SIGMA_M, 1.0, 1)
+        assert release["max_grad_norm"] == pytest.approx(SENSITIVITY)
+        q, steps = d_round["sample_rate"], d_round["steps"]
+        reply = round_line(tmp_path / "run", 2)["sites"][site]
+        expected = opacus_epsilon([(SIGMA_M, 1.0, 1), (SIGMA, q, 2 * steps)])
+        assert reply["dp_epsilon"] == pytest.approx(expected, abs=1e-6)
+        assert len(list((ledger_of(tmp_path, site) / MOMENTS_FOLDER).glob("*.pt"))) == 1
+    # privacy-report --ledger shows how many releases were the class moments'.
+    assert main(["privacy-report", "--ledger", str(ledger_of(tmp_path, "site-0"))]) == 0
+    assert "| 3 (1) | 1,1,2 |" in capsys.readouterr().out
+
+
+def test_a_release_that_would_pass_the_budget_declines_the_round_and_spends_nothing(tmp_path):
+    cfg = smoke(*DP, "train.class_moments_weight=10.0", f"train.class_moments_noise={SIGMA}")
+    nodes = site_policies(tmp_path, cfg, lifetime=8.0)  # one D round ~7 fits; with the release it does not
+    run(cfg, nodes, tmp_path / "run", tmp_path / "state")
+    assert {s["status"] for s in round_line(tmp_path / "run")["sites"].values()} == {"declined"}
+    for site in ("site-0", "site-1"):
+        assert PrivacyLedger(ledger_of(tmp_path, site), None).entries() == []
+        assert not (ledger_of(tmp_path, site) / MOMENTS_FOLDER).exists()
+
+
+def test_a_kept_release_the_ledger_does_not_hold_is_refused(tmp_path):
+    images, labels = two_classes(10)
+    store = MomentsStore(tmp_path)
+    store.save("abc", release_class_moments(images, labels, num_classes=2, grid=4, noise_multiplier=None),
+               {"hash": "f" * 64})
+    with pytest.raises(LedgerError, match="does not hold"):
+        store.load("abc", [])
+    with pytest.raises(LedgerError, match="does not hold"):  # the hash of another mechanism's entry
+        store.load("abc", [{"hash": "f" * 64, "mechanism": "class_guide"}])
+    assert store.load("abc", [{"hash": "f" * 64, "mechanism": "class_moments"}]).grid == 4
+    assert store.load("absent", []) is None
+
+
+def test_train_local_under_dp_plans_the_release_and_resumes_with_the_same_moments(tmp_path):
+    from test_train_local import train
+
+    out = tmp_path / "dp"
+    dp = ["--set", "privacy.enabled=true", "--set", "privacy.noise_multiplier=null", "--set",
+          "privacy.target_epsilon=8.0", "--set", "model.mbstd_group_size=0", "--set",
+          "train.class_moments_weight=1.0", "--set", f"train.class_moments_noise={SIGMA_M}"]
+    assert train(out, 2, *dp) == 0
+    first = read_checkpoint(out / "checkpoint.pt")
+    history = [tuple(h) for h in first["privacy"]["history"]]
+    assert history[0] == (SIGMA_M, 1.0, 1) and sum(n for _, _, n in history) == 1 + 2  # the release, then D's
+    # Sigma was planned for D's steps and the release together: the planned run spends the target.
+    assert 8.0 - 0.01 <= epsilon_of_history(history, first["privacy"]["delta"], "rdp") <= 8.0
+    assert train(out, 4, "--resume") == 0
+    second = read_checkpoint(out / "checkpoint.pt")
+    assert sum(n for _, _, n in second["privacy"]["history"]) == 1 + 4  # no second release
+    assert torch.equal(first["class_moments"]["means"], second["class_moments"]["means"])
+
+
+@pytest.mark.parametrize("override, key", [("train.class_moments_weight=-1", "train.class_moments_weight"),
+                                           ("train.class_moments_grid=0", "train.class_moments_grid"),
+                                           ("train.class_moments_grid=64", "train.class_moments_grid"),
+                                           ("train.class_moments_noise=0", "train.class_moments_noise"),
+                                           ("train.class_moments_noise=.inf", "train.class_moments_noise")])
+def test_wrong_moments_settings_name_their_key(override, key):
+    with pytest.raises(ConfigError, match=key):
+        smoke(override)

@@ -205,8 +205,8 @@ def test_the_ledger_table_shows_per_run_and_lifetime_epsilon_and_a_rewind_fails(
     lifetime = accountant.get_epsilon(delta=1e-5)
     assert main(["privacy-report", "--ledger", str(tmp_path / "ledger")]) == 0
     out = capsys.readouterr().out
-    assert "| run-a | 2 | 1,2 | 100 (0) |" in out and "| run-b | 1 | 1 | 50 (0) |" in out
-    assert f"| **lifetime** | 3 | | 150 (0) | {lifetime:.4g} |" in out
+    assert "| run-a | 2 (0) | 1,2 | 100 (0) |" in out and "| run-b | 1 (0) | 1 | 50 (0) |" in out
+    assert f"| **lifetime** | 3 (0) | | 150 (0) | {lifetime:.4g} |" in out
     path = tmp_path / "ledger" / LEDGER_FILE
     path.write_text("".join(path.read_text().splitlines(keepends=True)[:2]))  # an older copy
     assert main(["privacy-report", "--ledger", str(tmp_path / "ledger")]) == 2

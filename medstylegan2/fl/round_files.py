@@ -164,7 +164,7 @@ def generator_of(cfg: RunConfig, weights: Mapping[str, torch.Tensor], *,
                  device: torch.device | str = "cpu") -> torch.nn.Module:
     """The global G_ema as a generator in eval mode."""
     from medstylegan2.networks import build_networks
-    from medstylegan2.trainer import load_state_dict_checked
+    from medstylegan2.network_weights import load_state_dict_checked
 
     G, _ = build_networks(cfg.model)
     load_state_dict_checked(G, unflatten_weights(weights)["G_ema"], what="global G_ema")

@@ -28,6 +28,7 @@ from medstylegan2.runfolder import atomic_write_bytes, round_file, round_numbers
 from medstylegan2.shuffle_sampler import ShuffleSampler
 from medstylegan2.privacy.class_guide import (STATE_KEY, guide_from_state, guide_settings, guide_to_state,
                                               train_from_settings)
+from medstylegan2.privacy.class_moments import release_from_config
 from medstylegan2.trainer import SiteTrainer, resolve_device
 from medstylegan2.privacy.reply import reply_metrics
 
@@ -179,12 +180,15 @@ def run_site_round(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, recei
 
     seed = site_seed(cfg.seed, round_num, site)
     guide = site_class_guide(cfg, images, labels, privacy, local_state, device=device, seed=seed)
-    if privacy is not None and privacy.declined:  # the guide and this round would pass the budget
+    if privacy is None or not privacy.declined:
+        moments = site_class_moments(cfg, images, labels, privacy, device=device)
+    if privacy is not None and privacy.declined:  # the guide or the moments would take the round past the budget
         return _declined(privacy, site, round_num, local_state)
     engine = privacy.make_engine(num_examples) if privacy is not None else None
     # The trainer is built from cfg.seed, as the server built the global model: the constants
     # (fixed noise buffers) are then identical and need not travel.
-    trainer = SiteTrainer(cfg, images, labels, device=device, seed=cfg.seed, privacy=engine, class_guide=guide)
+    trainer = SiteTrainer(cfg, images, labels, device=device, seed=cfg.seed, privacy=engine, class_guide=guide,
+                          class_moments=moments)
     full = flatten_weights(trainer.get_weights())
     # A packed int8 payload is unpacked with this site's own keys and shapes.
     start = decode_from_transfer(received, {k: tuple(v.shape) for k, v in transferred(full).items()})
@@ -254,6 +258,22 @@ def site_class_guide(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, pri
     if local_state is not None and STATE_KEY in local_state:
         return guide_from_state(local_state[STATE_KEY], settings, "the site's local state").to(device)
     return train_from_settings(images, labels, settings, seed=seed % 2**31, device=device)
+
+
+def site_class_moments(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, privacy: Optional["RoundPrivacy"],
+                       *, device: Optional[str]) -> Optional[Any]:
+    """The class moments G matches this round (``train.class_moments_weight``; None when off).
+
+    Under DP: the run's release from the site's ledger folder, or made now and recorded
+    (``RoundPrivacy.class_moments``; None if that would pass the budget, the round then declined).
+    Without DP: the exact statistics of the site's images (cheap: one pass over coarse pictures).
+    """
+    if cfg.train.class_moments_weight <= 0:
+        return None
+    device = device or str(resolve_device(cfg.device))
+    if privacy is not None and privacy.dp:
+        return privacy.class_moments(cfg, images, labels, device=device)
+    return release_from_config(cfg, images, labels, noise_multiplier=None).to(device)
 
 
 def _declined(privacy: "RoundPrivacy", site: str, round_num: int, local_state: Optional[Mapping[str, Any]]

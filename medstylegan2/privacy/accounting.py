@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Sequence
 
 
 def epsilon_of_history(history: list[tuple[float, float, int]], delta: float, accountant: str) -> float:
@@ -25,11 +26,43 @@ def epsilon_of_history(history: list[tuple[float, float, int]], delta: float, ac
     return eps if math.isfinite(eps) else float("inf")
 
 
-def sigma_for(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
-    """The noise multiplier reaching ``target_epsilon`` at ``delta`` after ``steps`` steps at rate ``sample_rate``."""
-    from opacus.accountants.utils import get_noise_multiplier
+def sigma_for(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
+              also: Sequence[tuple[float, float, int]] = (), tolerance: float = 0.01) -> float:
+    """The noise multiplier reaching ``target_epsilon`` at ``delta`` after ``steps`` steps at rate ``sample_rate``.
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                          sample_rate=sample_rate, steps=steps, accountant=accountant))
+    ``also``: releases at fixed settings, (sigma, q, steps), that the same epsilon must cover
+    besides these steps (e.g. the class moments' one release). Sigma is then found by bisection
+    over ``epsilon_of_history`` of everything together, to within ``tolerance`` below the target.
+    ``ValueError`` when ``also`` alone reaches the target: no sigma is enough.
+    """
+    if not also:
+        from opacus.accountants.utils import get_noise_multiplier
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                              sample_rate=sample_rate, steps=steps, accountant=accountant,
+                                              epsilon_tolerance=tolerance))
+    fixed = list(also)
+    floor = epsilon_of_history(fixed, delta, accountant)
+    if floor >= target_epsilon - tolerance:
+        raise ValueError(f"the fixed releases alone reach epsilon {floor:.4g}, not below the target "
+                         f"{target_epsilon:g}: no noise multiplier for the other steps is enough")
+
+    def epsilon_at(sigma: float) -> float:
+        return epsilon_of_history([(sigma, sample_rate, steps), *fixed], delta, accountant)
+
+    # Epsilon falls as sigma grows: find a sigma within the target, then close the interval
+    # from below until its upper end is within ``tolerance`` of the target.
+    low, high = 0.0, 10.0
+    while epsilon_at(high) > target_epsilon:
+        low, high = high, 2 * high
+        if high > 1e6:
+            raise ValueError(f"no noise multiplier up to 1e6 reaches epsilon {target_epsilon:g}")
+    while target_epsilon - epsilon_at(high) > tolerance and high - low > 1e-9 * high:
+        middle = (low + high) / 2
+        if epsilon_at(middle) > target_epsilon:
+            low = middle
+        else:
+            high = middle
+    return high

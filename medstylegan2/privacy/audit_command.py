@@ -199,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
     from medstylegan2.metrics.evaluate import CLASSIFIER_FILE
     from medstylegan2.networks import build_networks
     from medstylegan2.runfolder import config_from_checkpoint, read_checkpoint
-    from medstylegan2.trainer import load_state_dict_checked, resolve_device
+    from medstylegan2.network_weights import load_state_dict_checked
+    from medstylegan2.trainer import resolve_device
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():

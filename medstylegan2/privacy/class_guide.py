@@ -13,17 +13,14 @@ patient's) gradient clipped to ``class_guide_max_grad_norm``, Gaussian noise at 
 sigma, the noisy sum divided by the round's public expected batch size. Its steps are a release
 in the site's ledger (``mechanism: class_guide``) and compose into the site's epsilon with D's.
 The guide never leaves the site; G's updates read only the guide and D, so they are
-post-processing of DP releases. It is trained once per run (``GuideStore``: kept beside the
-ledger, named by the run token, the data set and its settings), so a repeated round or a
+post-processing of DP releases. It is trained once per run (``GuideStore``, a ``ReleaseStore``: kept
+beside the ledger, named by the run token, the data set and its settings), so a repeated round or a
 restarted site reuses it and spends nothing twice. Without DP it is trained plainly and kept in
 the site's local state.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +37,9 @@ from torch.func import functional_call, grad, vmap
 from medstylegan2.classifier import XrayClassifier
 from medstylegan2.errors import CheckpointError, PrivacyError
 from medstylegan2.privacy.engine import fresh_generator_seeds
-from medstylegan2.privacy.ledger import CLASS_GUIDE, LedgerError
+from medstylegan2.privacy.ledger import CLASS_GUIDE
+from medstylegan2.privacy.release_store import ReleaseStore, release_digest
 from medstylegan2.privacy.units import UnitIndex, sum_per_unit
-from medstylegan2.runfolder import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +167,9 @@ def per_sample_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
 # Keeping it (state dicts; under DP a file beside the ledger)
 
 
-def guide_to_state(model: XrayClassifier, settings: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
+def guide_to_state(model: XrayClassifier, settings: Mapping[str, Any]) -> dict[str, Any]:
     return {"format": GUIDE_FORMAT, "settings": dict(settings), "config": model.config(),
-            "weights": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra}
+            "weights": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
 
 
 def guide_from_state(state: Any, settings: Mapping[str, Any], where: str) -> XrayClassifier:
@@ -192,43 +189,20 @@ def guide_from_state(state: Any, settings: Mapping[str, Any], where: str) -> Xra
 
 def guide_digest(*, run: str, fingerprint: str, settings: Mapping[str, Any], noise: GuideNoise) -> str:
     """Names one run's guide of one data set: a new run, data set, setting or noise trains a new one."""
-    text = json.dumps({"run": run, "fingerprint": fingerprint, "settings": dict(settings),
-                       "noise_multiplier": noise.noise_multiplier, "sample_rate": noise.sample_rate}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+    return release_digest({"run": run, "fingerprint": fingerprint, "settings": dict(settings),
+                           "noise_multiplier": noise.noise_multiplier, "sample_rate": noise.sample_rate})
 
 
-class GuideStore:
-    """A site's DP-trained guides, ``<ledger_dir>/class_guides/<digest>.pt``, each naming its ledger entry.
-
-    The entry is recorded before the file is written: a file whose entry the ledger does not
-    hold was not trained through this ledger, and is refused.
-    """
+class GuideStore(ReleaseStore):
+    """A site's DP-trained guides, ``<ledger_dir>/class_guides/<digest>.pt``, each naming its ledger entry."""
 
     def __init__(self, ledger_dir: str | Path):
-        self.folder = Path(ledger_dir) / GUIDE_FOLDER
-
-    def path(self, digest: str) -> Path:
-        return self.folder / f"{digest}.pt"
+        super().__init__(ledger_dir, GUIDE_FOLDER, CLASS_GUIDE, "class guide")
 
     def load(self, digest: str, settings: Mapping[str, Any], ledger_entries: list[dict[str, Any]]
              ) -> Optional[XrayClassifier]:
-        path = self.path(digest)
-        if not path.exists():
-            return None
-        try:
-            state = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem
-            raise CheckpointError(f"{path}: unreadable class guide ({exc}); move it away and the site trains a new "
-                                  "one (its privacy cost is recorded again)") from exc
-        entry_hash = state.get("ledger_entry") if isinstance(state, dict) else None
-        if not any(e["hash"] == entry_hash and e.get("mechanism") == CLASS_GUIDE for e in ledger_entries):
-            raise LedgerError(f"{path}: this class guide names ledger entry {str(entry_hash)[:12]}..., which the "
-                              "site's ledger does not hold: it was not trained through this ledger")
-        return guide_from_state(state, settings, str(path))
+        state = self.load_state(digest, ledger_entries)
+        return None if state is None else guide_from_state(state, settings, str(self.path(digest)))
 
     def save(self, digest: str, model: XrayClassifier, settings: Mapping[str, Any], entry: Mapping[str, Any]) -> Path:
-        buffer = io.BytesIO()
-        torch.save(guide_to_state(model, settings, ledger_entry=entry["hash"]), buffer)
-        path = self.path(digest)
-        atomic_write_bytes(path, buffer.getvalue())
-        return path
+        return self.save_state(digest, guide_to_state(model, settings), entry)

@@ -20,6 +20,11 @@ clipped to norm sqrt(3): adding or removing one unit moves the sum by at most SE
 site releases the sum plus N(0, (sigma * SENSITIVITY)^2) on every coordinate, which is the
 Gaussian mechanism with noise multiplier sigma: in Opacus' accountant one step at sample rate 1,
 (sigma, 1.0, 1). Everything below is computed from the noisy sums alone.
+
+A site makes the release once per run (``privacy.site.RoundPrivacy.class_moments``): the budget
+is checked with it, it is recorded in the ledger (``mechanism: class_moments``) and only then kept
+beside the ledger (``MomentsStore``) and used; a later round or a restarted site of the run
+reuses it. Without DP the site computes the exact statistics (no noise) every round.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ import torch.nn.functional as F
 
 from medstylegan2.errors import CheckpointError, PrivacyError
 from medstylegan2.privacy.engine import fresh_generator_seeds
+from medstylegan2.privacy.ledger import CLASS_MOMENTS
+from medstylegan2.privacy.release_store import ReleaseStore, release_digest
 from medstylegan2.privacy.units import sum_per_unit
 
 SENSITIVITY = math.sqrt(3.0)    # the norm bound of one unit's record vector (see the module docstring)
@@ -41,6 +48,8 @@ SENSITIVITY = math.sqrt(3.0)    # the norm bound of one unit's record vector (se
 # its mean picture divides by a count that may be mostly noise.
 MIN_COUNT_IN_NOISE_STDS = 10.0
 MOMENTS_FORMAT = "medstylegan2-class-moments-v1"
+STATE_KEY = "class_moments"        # a train-local checkpoint's entry holding the run's release
+MOMENTS_FOLDER = "class_moments"   # beside the ledger: one file per run and setting
 
 
 @dataclass(frozen=True)
@@ -134,8 +143,18 @@ def release_class_moments(images: np.ndarray, labels: np.ndarray, *, num_classes
     safe = counts.clamp_min(1.0)[:, None]
     means = (grid * per_class[:, :cells] / safe).clamp(-1.0, 1.0)
     mean_square = per_class[:, cells] / safe[:, 0]
-    spreads = (mean_square - means.pow(2).mean(1)).clamp_min(0.0).sqrt()
+    # Each cell of a noisy mean picture carries noise of variance (grid * noise_std / count)^2, which
+    # would inflate mean(means^2) and so shrink the spread; the variance is public: add it back.
+    mean_noise_var = (grid * noise_std / safe[:, 0]).pow(2)
+    spreads = (mean_square - means.pow(2).mean(1) + mean_noise_var).clamp_min(0.0).sqrt()
     return ClassMoments(grid, means.float(), spreads.float(), counts.float(), usable)
+
+
+def release_from_config(cfg: Any, images: np.ndarray, labels: np.ndarray, *, noise_multiplier: Optional[float],
+                        groups: Optional[np.ndarray] = None, seed: Optional[int] = None) -> ClassMoments:
+    """``release_class_moments`` with a run config's classes and grid (``train.class_moments_grid``)."""
+    return release_class_moments(images, labels, num_classes=cfg.model.num_classes, grid=cfg.train.class_moments_grid,
+                                 noise_multiplier=noise_multiplier, groups=groups, seed=seed)
 
 
 def moments_loss(fake: torch.Tensor, labels: torch.Tensor, moments: ClassMoments) -> torch.Tensor:
@@ -153,3 +172,23 @@ def moments_loss(fake: torch.Tensor, labels: torch.Tensor, moments: ClassMoments
     terms = (mean - moments.means).pow(2).mean(1) + (spread - moments.spreads).pow(2)
     counted = ((counts >= 2) & moments.usable).to(u.dtype)
     return (terms * counted).sum() / counted.sum().clamp_min(1.0)
+
+
+def moments_digest(*, run: str, fingerprint: str, num_classes: int, grid: int, noise_multiplier: float) -> str:
+    """Names one run's release of one data set: a new run, data set, grid or noise makes a new one."""
+    return release_digest({"run": run, "fingerprint": fingerprint, "num_classes": num_classes, "grid": grid,
+                           "noise_multiplier": noise_multiplier})
+
+
+class MomentsStore(ReleaseStore):
+    """A site's class-moments releases, ``<ledger_dir>/class_moments/<digest>.pt``, each naming its ledger entry."""
+
+    def __init__(self, ledger_dir: Any):
+        super().__init__(ledger_dir, MOMENTS_FOLDER, CLASS_MOMENTS, "class-moments release")
+
+    def load(self, digest: str, ledger_entries: list[dict[str, Any]]) -> Optional[ClassMoments]:
+        state = self.load_state(digest, ledger_entries)
+        return None if state is None else ClassMoments.from_state(state, str(self.path(digest)))
+
+    def save(self, digest: str, moments: ClassMoments, entry: dict[str, Any]) -> Any:
+        return self.save_state(digest, moments.to_state(), entry)

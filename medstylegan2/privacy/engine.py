@@ -45,7 +45,6 @@ The threat model (what this protects and what it does not) is in ``docs/privacy.
 
 from __future__ import annotations
 
-import copy
 import io
 import logging
 import secrets
@@ -107,7 +106,8 @@ class DPEngine:
 
     def __init__(self, *, num_examples: int, batch_size: int, max_grad_norm: float,
                  noise_multiplier: Optional[float] = None, target_epsilon: Optional[float] = None,
-                 planned_steps: Optional[int] = None, delta: Optional[float] = None, accountant: str = "rdp",
+                 planned_steps: Optional[int] = None, planned_also: Sequence[tuple[float, float, int]] = (),
+                 delta: Optional[float] = None, accountant: str = "rdp",
                  budget_epsilon: Optional[float] = None, seed: Optional[int] = None,
                  nominal_size: Optional[int] = None, groups: Optional[Sequence[int] | torch.Tensor] = None):
         if num_examples <= 0:
@@ -147,6 +147,7 @@ class DPEngine:
         self.budget_epsilon = budget_epsilon
         self.target_epsilon = target_epsilon
         self.planned_steps = planned_steps
+        self.planned_also = tuple(planned_also)  # releases at fixed settings the target also covers
         self._noise_multiplier = None if noise_multiplier is None else float(noise_multiplier)
 
         self._debug_seed = seed
@@ -174,7 +175,7 @@ class DPEngine:
         """sigma: given, or computed once for the whole planned run from ``target_epsilon``."""
         if self._noise_multiplier is None:
             self._noise_multiplier = sigma_for(self.target_epsilon, self.delta, self.sample_rate, self.planned_steps,
-                                               self.accountant_name)
+                                               self.accountant_name, also=self.planned_also)
             log.info("noise multiplier %.4f for epsilon %.3g at delta %.3g after %d steps (q=%.4g)",
                      self._noise_multiplier, self.target_epsilon, self.delta, self.planned_steps, self.sample_rate)
         return self._noise_multiplier
@@ -297,11 +298,8 @@ class DPEngine:
 
     def epsilon_after(self, extra_steps: int) -> float:
         """Epsilon if ``extra_steps`` more updates were taken (the real accountant is untouched)."""
-        hypothetical = create_accountant(mechanism=self.accountant_name)
-        hypothetical.history = copy.deepcopy(self.accountant.history)
-        if extra_steps > 0:
-            hypothetical.history.append((self.noise_multiplier, self.sample_rate, int(extra_steps)))
-        return epsilon_of(hypothetical, self.delta)
+        extra = [(self.noise_multiplier, self.sample_rate, int(extra_steps))] if extra_steps > 0 else []
+        return epsilon_of_history([*self.accountant.history, *extra], self.delta, self.accountant_name)
 
     def would_exceed_budget(self, next_steps: int) -> bool:
         """True when ``next_steps`` more updates would take epsilon past ``budget_epsilon``."""
@@ -371,8 +369,7 @@ class DPEngine:
         budget = "none" if self.budget_epsilon is None else f"{self.budget_epsilon:g}"
         unit = "image" if self.units is None else f"patient ({self.num_units} patients)"
         return (f"DP-SGD on D: n={self.num_examples}, unit={unit}, q={self.sample_rate:.4g}, "
-                f"sigma={self.noise_multiplier:.4g}, "
-                f"C={self.max_grad_norm:g}, delta={self.delta:.3g}, accountant={self.accountant_name}, "
+                f"sigma={self.noise_multiplier:.4g}, C={self.max_grad_norm:g}, delta={self.delta:.3g}, accountant={self.accountant_name}, "
                 f"epsilon so far {self.epsilon():.4g} after {self.spent_steps} steps, budget {budget}")
 
 
@@ -381,12 +378,13 @@ def epsilon_of(accountant: Any, delta: float) -> float:
     return epsilon_of_history(accountant.history, delta, accountant.mechanism())
 
 
-def make_privacy_engine(cfg: "RunConfig", num_examples: int, planned_steps: int, seed: int = 0
-                        ) -> Optional[DPEngine]:
+def make_privacy_engine(cfg: "RunConfig", num_examples: int, planned_steps: int, seed: int = 0,
+                        planned_also: Sequence[tuple[float, float, int]] = ()) -> Optional[DPEngine]:
     """The site's DP engine for ``cfg.privacy``, or None when privacy is off.
 
     ``planned_steps``: D steps this site may take in the whole run (rounds x local steps), used to
-    compute sigma from ``target_epsilon`` once. ``seed``: a per-site number (e.g. the partition
+    compute sigma from ``target_epsilon`` once; ``planned_also``: releases at fixed settings
+    (sigma, q, steps) that epsilon must cover too. ``seed``: a per-site number (e.g. the partition
     id) mixed with ``privacy.noise_seed`` when that is set; with ``noise_seed`` null the
     generators are seeded from OS entropy and ``seed`` is ignored.
     """
@@ -396,5 +394,5 @@ def make_privacy_engine(cfg: "RunConfig", num_examples: int, planned_steps: int,
     generator_seed = None if p.noise_seed is None else (p.noise_seed * 1_000_003 + seed) % (2**62)
     return DPEngine(num_examples=num_examples, batch_size=cfg.train.batch_size, max_grad_norm=p.max_grad_norm,
                     noise_multiplier=p.noise_multiplier, target_epsilon=p.target_epsilon,
-                    planned_steps=planned_steps, delta=p.delta, accountant=p.accountant,
+                    planned_steps=planned_steps, planned_also=planned_also, delta=p.delta, accountant=p.accountant,
                     budget_epsilon=p.budget_epsilon, seed=generator_seed)

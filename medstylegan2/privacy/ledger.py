@@ -14,9 +14,10 @@ An entry is one release (one round the site trained under DP and replied to)::
      "unit": "image", "max_grad_norm": 0.25, "delta": 1e-05, "mechanism": "discriminator",
      "hash": "<sha256 of the rest>"}
 
-``mechanism`` says what the release trained: ``discriminator`` (a round of D's DP-SGD) or
-``class_guide`` (the site's class guide, ``privacy.class_guide``); entries written before it
-existed lack it and are D's. Every mechanism composes into the same epsilon.
+``mechanism`` says what the release trained: ``discriminator`` (a round of D's DP-SGD),
+``class_guide`` (the site's class guide, ``privacy.class_guide``) or ``class_moments`` (its
+classes' coarse statistics, ``privacy.class_moments``: one step at sample rate 1); entries written
+before it existed lack it and are D's. Every mechanism composes into the same epsilon.
 
 Epsilon over the data set's lifetime composes ALL entries with Opacus' accountant, whatever run
 token, round or fingerprint they carry: a restarted site, a new run token and a repeated round
@@ -62,8 +63,8 @@ GENESIS = "0" * 64
 ENTRY_KEYS = ("index", "prev", "time", "fingerprint", "run", "round", "noise_multiplier", "sample_rate", "steps",
               "accountant", "unit", "max_grad_norm", "delta", "hash")
 OPTIONAL_KEYS = ("mechanism",)
-DISCRIMINATOR, CLASS_GUIDE = "discriminator", "class_guide"   # what a release trained
-MECHANISMS = (DISCRIMINATOR, CLASS_GUIDE)
+DISCRIMINATOR, CLASS_GUIDE, CLASS_MOMENTS = "discriminator", "class_guide", "class_moments"  # what a release made
+MECHANISMS = (DISCRIMINATOR, CLASS_GUIDE, CLASS_MOMENTS)
 
 
 class LedgerError(UserError):
@@ -346,12 +347,15 @@ class PrivacyLedger:
             return entry
 
     def summary(self, delta: float, accountant: str = "rdp") -> dict[str, Any]:
-        """Per run token and lifetime: releases, steps (of which the class guide's) and epsilon."""
+        """Per run token and lifetime: releases (of which class moments'), steps (of which the class
+        guide's) and epsilon."""
         entries = self.entries()
         runs: dict[str, dict[str, Any]] = {}
         for e in entries:
-            row = runs.setdefault(e["run"], {"releases": 0, "steps": 0, "guide_steps": 0, "rounds": []})
+            row = runs.setdefault(e["run"], {"releases": 0, "steps": 0, "guide_steps": 0, "moments_releases": 0,
+                                             "rounds": []})
             row["releases"] += 1
+            row["moments_releases"] += e.get("mechanism") == CLASS_MOMENTS
             row["steps"] += e["steps"]
             row["guide_steps"] += e["steps"] if e.get("mechanism") == CLASS_GUIDE else 0
             row["rounds"].append(e["round"])

@@ -47,6 +47,9 @@ class RoundRequest:
     # DP-SGD steps of the site's class guide (privacy.class_guide), trained once per run: part of
     # the planned run and of the site's epsilon. None or 0: no guide.
     guide_steps: Optional[int] = None
+    # Noise multiplier of the site's class-moments release (privacy.class_moments), made once per
+    # run: one Gaussian step at sample rate 1, part of the planned run. None: no class moments.
+    moments_noise: Optional[float] = None
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> "RoundRequest":
@@ -57,7 +60,7 @@ class RoundRequest:
             raise PolicyError(f"request has unknown key {unknown[0]!r}")
         kinds = {"dp": bool, "local_steps": int, "batch_size": int, "planned_rounds": int, "noise_seed": int,
                  "guide_steps": int,
-                 "noise_multiplier": float, "target_epsilon": float, "max_grad_norm": float, "delta": float,
+                 "noise_multiplier": float, "moments_noise": float, "target_epsilon": float, "max_grad_norm": float, "delta": float,
                  "accountant": str, "unit": str}
         values: dict[str, Any] = {}
         for key, value in raw.items():
@@ -91,18 +94,21 @@ def request_from_run_config(cfg: "RunConfig") -> RoundRequest:
 
     ``local_steps`` counts noised D updates per round (``federation.local_steps`` trainer steps x
     ``train.d_steps_per_g``): the accountant's steps, which the budget check adds to the ledger.
-    ``guide_steps``: the class guide's DP-SGD steps (``train.class_guide_steps``) when it is on.
+    ``guide_steps``: the class guide's DP-SGD steps (``train.class_guide_steps``) when it is on;
+    ``moments_noise``: the class moments' noise multiplier (``train.class_moments_noise``) when
+    they are on under DP.
     """
     p = cfg.privacy
     d_steps = cfg.federation.local_steps * cfg.train.d_steps_per_g
     guide_steps = cfg.train.class_guide_steps if cfg.train.class_guide_weight > 0 else None
+    moments_noise = cfg.train.class_moments_noise if p.enabled and cfg.train.class_moments_weight > 0 else None
     return RoundRequest(dp=p.enabled, local_steps=d_steps, batch_size=cfg.train.batch_size,
                         noise_multiplier=p.noise_multiplier if p.enabled else None,
                         target_epsilon=p.target_epsilon if p.enabled else None,
                         planned_rounds=cfg.federation.rounds if p.enabled else None,
                         max_grad_norm=p.max_grad_norm if p.enabled else None,
                         delta=p.delta if p.enabled else None, accountant=p.accountant if p.enabled else None,
-                        noise_seed=p.noise_seed, guide_steps=guide_steps)
+                        noise_seed=p.noise_seed, guide_steps=guide_steps, moments_noise=moments_noise)
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,7 @@ class EffectiveSettings:
     nominal_batch_size: Optional[float] = None
     accountant: Optional[str] = None
     guide_steps: int = 0
+    moments_noise: Optional[float] = None   # the class moments' sigma under DP (None: no release)
 
 
 @dataclass(frozen=True)
@@ -141,7 +148,8 @@ def check_request(policy: SitePolicy, request: RoundRequest | Mapping[str, Any])
     """Whether the site trains this round as asked, and with what (see the module docstring).
 
     Declined: DP off when the policy requires it; any noise seed under DP (whoever knows it can
-    subtract the noise); sigma that is not finite, 0 or below the noise floor; a per-run epsilon
+    subtract the noise); sigma (D's, or the class moments') that is not finite, 0 or below the
+    noise floor; a per-run epsilon
     above the policy's (asked for, or implied by sigma over the planned steps); a delta above the
     policy's; another clip norm, accountant or unit than the policy fixes; a batch larger than
     the nominal size. Nothing here reads the site's data.
@@ -190,6 +198,15 @@ def check_request(policy: SitePolicy, request: RoundRequest | Mapping[str, Any])
         return _decline(f"batch size {request.batch_size} is larger than this site's nominal size")
     # The class guide's steps run at the same sigma and q as D's: one more part of the planned run.
     planned_steps = request.local_steps * (request.planned_rounds or 1) + guide_steps
+    # The class moments' release is one Gaussian step at its own sigma: a fixed part of the plan.
+    moments = request.moments_noise
+    if moments is not None:
+        if not (math.isfinite(moments) and moments > 0):
+            return _decline(f"class moments' noise multiplier {moments!r} gives no privacy: it must be > 0")
+        if policy.min_noise_multiplier is not None and moments < policy.min_noise_multiplier:
+            return _decline(f"class moments' noise multiplier {moments:.4g} is below this site's floor "
+                            f"{policy.min_noise_multiplier:g}")
+    fixed = [(moments, 1.0, 1)] if moments is not None else []
 
     if (request.noise_multiplier is None) == (request.target_epsilon is None):
         return _decline("give exactly one of noise_multiplier and target_epsilon under DP")
@@ -202,7 +219,10 @@ def check_request(policy: SitePolicy, request: RoundRequest | Mapping[str, Any])
                             f"{policy.epsilon_per_run:g}")
         if request.planned_rounds is None or request.planned_rounds < 1:
             return _decline("a target epsilon needs planned_rounds (the run's length) to compute sigma")
-        sigma = sigma_for(target, delta, sample_rate, planned_steps, policy.accountant)
+        try:
+            sigma = sigma_for(target, delta, sample_rate, planned_steps, policy.accountant, also=fixed)
+        except ValueError as exc:
+            return _decline(f"target epsilon {target:g} cannot be met with the class moments' release: {exc}")
     else:
         sigma = request.noise_multiplier
         if not (math.isfinite(sigma) and sigma > 0):
@@ -210,24 +230,25 @@ def check_request(policy: SitePolicy, request: RoundRequest | Mapping[str, Any])
     if policy.min_noise_multiplier is not None and sigma < policy.min_noise_multiplier:
         return _decline(f"noise multiplier {sigma:.4g} is below this site's floor {policy.min_noise_multiplier:g}")
     if policy.epsilon_per_run is not None:
-        planned_epsilon = epsilon_of_history([(sigma, sample_rate, planned_steps)], delta, policy.accountant)
+        planned_epsilon = epsilon_of_history([(sigma, sample_rate, planned_steps), *fixed], delta, policy.accountant)
         if planned_epsilon > policy.epsilon_per_run * (1 + 1e-9):
-            return _decline(f"the planned run ({planned_steps} steps at sigma {sigma:.4g}, q {sample_rate:.4g}) "
+            also = f" and the class moments' release at sigma {moments:.4g}" if fixed else ""
+            return _decline(f"the planned run ({planned_steps} steps at sigma {sigma:.4g}, q {sample_rate:.4g}{also}) "
                             f"reaches epsilon {planned_epsilon:.4g}, above this site's epsilon per run "
                             f"{policy.epsilon_per_run:g}")
     return Decision(ok=True, settings=EffectiveSettings(
         dp=True, local_steps=request.local_steps, batch_size=request.batch_size, unit=policy.unit,
         noise_multiplier=float(sigma), max_grad_norm=float(clip), delta=float(delta), sample_rate=sample_rate,
         nominal_size=policy.nominal_size, nominal_batch_size=sample_rate * policy.nominal_size,
-        accountant=policy.accountant, guide_steps=guide_steps))
+        accountant=policy.accountant, guide_steps=guide_steps, moments_noise=moments))
 
 
 def check_budget(policy: SitePolicy, settings: EffectiveSettings, ledger: "PrivacyLedger", *,
                  run: Optional[str] = None, also: Sequence[tuple[float, float, int]] = ()) -> Decision:
     """Whether one more round with ``settings`` keeps the ledger within the policy's budgets.
 
-    ``also``: releases (sigma, q, steps) the round makes besides D's (the class guide's, when it
-    is trained in this round).
+    ``also``: releases (sigma, q, steps) the round makes besides D's (the class guide's or the
+    class moments', when they are made in this round).
 
     Lifetime: all releases in the ledger plus this round, at the policy's delta (the hard limit).
     Per run: the ledger's releases tagged with ``run`` plus this round (``run`` is the server's

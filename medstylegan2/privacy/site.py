@@ -16,7 +16,9 @@ The site, not the server, decides its privacy. Its policy is a file it names its
    the round is declined (``RoundPrivacy.declined``): nothing trains, the ledger is unchanged;
    With a class guide (``train.class_guide_weight``), ``RoundPrivacy.class_guide`` reuses the
    run's guide or checks the budget with the guide's release added, trains it with DP-SGD and
-   records that release before it is used (``privacy.class_guide``);
+   records that release before it is used (``privacy.class_guide``); with class moments
+   (``train.class_moments_weight``), ``RoundPrivacy.class_moments`` does the same for their one
+   Gaussian release (``privacy.class_moments``);
 4. **train** (the caller, ``fl.site_round.run_site_round``) with an engine whose accountant history
    is the ledger's (``make_engine``, ``restore``): epsilon continues from everything the site
    ever released, whatever local state was lost;
@@ -41,7 +43,7 @@ import numpy as np
 from medstylegan2.errors import UserError
 from medstylegan2.patient_ids import read_patient_ids
 from medstylegan2.privacy.fingerprint import dataset_fingerprint
-from medstylegan2.privacy.ledger import CLASS_GUIDE, PrivacyLedger, Release
+from medstylegan2.privacy.ledger import CLASS_GUIDE, CLASS_MOMENTS, PrivacyLedger, Release
 from medstylegan2.privacy.policy import SitePolicy, check_site_size, load_policy
 from medstylegan2.privacy.request import EffectiveSettings, RoundRequest, check_budget, check_request
 
@@ -184,6 +186,41 @@ class RoundPrivacy:
         log.info("round %d: class guide trained (%d DP-SGD steps), recorded (ledger entry %d), kept in %s",
                  self.round_num, s.guide_steps, entry["index"], path)
         return guide
+
+    def class_moments(self, cfg: Any, images: np.ndarray, labels: np.ndarray, *, device: Any = "cpu") -> Optional[Any]:
+        """This run's class-moments release (``privacy.class_moments``) at the round's ``moments_noise``.
+
+        The one kept beside the ledger for this run, data set and setting; otherwise made now and
+        recorded in the ledger (fsynced) before it is kept or used. None when it and this round
+        together would pass the budget: the round is then declined and nothing is spent.
+        """
+        from medstylegan2.privacy.class_moments import MomentsStore, SENSITIVITY, moments_digest, release_from_config
+
+        s = self.settings
+        assert self.dp and self.ledger is not None and self.policy is not None
+        if s.moments_noise is None:
+            raise UserError("train.class_moments_weight > 0 but the round's request has no moments_noise: the "
+                            "server's and the site's run configs differ")
+        digest = moments_digest(run=self.run, fingerprint=self.ledger.fingerprint, num_classes=cfg.model.num_classes,
+                                grid=cfg.train.class_moments_grid, noise_multiplier=s.moments_noise)
+        store = MomentsStore(self.ledger.dir)
+        found = store.load(digest, self.ledger.entries())
+        if found is not None:
+            log.info("round %d: class moments %s reused (no new privacy cost)", self.round_num, store.path(digest))
+            return found.to(device)
+        budget = check_budget(self.policy, s, self.ledger, run=self.run, also=[(s.moments_noise, 1.0, 1)])
+        if not budget.ok:
+            self.declined_reason = budget.reason
+            return None
+        moments = release_from_config(cfg, images, labels, noise_multiplier=s.moments_noise,
+                                      groups=self.groups if s.unit == "patient" else None)
+        entry = self.ledger.record_release(Release(
+            run=self.run, round=self.round_num, noise_multiplier=s.moments_noise, sample_rate=1.0, steps=1,
+            accountant=s.accountant, unit=s.unit, max_grad_norm=SENSITIVITY, delta=s.delta, mechanism=CLASS_MOMENTS))
+        path = store.save(digest, moments, entry)
+        log.info("round %d: class moments released (sigma %.3g), recorded (ledger entry %d), kept in %s",
+                 self.round_num, s.moments_noise, entry["index"], path)
+        return moments.to(device)
 
     def figures(self) -> dict[str, float]:
         """The reply's privacy figures (``dp_*``), all from the policy, the request and the ledger:
