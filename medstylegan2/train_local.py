@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from medstylegan2.config import RunConfig, load_config
 from medstylegan2.errors import UserError
+from medstylegan2.privacy.accounting import gaussian_release
 from medstylegan2.runfolder import (append_json_line, atomic_write_text, config_from_checkpoint, config_yaml,
                                    read_checkpoint)
 from medstylegan2.sampling import save_class_grid
@@ -85,15 +86,16 @@ def run(args: argparse.Namespace) -> int:
     privacy = None
     guide_steps = cfg.train.class_guide_steps if cfg.train.class_guide_weight > 0 else 0
     moments_on = cfg.train.class_moments_weight > 0
+    moments_release = gaussian_release(cfg.train.class_moments_noise)
     if cfg.privacy.enabled:
         from medstylegan2.privacy.engine import make_privacy_engine
 
         # Planned for the whole run (D's steps, the class guide's and the class moments' release),
         # so a target epsilon is met after --steps steps.
         privacy = make_privacy_engine(cfg, len(train_set), planned_d_steps(cfg, args.steps) + guide_steps,
-                                      seed=cfg.seed, planned_also=[moments_release(cfg)] if moments_on else [])
+                                      seed=cfg.seed, planned_also=[moments_release] if moments_on else [])
     guide = local_class_guide(cfg, train_set, privacy, state, device) if guide_steps else None
-    moments = local_class_moments(cfg, train_set, privacy, state) if moments_on else None
+    moments = local_class_moments(cfg, train_set, privacy, state, moments_release) if moments_on else None
     trainer = SiteTrainer(cfg, train_set.images, train_set.labels, device=device, privacy=privacy, class_guide=guide,
                           class_moments=moments)
     if state is None and cfg.train.init_checkpoint:
@@ -133,16 +135,12 @@ def local_class_guide(cfg: RunConfig, train_set, privacy, state, device):
     return guide
 
 
-def moments_release(cfg: RunConfig) -> tuple[float, float, int]:
-    """The class moments' release as the accountant counts it: one Gaussian step at sample rate 1."""
-    return (cfg.train.class_moments_noise, 1.0, 1)
-
-
-def local_class_moments(cfg: RunConfig, train_set, privacy, state):
+def local_class_moments(cfg: RunConfig, train_set, privacy, state, release: tuple[float, float, int]):
     """The run's class moments (``privacy.class_moments``): the checkpoint's on resume, else released now.
 
     Under DP they are released with ``train.class_moments_noise`` and the release goes into the
-    engine's accountant history before D's first step (and so into every checkpoint after it).
+    engine's accountant history (as ``release``) before D's first step (and so into every
+    checkpoint after it).
     """
     from medstylegan2.privacy.class_moments import STATE_KEY, ClassMoments, release_from_config
 
@@ -155,7 +153,7 @@ def local_class_moments(cfg: RunConfig, train_set, privacy, state):
     moments = release_from_config(cfg, train_set.images, train_set.labels, noise_multiplier=noise,
                                   seed=cfg.privacy.noise_seed)
     if privacy is not None:
-        privacy.accountant.history.append(moments_release(cfg))
+        privacy.accountant.history.append(release)
     return moments
 
 

@@ -28,7 +28,7 @@ from medstylegan2.runfolder import atomic_write_bytes, round_file, round_numbers
 from medstylegan2.shuffle_sampler import ShuffleSampler
 from medstylegan2.privacy.class_guide import (STATE_KEY, guide_from_state, guide_settings, guide_to_state,
                                               train_from_settings)
-from medstylegan2.privacy.class_moments import release_from_config
+from medstylegan2.privacy.class_moments import ClassMoments, release_from_config
 from medstylegan2.trainer import SiteTrainer, resolve_device
 from medstylegan2.privacy.reply import reply_metrics
 
@@ -180,8 +180,8 @@ def run_site_round(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, recei
 
     seed = site_seed(cfg.seed, round_num, site)
     guide = site_class_guide(cfg, images, labels, privacy, local_state, device=device, seed=seed)
-    if privacy is None or not privacy.declined:
-        moments = site_class_moments(cfg, images, labels, privacy, device=device)
+    declined = privacy is not None and privacy.declined  # by the guide's release and this round
+    moments = None if declined else site_class_moments(cfg, images, labels, privacy, device=device)
     if privacy is not None and privacy.declined:  # the guide or the moments would take the round past the budget
         return _declined(privacy, site, round_num, local_state)
     engine = privacy.make_engine(num_examples) if privacy is not None else None
@@ -261,7 +261,7 @@ def site_class_guide(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, pri
 
 
 def site_class_moments(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, privacy: Optional["RoundPrivacy"],
-                       *, device: Optional[str]) -> Optional[Any]:
+                       *, device: Optional[str]) -> Optional[ClassMoments]:
     """The class moments G matches this round (``train.class_moments_weight``; None when off).
 
     Under DP: the run's release from the site's ledger folder, or made now and recorded

@@ -26,6 +26,12 @@ def epsilon_of_history(history: list[tuple[float, float, int]], delta: float, ac
     return eps if math.isfinite(eps) else float("inf")
 
 
+def gaussian_release(noise_multiplier: float) -> tuple[float, float, int]:
+    """One release of the Gaussian mechanism (noise std sigma x its sensitivity) as the accountant
+    counts it: one step at sample rate 1."""
+    return (float(noise_multiplier), 1.0, 1)
+
+
 def sigma_for(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
               also: Sequence[tuple[float, float, int]] = (), tolerance: float = 0.01) -> float:
     """The noise multiplier reaching ``target_epsilon`` at ``delta`` after ``steps`` steps at rate ``sample_rate``.

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
-from medstylegan2.privacy.accounting import epsilon_of_history, sigma_for
+from medstylegan2.privacy.accounting import epsilon_of_history, gaussian_release, sigma_for
 from medstylegan2.privacy.policy import PolicyError, SitePolicy
 
 if TYPE_CHECKING:
@@ -206,7 +206,7 @@ def check_request(policy: SitePolicy, request: RoundRequest | Mapping[str, Any])
         if policy.min_noise_multiplier is not None and moments < policy.min_noise_multiplier:
             return _decline(f"class moments' noise multiplier {moments:.4g} is below this site's floor "
                             f"{policy.min_noise_multiplier:g}")
-    fixed = [(moments, 1.0, 1)] if moments is not None else []
+    fixed = [gaussian_release(moments)] if moments is not None else []
 
     if (request.noise_multiplier is None) == (request.target_epsilon is None):
         return _decline("give exactly one of noise_multiplier and target_epsilon under DP")

@@ -36,7 +36,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
 
 import numpy as np
 
@@ -46,6 +46,9 @@ from medstylegan2.privacy.fingerprint import dataset_fingerprint
 from medstylegan2.privacy.ledger import CLASS_GUIDE, CLASS_MOMENTS, PrivacyLedger, Release
 from medstylegan2.privacy.policy import SitePolicy, check_site_size, load_policy
 from medstylegan2.privacy.request import EffectiveSettings, RoundRequest, check_budget, check_request
+
+if TYPE_CHECKING:
+    from medstylegan2.privacy.class_moments import ClassMoments
 
 log = logging.getLogger(__name__)
 
@@ -187,13 +190,15 @@ class RoundPrivacy:
                  self.round_num, s.guide_steps, entry["index"], path)
         return guide
 
-    def class_moments(self, cfg: Any, images: np.ndarray, labels: np.ndarray, *, device: Any = "cpu") -> Optional[Any]:
+    def class_moments(self, cfg: Any, images: np.ndarray, labels: np.ndarray, *, device: Any = "cpu"
+                      ) -> Optional["ClassMoments"]:
         """This run's class-moments release (``privacy.class_moments``) at the round's ``moments_noise``.
 
         The one kept beside the ledger for this run, data set and setting; otherwise made now and
         recorded in the ledger (fsynced) before it is kept or used. None when it and this round
         together would pass the budget: the round is then declined and nothing is spent.
         """
+        from medstylegan2.privacy.accounting import gaussian_release
         from medstylegan2.privacy.class_moments import MomentsStore, SENSITIVITY, moments_digest, release_from_config
 
         s = self.settings
@@ -208,14 +213,15 @@ class RoundPrivacy:
         if found is not None:
             log.info("round %d: class moments %s reused (no new privacy cost)", self.round_num, store.path(digest))
             return found.to(device)
-        budget = check_budget(self.policy, s, self.ledger, run=self.run, also=[(s.moments_noise, 1.0, 1)])
+        sigma, sample_rate, steps = gaussian_release(s.moments_noise)
+        budget = check_budget(self.policy, s, self.ledger, run=self.run, also=[(sigma, sample_rate, steps)])
         if not budget.ok:
             self.declined_reason = budget.reason
             return None
         moments = release_from_config(cfg, images, labels, noise_multiplier=s.moments_noise,
                                       groups=self.groups if s.unit == "patient" else None)
         entry = self.ledger.record_release(Release(
-            run=self.run, round=self.round_num, noise_multiplier=s.moments_noise, sample_rate=1.0, steps=1,
+            run=self.run, round=self.round_num, noise_multiplier=sigma, sample_rate=sample_rate, steps=steps,
             accountant=s.accountant, unit=s.unit, max_grad_norm=SENSITIVITY, delta=s.delta, mechanism=CLASS_MOMENTS))
         path = store.save(digest, moments, entry)
         log.info("round %d: class moments released (sigma %.3g), recorded (ledger entry %d), kept in %s",
