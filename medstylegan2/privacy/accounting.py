@@ -61,14 +61,17 @@ def sigma_for(target_epsilon: float, delta: float, sample_rate: float, steps: in
     # Epsilon falls as sigma grows: find a sigma within the target, then close the interval
     # from below until its upper end is within ``tolerance`` of the target.
     low, high = 0.0, 10.0
-    while epsilon_at(high) > target_epsilon:
+    at_high = epsilon_at(high)
+    while at_high > target_epsilon:
         low, high = high, 2 * high
         if high > 1e6:
             raise ValueError(f"no noise multiplier up to 1e6 reaches epsilon {target_epsilon:g}")
-    while target_epsilon - epsilon_at(high) > tolerance and high - low > 1e-9 * high:
+        at_high = epsilon_at(high)
+    while target_epsilon - at_high > tolerance and high - low > 1e-9 * high:
         middle = (low + high) / 2
-        if epsilon_at(middle) > target_epsilon:
+        at_middle = epsilon_at(middle)
+        if at_middle > target_epsilon:
             low = middle
         else:
-            high = middle
+            high, at_high = middle, at_middle
     return high
