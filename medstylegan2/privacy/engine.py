@@ -369,7 +369,8 @@ class DPEngine:
         budget = "none" if self.budget_epsilon is None else f"{self.budget_epsilon:g}"
         unit = "image" if self.units is None else f"patient ({self.num_units} patients)"
         return (f"DP-SGD on D: n={self.num_examples}, unit={unit}, q={self.sample_rate:.4g}, "
-                f"sigma={self.noise_multiplier:.4g}, C={self.max_grad_norm:g}, delta={self.delta:.3g}, accountant={self.accountant_name}, "
+                f"sigma={self.noise_multiplier:.4g}, C={self.max_grad_norm:g}, delta={self.delta:.3g}, "
+                f"accountant={self.accountant_name}, "
                 f"epsilon so far {self.epsilon():.4g} after {self.spent_steps} steps, budget {budget}")
 
 

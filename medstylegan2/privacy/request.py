@@ -59,9 +59,8 @@ class RoundRequest:
         if unknown:
             raise PolicyError(f"request has unknown key {unknown[0]!r}")
         kinds = {"dp": bool, "local_steps": int, "batch_size": int, "planned_rounds": int, "noise_seed": int,
-                 "guide_steps": int,
-                 "noise_multiplier": float, "moments_noise": float, "target_epsilon": float, "max_grad_norm": float, "delta": float,
-                 "accountant": str, "unit": str}
+                 "guide_steps": int, "noise_multiplier": float, "moments_noise": float, "target_epsilon": float,
+                 "max_grad_norm": float, "delta": float, "accountant": str, "unit": str}
         values: dict[str, Any] = {}
         for key, value in raw.items():
             kind = kinds[key]
@@ -149,10 +148,10 @@ def check_request(policy: SitePolicy, request: RoundRequest | Mapping[str, Any])
 
     Declined: DP off when the policy requires it; any noise seed under DP (whoever knows it can
     subtract the noise); sigma (D's, or the class moments') that is not finite, 0 or below the
-    noise floor; a per-run epsilon
-    above the policy's (asked for, or implied by sigma over the planned steps); a delta above the
-    policy's; another clip norm, accountant or unit than the policy fixes; a batch larger than
-    the nominal size. Nothing here reads the site's data.
+    noise floor; a per-run epsilon above the policy's (asked for, or implied by sigma over the
+    planned steps and the class moments' release); a delta above the policy's; another clip norm,
+    accountant or unit than the policy fixes; a batch larger than the nominal size. Nothing here
+    reads the site's data.
     """
     if not isinstance(request, RoundRequest):
         try:
