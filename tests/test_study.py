@@ -104,12 +104,14 @@ def test_the_public_pretraining_trains_all_of_d_without_dp_at_its_own_batch(tmp_
 
 def test_the_public_pretraining_ignores_the_arms_private_only_class_choices(tmp_path):
     """No class guide on the one-class public set, D's class term and G's diversity term at the recipe's
-    weights, no class moments: arms that differ only in these share one pretraining."""
+    weights, G's updates per D update at the recipe's, no class moments: arms that differ only in
+    these share one pretraining."""
     path = tiny_study(tmp_path)
     doc = json.loads(path.read_text())
     doc["arms"]["dp-eps10"]["overrides"] = ["train.class_guide_weight=3.0", "train.class_loss_weight=0.0",
                                             "train.lambda_ds=4.0", "train.ds_decay_steps=1000000",
-                                            "train.class_moments_weight=30.0", "train.class_moments_noise=10.0"]
+                                            "train.class_moments_weight=30.0", "train.class_moments_noise=10.0",
+                                            "train.g_steps_per_d=2", "train.g_batch_size=4"]
     path.write_text(json.dumps(doc))
     study = load_study(path)
     private = load_config(study.base_config_path, arm_overrides(study, "quick", "dp-eps10", seed=0)).train
@@ -121,6 +123,8 @@ def test_the_public_pretraining_ignores_the_arms_private_only_class_choices(tmp_
     assert (public.lambda_ds, public.ds_decay_steps) == (recipe.lambda_ds, recipe.ds_decay_steps)
     assert (private.class_moments_weight, private.class_moments_noise) == (30.0, 10.0)
     assert (public.class_moments_weight, public.class_moments_noise) == (0.0, recipe.class_moments_noise)
+    assert (private.g_steps_per_d, private.g_batch_size) == (2, 4)
+    assert (public.g_steps_per_d, public.g_batch_size) == (recipe.g_steps_per_d, recipe.g_batch_size)
 
 
 def test_an_arms_class_push_decays_to_zero_over_its_share_of_each_sites_steps(tmp_path):

@@ -217,7 +217,9 @@ def public_overrides(study: StudyConfig, profile: str, arm: str) -> list[str]:
     class guide (a guide of the one-class public set knows no class), D's class term at the
     profile's recipe weight and schedule (an arm may turn it off under DP, where it would share D's
     clip, or let it decay), G's diversity term at the recipe's (an arm may add it against the
-    narrowing under DP), and no class moments (a release of the private sites' data)."""
+    narrowing under DP), G's updates per D update and their batch at the recipe's (an arm may give G
+    more of them under DP, where they cost no privacy), and no class moments (a release of the
+    private sites' data)."""
     recipe = load_config(study.base_config_path, list(study.spec.overrides) + list(study.profile(profile).overrides))
     out = arm_overrides(study, profile, arm, seed=0) + [
         "privacy.enabled=false", "train.init_checkpoint=null", "train.d_frozen=[]", "train.class_guide_weight=0.0",
@@ -227,6 +229,8 @@ def public_overrides(study: StudyConfig, profile: str, arm: str) -> list[str]:
         f"train.lambda_ds={recipe.train.lambda_ds}", f"train.ds_decay_steps={recipe.train.ds_decay_steps}",
         "train.class_moments_weight=0.0", f"train.class_moments_grid={recipe.train.class_moments_grid}",
         f"train.class_moments_noise={recipe.train.class_moments_noise}",
+        f"train.g_steps_per_d={recipe.train.g_steps_per_d}",
+        f"train.g_batch_size={json.dumps(recipe.train.g_batch_size)}",
         # json.dumps: an unset weight must reach the override parser as YAML null, not "None"
         f"train.d_class_loss_weight={json.dumps(recipe.train.d_class_loss_weight)}"]
     if study.spec.public.batch_size is not None:
