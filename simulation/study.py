@@ -34,7 +34,6 @@ COMMAND_HELP = ("Run the privacy-utility study (arms central, fed-iid, fed-nonii
 log = logging.getLogger("medstylegan2.study")
 
 SETTINGS_FILE = "study-settings.json"
-TIMING_FILE = "timing.json"
 PUBLIC_DIR = "public-pretrain"
 
 
@@ -185,9 +184,7 @@ def _run_arm_seed(study: sc.StudyConfig, profile: str, arm: str, seed: int, *, o
         log.info("arm %s seed %d: %s (%d site(s), %d rounds x %d local steps)%s", arm, seed,
                  "resuming" if resume else "training", cfg.federation.sites, cfg.federation.rounds,
                  cfg.federation.local_steps, f", warm start {public_ckpt}" if cfg.train.init_checkpoint else "")
-        started = time.perf_counter()
         simulate_fn(study.base_config_path, overrides, run_dir=run_dir, resume=resume)
-        _add_seconds(run_dir, time.perf_counter() - started)
     _drop_failed_rounds(run_dir, arm, seed)
     rounds = round_numbers_in(run_dir)
     if not rounds:
@@ -203,7 +200,7 @@ def _run_arm_seed(study: sc.StudyConfig, profile: str, arm: str, seed: int, *, o
               "public_init": bool(cfg.train.init_checkpoint), "rounds": rounds[-1],
               "sites": cfg.federation.sites, "local_steps": cfg.federation.local_steps,
               "d_steps_per_g": cfg.train.d_steps_per_g, "updates": sc.updates_of(cfg),
-              "minutes": _seconds(run_dir) / 60, **figures}
+              "minutes": training_seconds(run_dir, rounds[-1]) / 60, **figures}
     atomic_write_text(marker, json.dumps(result, indent=1))
     log.info("arm %s seed %d: CAS %.3f, TSTR-rel %s, FD-domain %s, %.1f min", arm, seed, result["cas"],
              result["tstr_relative"], result["fd_domain"], result["minutes"])
@@ -248,13 +245,17 @@ def _epsilon_of(checkpoint: Path) -> Optional[float]:
     return max(spent) if spent else None
 
 
-def _seconds(run_dir: Path) -> float:
-    path = run_dir / TIMING_FILE
-    return float(json.loads(path.read_text())["seconds"]) if path.is_file() else 0.0
-
-
-def _add_seconds(run_dir: Path, seconds: float) -> None:
-    atomic_write_text(run_dir / TIMING_FILE, json.dumps({"seconds": _seconds(run_dir) + seconds}))
+def training_seconds(run_dir: Path, last_round: int) -> float:
+    """The arm's training wall time: the sum of its rounds' times in ``metrics.jsonl`` up to
+    ``last_round``. Kept per round, it survives a killed run: a resumed arm counts the rounds of every
+    attempt once (a round run again counts its last attempt), not only the last attempt's."""
+    path = run_dir / "metrics.jsonl"
+    seconds: dict[int, float] = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        record = json.loads(line) if line.strip() else {}
+        if record.get("kind") == "round" and int(record["round"]) <= last_round:
+            seconds[int(record["round"])] = float(record.get("seconds", 0.0))
+    return sum(seconds.values())
 
 
 def _write_outputs(study: sc.StudyConfig, profile: str, out: Path, class_names: Sequence[str]) -> None:

@@ -292,3 +292,20 @@ def test_a_round_in_which_a_site_failed_is_dropped_so_the_arm_resumes_before_it(
     with pytest.raises(UserError, match="round\\(s\\) 2"):
         _drop_failed_rounds(tmp_path, "central", 0)
     assert sorted(p.name for p in tmp_path.glob("round_*.pt")) == ["round_001.pt"]
+
+
+def test_an_arms_minutes_count_every_round_once_even_across_a_kill(tmp_path):
+    """The training time is the rounds' own times in metrics.jsonl: a run killed after round 2 and
+    resumed counts rounds 1-2 of the first attempt too; a round run twice counts its last attempt;
+    rounds past the evaluated checkpoint and evaluation lines do not count."""
+    from simulation.study import training_seconds
+
+    lines = [{"round": 1, "kind": "round", "seconds": 60.0},
+             {"round": 2, "kind": "round", "seconds": 70.0},
+             {"round": 3, "kind": "round", "seconds": 999.0},   # its checkpoint was lost in the kill
+             {"round": 3, "kind": "round", "seconds": 80.0},    # run again after the resume
+             {"round": 3, "kind": "eval", "seconds": 500.0},
+             {"round": 4, "kind": "round", "seconds": 90.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert training_seconds(tmp_path, 3) == pytest.approx(210.0)
+    assert training_seconds(tmp_path / "missing", 3) == 0.0
