@@ -84,7 +84,7 @@ def study_table(profile: str, arms: Mapping[str, Mapping[str, Any]], details: Ma
                      f"{_fmt(arm['minutes'], 1)} | {d.get('seeds', '-')} |")
     if classes:
         lines += ["", f"CAS per class: {' / '.join(classes)}. Figures are means over seeds; "
-                  "minutes are training wall time per seed."]
+                  "minutes are training wall time per seed (the sum of its rounds' times)."]
     return "\n".join(lines) + "\n"
 
 
