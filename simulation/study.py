@@ -113,7 +113,7 @@ def _public_pretrain(study: sc.StudyConfig, profile: str, out: Path, arm: str) -
     sc.check_public_differs(study, cfg.data.seed)
     digest = sc.settings_digest([json.dumps(cfg.to_dict()["model"], sort_keys=True),
                                  json.dumps(cfg.to_dict()["train"], sort_keys=True)],
-                                {"public": sc.public_digest_fields(study.spec.public), "steps": spec.public_steps})
+                                {"public": sc.dataclass_dict(study.spec.public), "steps": spec.public_steps})
     folder = out / PUBLIC_DIR / digest
     ckpt, done = folder / "checkpoint.pt", folder / "done.json"
     if done.is_file() and ckpt.is_file():

@@ -7,7 +7,6 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from medstylegan2.config import ConfigError, load_config
@@ -126,31 +125,6 @@ def test_the_public_pretraining_ignores_the_arms_private_only_class_choices(tmp_
     assert (public.class_moments_weight, public.class_moments_noise) == (0.0, recipe.class_moments_noise)
     assert (private.g_steps_per_d, private.g_batch_size) == (2, 4)
     assert (public.g_steps_per_d, public.g_batch_size) == (recipe.g_steps_per_d, recipe.g_batch_size)
-
-
-def test_the_public_set_can_teach_a_chest_under_every_label(tmp_path):
-    """public.labels every_class deals the same Normal-only images to the classes in equal shares;
-    the default keeps them Normal and the pretraining's digest fields as before the option."""
-    from medstylegan2.study.config import public_digest_fields, public_images
-
-    path = tiny_study(tmp_path)
-    doc = json.loads(path.read_text())
-    doc["public"]["per_class"] = 10
-    path.write_text(json.dumps(doc))
-    normal = public_images(load_study(path), 16)
-    assert set(normal.labels.tolist()) == {0}
-    assert "labels" not in public_digest_fields(load_study(path).spec.public)
-    doc["public"]["labels"] = "every_class"
-    path.write_text(json.dumps(doc))
-    study = load_study(path)
-    dealt = public_images(study, 16)
-    np.testing.assert_array_equal(dealt.images, normal.images)
-    assert sorted(np.bincount(dealt.labels).tolist()) == [3, 3, 4]
-    assert public_digest_fields(study.spec.public)["labels"] == "every_class"
-    doc["public"]["labels"] = "shuffled"
-    path.write_text(json.dumps(doc))
-    with pytest.raises(ConfigError, match="public.labels"):
-        load_study(path)
 
 
 def test_an_arms_class_push_decays_to_zero_over_its_share_of_each_sites_steps(tmp_path):

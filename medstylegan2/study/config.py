@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Sequence
 
-import numpy as np
 import yaml
 
 from medstylegan2.config import ConfigError, load_config
@@ -73,12 +72,6 @@ class PublicSpec:
     # Batch of the (non-private) public pretraining; null: the arm's own batch. A DP arm's large
     # Poisson batches buy nothing on public data, where there is no noise to average out.
     batch_size: Optional[int] = None
-    # The labels G and D are pretrained with. "normal": every image is Normal, as it is, so G
-    # learns a chest under the Normal label only and starts the private training drawing noise for
-    # the other classes. "every_class": the images are dealt to the classes in equal shares, so G
-    # learns a chest under every label and the private training has only each class's signs to
-    # add (pretrain unconditionally, fine-tune the condition). No image changes, only its label.
-    labels: Literal["normal", "every_class"] = "normal"
 
 
 @dataclass
@@ -262,35 +255,17 @@ def settings_digest(overrides: Sequence[str], extra: Mapping[str, Any]) -> str:
 
 
 def public_images(study: StudyConfig, resolution: int):
-    """The public stand-in set: Normal-only phantoms from a seed range the private data never uses,
-    labelled as ``public.labels`` says."""
-    from medstylegan2.images import ImageSet
+    """The public stand-in set: Normal-only phantoms from a seed range the private data never uses."""
     from medstylegan2.phantoms import generate_phantoms
 
-    public = study.spec.public
-    normals = generate_phantoms(public.per_class, resolution, seed=public.data_seed).of_class(PUBLIC_LABEL)
-    if public.labels == "normal":
-        return normals
-    # Dealt in turn after a seeded shuffle: equal shares, and no class gets a run of similar seeds.
-    order = np.random.default_rng(public.data_seed).permutation(len(normals))
-    labels = np.empty(len(normals), dtype=np.int64)
-    labels[order] = np.arange(len(normals)) % len(normals.class_names)
-    return ImageSet(normals.images, labels, class_names=normals.class_names, sources=normals.sources)
+    normals = generate_phantoms(study.spec.public.per_class, resolution, seed=study.spec.public.data_seed)
+    return normals.of_class(PUBLIC_LABEL)
 
 
 def check_public_differs(study: StudyConfig, private_seed: int) -> None:
     if study.spec.public.data_seed == private_seed:
         raise ConfigError(f"public.data_seed ({private_seed}) equals the private data.seed: the public set would "
                           "hold the private images; choose another seed")
-
-
-def public_digest_fields(public: PublicSpec) -> dict[str, Any]:
-    """What of ``public`` decides a public pretraining. Labels "normal" (the default) is left out, so
-    a pretraining made before the field existed is still reused."""
-    fields = dataclass_dict(public)
-    if fields["labels"] == "normal":
-        del fields["labels"]
-    return fields
 
 
 def dataclass_dict(obj: Any) -> dict[str, Any]:
