@@ -201,6 +201,11 @@ def _run_arm_seed(study: sc.StudyConfig, profile: str, arm: str, seed: int, *, o
               "sites": cfg.federation.sites, "local_steps": cfg.federation.local_steps,
               "d_steps_per_g": cfg.train.d_steps_per_g, "updates": sc.updates_of(cfg),
               "minutes": training_seconds(run_dir, rounds[-1]) / 60, **figures}
+    result["declined_site_rounds"] = declined_site_rounds(run_dir)
+    if result["declined_site_rounds"]:
+        log.warning("arm %s seed %d: sites declined %d site-round(s) (see metrics.jsonl: e.g. a privacy budget spent "
+                    "by a killed attempt), so the arm got less than its compute", arm, seed,
+                    result["declined_site_rounds"])
     atomic_write_text(marker, json.dumps(result, indent=1))
     log.info("arm %s seed %d: CAS %.3f, TSTR-rel %s, FD-domain %s, %.1f min", arm, seed, result["cas"],
              result["tstr_relative"], result["fd_domain"], result["minutes"])
@@ -221,6 +226,19 @@ def failed_rounds(run_dir: Path) -> list[int]:
         if any(status.startswith("error") for status in statuses):
             failed.append(int(record["round"]))
     return sorted(failed)
+
+
+def declined_site_rounds(run_dir: Path) -> int:
+    """Site-rounds of ``metrics.jsonl`` that a site declined (e.g. its privacy budget spent: a killed
+    attempt's D steps stay in its ledger), in which the arm did not get that site's compute."""
+    path = run_dir / "metrics.jsonl"
+    declined: dict[int, int] = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        record = json.loads(line) if line.strip() else {}
+        if record.get("kind") == "round":
+            statuses = [str(site.get("status", "")) for site in record.get("sites", {}).values()]
+            declined[int(record["round"])] = sum(status.startswith("declined") for status in statuses)
+    return sum(declined.values())
 
 
 def _drop_failed_rounds(run_dir: Path, arm: str, seed: int) -> None:

@@ -253,7 +253,7 @@ def test_arm_killed_before_its_first_checkpoint_restarts_clean(tmp_path, monkeyp
 
 def test_a_round_in_which_a_site_failed_is_dropped_so_the_arm_resumes_before_it(tmp_path):
     from medstylegan2.errors import UserError
-    from simulation.study import _drop_failed_rounds, failed_rounds
+    from simulation.study import _drop_failed_rounds, declined_site_rounds, failed_rounds
 
     lines = [{"round": 1, "kind": "round", "sites": {"site-0": {"status": "ok"}}},
              {"round": 2, "kind": "round", "sites": {"site-0": {"status": "error: worker killed (out of memory)"}}},
@@ -263,6 +263,7 @@ def test_a_round_in_which_a_site_failed_is_dropped_so_the_arm_resumes_before_it(
     for r in (1, 2, 3):
         (tmp_path / f"round_{r:03d}.pt").write_bytes(b"x")
     assert failed_rounds(tmp_path) == [2]
+    assert declined_site_rounds(tmp_path) == 1
     with pytest.raises(UserError, match="round\\(s\\) 2"):
         _drop_failed_rounds(tmp_path, "central", 0)
     assert sorted(p.name for p in tmp_path.glob("round_*.pt")) == ["round_001.pt"]
