@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from medstylegan2.config import RunConfig, load_config
 from medstylegan2.errors import UserError
-from medstylegan2.runfolder import atomic_write_text, read_checkpoint, round_numbers_in
+from medstylegan2.runfolder import RunFolder, atomic_write_text, read_checkpoint, round_numbers_in
 from medstylegan2.study import config as sc
 from medstylegan2.study import evaluate as se
 from medstylegan2.study import report as sr
@@ -200,8 +200,8 @@ def _run_arm_seed(study: sc.StudyConfig, profile: str, arm: str, seed: int, *, o
               "public_init": bool(cfg.train.init_checkpoint), "rounds": rounds[-1],
               "sites": cfg.federation.sites, "local_steps": cfg.federation.local_steps,
               "d_steps_per_g": cfg.train.d_steps_per_g, "updates": sc.updates_of(cfg),
-              "minutes": training_seconds(run_dir, rounds[-1]) / 60, **figures}
-    result["declined_site_rounds"] = declined_site_rounds(run_dir)
+              "minutes": training_seconds(run_dir, rounds[-1]) / 60,
+              "declined_site_rounds": declined_site_rounds(run_dir), **figures}
     if result["declined_site_rounds"]:
         log.warning("arm %s seed %d: sites declined %d site-round(s) (see metrics.jsonl: e.g. a privacy budget spent "
                     "by a killed attempt), so the arm got less than its compute", arm, seed,
@@ -212,33 +212,27 @@ def _run_arm_seed(study: sc.StudyConfig, profile: str, arm: str, seed: int, *, o
     return result
 
 
+def _round_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The ``kind: round`` lines of the run's ``metrics.jsonl``, read by the file's owner (``RunFolder``)."""
+    return [r for r in RunFolder(run_dir).metrics_records() if r.get("kind") == "round"]
+
+
+def _site_statuses(record: dict[str, Any]) -> list[str]:
+    return [str(site.get("status", "")) for site in record.get("sites", {}).values()]
+
+
 def failed_rounds(run_dir: Path) -> list[int]:
     """Rounds of ``metrics.jsonl`` in which a site failed (an error, e.g. a worker killed for memory)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    failed = []
-    for line in path.read_text().splitlines():
-        record = json.loads(line) if line.strip() else {}
-        if record.get("kind") != "round":
-            continue
-        statuses = [str(site.get("status", "")) for site in record.get("sites", {}).values()]
-        if any(status.startswith("error") for status in statuses):
-            failed.append(int(record["round"]))
-    return sorted(failed)
+    return sorted(int(r["round"]) for r in _round_records(run_dir)
+                  if any(status.startswith("error") for status in _site_statuses(r)))
 
 
 def declined_site_rounds(run_dir: Path) -> int:
     """Site-rounds of ``metrics.jsonl`` that a site declined (e.g. its privacy budget spent: a killed
     attempt's D steps stay in its ledger), in which the arm did not get that site's compute."""
-    path = run_dir / "metrics.jsonl"
-    declined: dict[int, int] = {}
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        record = json.loads(line) if line.strip() else {}
-        if record.get("kind") == "round":
-            statuses = [str(site.get("status", "")) for site in record.get("sites", {}).values()]
-            declined[int(record["round"])] = sum(status.startswith("declined") for status in statuses)
-    return sum(declined.values())
+    per_round = {int(r["round"]): sum(status.startswith("declined") for status in _site_statuses(r))
+                 for r in _round_records(run_dir)}
+    return sum(per_round.values())
 
 
 def _drop_failed_rounds(run_dir: Path, arm: str, seed: int) -> None:
@@ -267,12 +261,8 @@ def training_seconds(run_dir: Path, last_round: int) -> float:
     """The arm's training wall time: the sum of its rounds' times in ``metrics.jsonl`` up to
     ``last_round``. Kept per round, it survives a killed run: a resumed arm counts the rounds of every
     attempt once (a round run again counts its last attempt), not only the last attempt's."""
-    path = run_dir / "metrics.jsonl"
-    seconds: dict[int, float] = {}
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        record = json.loads(line) if line.strip() else {}
-        if record.get("kind") == "round" and int(record["round"]) <= last_round:
-            seconds[int(record["round"])] = float(record.get("seconds", 0.0))
+    seconds = {int(r["round"]): float(r.get("seconds", 0.0)) for r in _round_records(run_dir)
+               if int(r["round"]) <= last_round}
     return sum(seconds.values())
 
 
