@@ -280,7 +280,9 @@ def _write_outputs(study: sc.StudyConfig, profile: str, out: Path, class_names: 
             continue
         arms[arm] = sr.combine_seeds(results)
         per_class = {c: sr._mean([r["cas_per_class"].get(c) for r in results]) for c in class_names}
-        details[arm] = {"cas_per_class": per_class, "seeds": len(results)}
+        # arm.json files from before the count have no key: they are counted as 0 there.
+        details[arm] = {"cas_per_class": per_class, "seeds": len(results),
+                        "declined_site_rounds": sum(int(r.get("declined_site_rounds", 0)) for r in results)}
     if arms:
         sr.write_outputs(out, profile, arms, details, class_names)
 

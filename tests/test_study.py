@@ -284,3 +284,21 @@ def test_an_arms_minutes_count_every_round_once_even_across_a_kill(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert training_seconds(tmp_path, 3) == pytest.approx(210.0)
     assert training_seconds(tmp_path / "missing", 3) == 0.0
+
+
+def test_study_md_shows_each_arms_declined_site_rounds():
+    """A reader of study.md sees when an arm got less than its compute (sites declined rounds)."""
+    from medstylegan2.study.report import study_table
+
+    arm = {"epsilon": 10.0, "cas": 0.9, "tstr_relative": 0.8, "fd_domain": 2.0, "lpips_diversity": 0.04,
+           "minutes": 50.0}
+    details = {"dp-eps10": {"cas_per_class": {"Normal": 1.0, "COVID-19": 0.9, "Non-COVID": 0.8}, "seeds": 2,
+                            "declined_site_rounds": 2},
+               "dp-eps1": {"cas_per_class": {"Normal": 1.0, "COVID-19": 0.9, "Non-COVID": 0.8}, "seeds": 2,
+                           "declined_site_rounds": 0}}
+    table = study_table("quick", {"dp-eps10": arm, "dp-eps1": arm}, details)
+    header = next(line for line in table.splitlines() if line.startswith("| arm"))
+    assert header.rstrip(" |").endswith("declined")
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| dp-")}
+    assert rows["dp-eps10"].rstrip(" |").endswith("| 2")
+    assert rows["dp-eps1"].rstrip(" |").endswith("| 0")

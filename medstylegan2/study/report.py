@@ -72,8 +72,8 @@ def study_table(profile: str, arms: Mapping[str, Mapping[str, Any]], details: Ma
     """The markdown table of ``study.md``."""
     classes = None
     lines = [f"# Privacy-utility study ({profile} profile)", "",
-             "| arm | epsilon | CAS | CAS per class | TSTR rel. | FD-domain | LPIPS div. | minutes | seeds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| arm | epsilon | CAS | CAS per class | TSTR rel. | FD-domain | LPIPS div. | minutes | seeds | declined |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, arm in arms.items():
         d = details.get(name, {})
         per_class = d.get("cas_per_class") or {}
@@ -81,10 +81,12 @@ def study_table(profile: str, arms: Mapping[str, Mapping[str, Any]], details: Ma
         pc = " / ".join(_fmt(per_class[c], 2) for c in per_class) if per_class else "-"
         lines.append(f"| {name} | {_fmt(arm['epsilon'], 2)} | {_fmt(arm['cas'])} | {pc} | "
                      f"{_fmt(arm['tstr_relative'])} | {_fmt(arm['fd_domain'], 2)} | {_fmt(arm['lpips_diversity'])} | "
-                     f"{_fmt(arm['minutes'], 1)} | {d.get('seeds', '-')} |")
+                     f"{_fmt(arm['minutes'], 1)} | {d.get('seeds', '-')} | {d.get('declined_site_rounds', '-')} |")
     if classes:
         lines += ["", f"CAS per class: {' / '.join(classes)}. Figures are means over seeds; "
-                  "minutes are training wall time per seed (the sum of its rounds' times)."]
+                  "minutes are training wall time per seed (the sum of its rounds' times). "
+                  "Declined: site-rounds in which a site did not train, summed over seeds (e.g. its privacy "
+                  "budget spent by a killed attempt), so the arm got less than its compute."]
     return "\n".join(lines) + "\n"
 
 
