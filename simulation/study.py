@@ -280,9 +280,10 @@ def _write_outputs(study: sc.StudyConfig, profile: str, out: Path, class_names: 
             continue
         arms[arm] = sr.combine_seeds(results)
         per_class = {c: sr._mean([r["cas_per_class"].get(c) for r in results]) for c in class_names}
-        # arm.json files from before the count have no key: they are counted as 0 there.
+        # arm.json files written before the count have no key: unknown ("-"), not 0.
+        declined = [r.get("declined_site_rounds") for r in results]
         details[arm] = {"cas_per_class": per_class, "seeds": len(results),
-                        "declined_site_rounds": sum(int(r.get("declined_site_rounds", 0)) for r in results)}
+                        "declined_site_rounds": None if None in declined else sum(map(int, declined))}
     if arms:
         sr.write_outputs(out, profile, arms, details, class_names)
 

@@ -81,7 +81,7 @@ def study_table(profile: str, arms: Mapping[str, Mapping[str, Any]], details: Ma
         pc = " / ".join(_fmt(per_class[c], 2) for c in per_class) if per_class else "-"
         lines.append(f"| {name} | {_fmt(arm['epsilon'], 2)} | {_fmt(arm['cas'])} | {pc} | "
                      f"{_fmt(arm['tstr_relative'])} | {_fmt(arm['fd_domain'], 2)} | {_fmt(arm['lpips_diversity'])} | "
-                     f"{_fmt(arm['minutes'], 1)} | {d.get('seeds', '-')} | {d.get('declined_site_rounds', '-')} |")
+                     f"{_fmt(arm['minutes'], 1)} | {d.get('seeds', '-')} | {_fmt(d.get('declined_site_rounds'))} |")
     if classes:
         lines += ["", f"CAS per class: {' / '.join(classes)}. Figures are means over seeds; "
                   "minutes are training wall time per seed (the sum of its rounds' times). "
