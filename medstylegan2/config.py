@@ -21,6 +21,8 @@ from medstylegan2.errors import ConfigError
 from medstylegan2.metrics import check_metrics_config  # names only: no heavy imports
 
 CLASS_NAMES: tuple[str, ...] = ("Normal", "COVID-19", "Non-COVID")
+# train.class_moments_spread: one spread per class, or one per cell of the coarse picture (privacy/class_moments.py).
+SPREAD_KINDS: tuple[str, ...] = ("class", "cell")
 
 
 @dataclass
@@ -127,6 +129,10 @@ class TrainConfig:
     class_moments_weight: float = 0.0
     class_moments_grid: int = 8
     class_moments_noise: float = 5.0
+    # What the spread says: "class", one figure per class (the per-cell variance averaged over the
+    # cells); "cell", one per cell (where in the picture a class varies, e.g. a dense lobe that is in
+    # a different lobe from image to image). The same sensitivity, so the same noise and epsilon.
+    class_moments_spread: str = "class"
     # Warm start: a checkpoint (train-local or a federated round) whose G, G_ema and D weights replace
     # the fresh ones (e.g. pretrained on public data); not its optimizer state, counters or constants.
     init_checkpoint: Optional[str] = None
@@ -333,6 +339,7 @@ def _check_semantics(cfg: RunConfig) -> None:
     need(t.class_moments_weight >= 0, "train.class_moments_weight", "must be >= 0 (0: no class moments)")
     need(1 <= t.class_moments_grid <= m.resolution, "train.class_moments_grid", "must be in [1, model.resolution]")
     need(0 < t.class_moments_noise < math.inf, "train.class_moments_noise", "must be a finite noise multiplier > 0")
+    need(t.class_moments_spread in SPREAD_KINDS, "train.class_moments_spread", f"must be one of {', '.join(SPREAD_KINDS)}")
     for key in ("z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max", "cmap_dim"):
         need(getattr(m, key) > 0, f"model.{key}", "must be > 0")
     for key in ("d_channel_base", "d_channel_max"):

@@ -55,26 +55,47 @@ def test_without_noise_the_release_is_each_classs_exact_mean_picture_and_spread(
     assert m.usable.tolist() == [True, True]
 
 
-def noiseless_sums(images, labels, num_classes, grid, groups=None):
+def test_one_spread_per_cell_is_each_cells_exact_spread_across_the_classs_images():
+    images, labels = two_classes()
+    m = release_class_moments(images, labels, num_classes=2, grid=4, noise_multiplier=None, spread="cell")
+    assert m.per_cell and m.spreads.shape == m.means.shape == (2, 16)
+    for c in range(2):
+        u = coarse_pictures(as_float(images[labels == c]), 4)
+        assert torch.allclose(m.means[c], u.mean(0), atol=1e-5)
+        assert torch.allclose(m.spreads[c], u.std(0, unbiased=False), atol=1e-4)
+    # Class 0 varies in its bright left half only; its dark right half is the same in every image.
+    assert float(m.spreads[0].reshape(4, 4)[:, :2].min()) > 0.1
+    assert float(m.spreads[0].reshape(4, 4)[:, 2:].max()) == pytest.approx(0.0, abs=1e-3)
+
+
+def noiseless_sums(images, labels, num_classes, grid, groups=None, spread="class"):
     """The release's sums, rebuilt from what it reports (no noise: nothing clamps)."""
     m = release_class_moments(images, labels, num_classes=num_classes, grid=grid, noise_multiplier=None,
-                              groups=groups)
+                              groups=groups, spread=spread)
     counts = m.counts.double()
-    mean_square = (m.spreads.double() ** 2 + m.means.double().pow(2).mean(1)) * counts
-    return torch.cat([(m.means.double() / grid * counts[:, None]).flatten(), mean_square, counts])
+    means = m.means.double()
+    if spread == "cell":
+        squares = (m.spreads.double() ** 2 + means.pow(2)) / grid * counts[:, None]
+    else:
+        squares = ((m.spreads.double() ** 2 + means.pow(2).mean(1)) * counts)[:, None]
+    return torch.cat([(means / grid * counts[:, None]).flatten(), squares.flatten(), counts])
 
 
-def test_one_image_moves_the_noiseless_sums_by_at_most_the_sensitivity():
-    """The bound the Gaussian mechanism's noise is scaled to, checked on extreme images."""
+@pytest.mark.parametrize("spread", ["class", "cell"])
+def test_one_image_moves_the_noiseless_sums_by_at_most_the_sensitivity(spread):
+    """The bound the Gaussian mechanism's noise is scaled to, checked on extreme images, with one
+    spread per class and one per cell alike (the same noise buys the same epsilon)."""
     rng = np.random.default_rng(1)
     images = rng.choice(np.array([0, 255], dtype=np.uint8), size=(64, 1, 8, 8))
     images[0] = 255
     labels = rng.integers(0, 3, size=64)
-    full = noiseless_sums(images, labels, 3, 4)
+    full = noiseless_sums(images, labels, 3, 4, spread=spread)
     for drop in range(5):
         keep = np.arange(64) != drop
-        assert float((full - noiseless_sums(images[keep], labels[keep], 3, 4)).norm()) <= SENSITIVITY + 1e-6
-    assert float((full - noiseless_sums(images[1:], labels[1:], 3, 4)).norm()) == pytest.approx(SENSITIVITY)
+        moved = full - noiseless_sums(images[keep], labels[keep], 3, 4, spread=spread)
+        assert float(moved.norm()) <= SENSITIVITY + 1e-6
+    moved = full - noiseless_sums(images[1:], labels[1:], 3, 4, spread=spread)
+    assert float(moved.norm()) == pytest.approx(SENSITIVITY)
 
 
 def test_a_patients_images_are_one_unit_clipped_together():
@@ -115,6 +136,20 @@ def test_the_spread_under_noise_is_not_shrunk_by_the_noise_on_the_mean_picture()
     assert float(squares.mean()) == pytest.approx(exact ** 2, abs=0.02)
 
 
+def test_the_spread_per_cell_under_noise_is_not_shrunk_by_the_noise_on_the_mean_picture():
+    # Every 2 x 2 block black or white: every cell's spread is about 1, far above the noise on one
+    # cell (8 * 20 * sqrt(3) / 1000 = 0.28), so no cell's variance is clamped at 0.
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 2, size=(1000, 1, 8, 8)).astype(np.uint8) * 255
+    images = blocks.repeat(2, axis=2).repeat(2, axis=3)
+    labels = np.zeros(1000, dtype=np.int64)
+    exact = release_class_moments(images, labels, num_classes=1, grid=8, noise_multiplier=None, spread="cell")
+    squares = torch.stack([release_class_moments(images, labels, num_classes=1, grid=8, noise_multiplier=20.0,
+                                                 seed=s, spread="cell").spreads[0] ** 2 for s in range(40)])
+    # Uncorrected, spread^2 would come out 0.28^2 = 0.077 low on average.
+    assert float(squares.mean()) == pytest.approx(float((exact.spreads[0] ** 2).mean()), abs=0.02)
+
+
 def test_a_class_too_small_for_its_noise_is_marked_unusable():
     images, labels = two_classes(n=20)
     m = release_class_moments(images, labels, num_classes=3, grid=4, noise_multiplier=50.0, seed=0)
@@ -152,11 +187,56 @@ def test_the_loss_is_zero_on_the_real_images_and_pushes_collapsed_fakes_apart():
     assert float(coarse_pictures(stepped, 4).std(0).mean()) > spread_before
 
 
+def test_the_spread_per_cell_tells_where_a_class_varies_which_one_spread_per_class_cannot():
+    """Reals vary in their left half (a bright patch in some images, not in others: a lobe that is
+    there or not), fakes as much but in their right half, with the same mean picture. One spread
+    per class calls them alike; one per cell does not, and its gradient moves the variety left."""
+    rng = np.random.default_rng(0)
+    n = 400
+    left, right = rng.integers(0, 2, n).astype(bool), rng.integers(0, 2, n).astype(bool)
+    reals = np.full((n, 1, 16, 16), 128, dtype=np.uint8)
+    reals[:, :, :, :8] = np.where(left, 228, 28)[:, None, None, None]
+    fakes = np.full((n, 1, 16, 16), 128, dtype=np.uint8)
+    fakes[:, :, :, 8:] = np.where(right, 228, 28)[:, None, None, None]
+    labels = torch.zeros(n, dtype=torch.long)
+    # The same mean on the left (halfway, up to the sample) once fakes' left half is set to it.
+    fakes[:, :, :, :8] = 128
+    reals[:, :, :, 8:] = 128
+    per_class = release_class_moments(reals, labels.numpy(), num_classes=1, grid=4, noise_multiplier=None)
+    per_cell = release_class_moments(reals, labels.numpy(), num_classes=1, grid=4, noise_multiplier=None,
+                                     spread="cell")
+    x = (as_float(fakes) + 0.01 * torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(0)))
+    x.requires_grad_(True)
+    assert float(moments_loss(x, labels, per_class).detach()) < 0.01
+    loss = moments_loss(x, labels, per_cell)
+    assert float(loss.detach()) > 0.1
+    loss.backward()
+    stepped = coarse_pictures(x.detach() - 50.0 * x.grad, 4).std(0).reshape(4, 4)
+    before = coarse_pictures(x.detach(), 4).std(0).reshape(4, 4)
+    assert float(stepped[:, :2].mean()) > float(before[:, :2].mean())
+    assert float(stepped[:, 2:].mean()) < float(before[:, 2:].mean())
+
+
+def test_a_release_with_one_spread_per_cell_is_a_release_of_its_own():
+    """A kept release is reused only for the same settings: the kind of spread is one of them (the
+    digests of one spread per class are those made before the choice existed)."""
+    from medstylegan2.privacy.class_moments import moments_digest
+
+    same = dict(run="r", fingerprint="f", num_classes=3, grid=8, noise_multiplier=5.0)
+    assert moments_digest(**same) == moments_digest(**same, spread="class")
+    assert moments_digest(**same, spread="cell") != moments_digest(**same)
+
+
 def test_the_release_round_trips_and_a_malformed_state_is_named():
     images, labels = two_classes()
     m = release_class_moments(images, labels, num_classes=2, grid=4, noise_multiplier=None)
     back = ClassMoments.from_state(m.to_state(), "site-0 guide file")
     assert torch.equal(back.means, m.means) and torch.equal(back.usable, m.usable)
+    cells = release_class_moments(images, labels, num_classes=2, grid=4, noise_multiplier=None, spread="cell")
+    back = ClassMoments.from_state(cells.to_state(), "site-0 guide file")
+    assert back.per_cell and torch.equal(back.spreads, cells.spreads)
+    with pytest.raises(CheckpointError, match="malformed"):
+        ClassMoments.from_state(cells.to_state() | {"spreads": torch.zeros(2, 15)}, "site-0 guide file")
     broken = m.to_state() | {"means": torch.zeros(2, 5)}
     with pytest.raises(CheckpointError, match="site-0 guide file: the class-moments release is malformed"):
         ClassMoments.from_state(broken, "site-0 guide file")
@@ -292,7 +372,8 @@ def test_train_local_under_dp_plans_the_release_and_resumes_with_the_same_moment
                                            ("train.class_moments_grid=0", "train.class_moments_grid"),
                                            ("train.class_moments_grid=64", "train.class_moments_grid"),
                                            ("train.class_moments_noise=0", "train.class_moments_noise"),
-                                           ("train.class_moments_noise=.inf", "train.class_moments_noise")])
+                                           ("train.class_moments_noise=.inf", "train.class_moments_noise"),
+                                           ("train.class_moments_spread=pixel", "train.class_moments_spread")])
 def test_wrong_moments_settings_name_their_key(override, key):
     with pytest.raises(ConfigError, match=key):
         smoke(override)

@@ -15,6 +15,11 @@ zero outside its class's block::
 
     [u / grid, mean(u^2), 1]     (norm <= sqrt(1 + 1 + 1) = sqrt(3))
 
+or, with one spread per cell (``spread="cell"``: where in the picture a class varies, e.g. a dense
+lobe that lies in a different lobe from image to image), with u^2 taken cell by cell::
+
+    [u / grid, u^2 / grid, 1]    (norm <= sqrt(1 + 1 + 1) = sqrt(3): every |u_i| <= 1, grid^2 cells)
+
 A unit (an image, or a patient with all their images) contributes the sum of its images' vectors,
 clipped to norm sqrt(3): adding or removing one unit moves the sum by at most SENSITIVITY. The
 site releases the sum plus N(0, (sigma * SENSITIVITY)^2) on every coordinate, which is the
@@ -37,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medstylegan2.config import SPREAD_KINDS
 from medstylegan2.errors import CheckpointError, PrivacyError
 from medstylegan2.privacy.engine import fresh_generator_seeds
 from medstylegan2.privacy.ledger import CLASS_MOMENTS
@@ -55,7 +61,8 @@ MOMENTS_FOLDER = "class_moments"   # beside the ledger: one file per run and set
 @dataclass(frozen=True)
 class ClassMoments:
     """What the release says per class: ``means`` [C, grid*grid] (the mean coarse picture),
-    ``spreads`` [C] (the per-cell standard deviation, averaged over cells as a variance),
+    ``spreads`` [C] (the per-cell standard deviation, averaged over cells as a variance) or
+    [C, grid*grid] (one per cell: ``per_cell``),
     ``counts`` [C] (the noisy number of units) and ``usable`` [C] (False: the noisy count was too
     small to divide by; G's loss skips the class)."""
 
@@ -68,6 +75,10 @@ class ClassMoments:
     @property
     def num_classes(self) -> int:
         return int(self.means.shape[0])
+
+    @property
+    def per_cell(self) -> bool:
+        return self.spreads.ndim == 2
 
     def to(self, device: Any) -> "ClassMoments":
         return ClassMoments(self.grid, *(t.to(device) for t in (self.means, self.spreads, self.counts, self.usable)))
@@ -84,7 +95,7 @@ class ClassMoments:
         grid = state.get("grid")
         ok = (isinstance(grid, int) and all(isinstance(t, torch.Tensor) for t in (means, spreads, counts, usable))
               and means.ndim == 2 and means.shape[1] == grid * grid
-              and spreads.shape == counts.shape == usable.shape == means.shape[:1])
+              and spreads.shape in (means.shape[:1], means.shape) and counts.shape == usable.shape == means.shape[:1])
         if not ok:
             raise CheckpointError(f"{where}: the class-moments release is malformed (grid {grid!r})")
         return cls(grid, means.float(), spreads.float(), counts.float(), usable.bool())
@@ -99,12 +110,13 @@ def coarse_pictures(x: torch.Tensor, grid: int) -> torch.Tensor:
 
 def release_class_moments(images: np.ndarray, labels: np.ndarray, *, num_classes: int, grid: int,
                           noise_multiplier: Optional[float], groups: Optional[np.ndarray] = None,
-                          seed: Optional[int] = None, chunk: int = 1024) -> ClassMoments:
+                          seed: Optional[int] = None, chunk: int = 1024, spread: str = "class") -> ClassMoments:
     """The release from uint8 ``images`` [N, 1, H, W] and ``labels`` (see the module docstring).
 
     ``noise_multiplier`` None: the exact statistics (no privacy; a non-DP site). ``groups``: each
     image's unit (patient) id, so a unit's images are summed before the clip. ``seed``: debugging
-    only; None draws the noise from OS entropy, as DP-SGD's noise.
+    only; None draws the noise from OS entropy, as DP-SGD's noise. ``spread``: "class" (one spread
+    per class) or "cell" (one per cell of the coarse picture).
     """
     if len(images) != len(labels):
         raise PrivacyError(f"class moments need one label per image (got {len(images)} images, {len(labels)} labels)")
@@ -113,13 +125,18 @@ def release_class_moments(images: np.ndarray, labels: np.ndarray, *, num_classes
     labels = np.asarray(labels).astype(np.int64)
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise PrivacyError(f"class moments: labels must lie in 0..{num_classes - 1}")
+    if spread not in SPREAD_KINDS:
+        raise PrivacyError(f"class moments: spread must be one of {', '.join(SPREAD_KINDS)} (got {spread!r})")
+    per_cell = spread == "cell"
     cells = grid * grid
-    width = cells + 2
+    squares = cells if per_cell else 1
+    width = cells + squares + 1
     records = []
     for start in range(0, len(images), chunk):
         x = torch.as_tensor(np.asarray(images[start:start + chunk])).float() / 127.5 - 1.0
         u = coarse_pictures(x, grid)
-        block = torch.cat([u / grid, u.pow(2).mean(1, keepdim=True), torch.ones(len(u), 1)], dim=1).double()
+        square = u.pow(2) / grid if per_cell else u.pow(2).mean(1, keepdim=True)
+        block = torch.cat([u / grid, square, torch.ones(len(u), 1)], dim=1).double()
         # The block goes to its class's slot, zeros elsewhere.
         in_class = F.one_hot(torch.as_tensor(labels[start:start + chunk]), num_classes).double()
         records.append((in_class[:, :, None] * block[:, None, :]).flatten(1))
@@ -142,11 +159,16 @@ def release_class_moments(images: np.ndarray, labels: np.ndarray, *, num_classes
     usable = counts >= max(MIN_COUNT_IN_NOISE_STDS * noise_std, 1.0)
     safe = counts.clamp_min(1.0)[:, None]
     means = (grid * per_class[:, :cells] / safe).clamp(-1.0, 1.0)
-    mean_square = per_class[:, cells] / safe[:, 0]
     # Each cell of a noisy mean picture carries noise of variance (grid * noise_std / count)^2, which
-    # would inflate mean(means^2) and so shrink the spread; the variance is public: add it back.
-    mean_noise_var = (grid * noise_std / safe[:, 0]).pow(2)
-    spreads = (mean_square - means.pow(2).mean(1) + mean_noise_var).clamp_min(0.0).sqrt()
+    # would inflate means^2 and so shrink the spread; the variance is public: add it back.
+    mean_noise_var = (grid * noise_std / safe).pow(2)
+    if per_cell:
+        mean_square = grid * per_class[:, cells:2 * cells] / safe
+        variances = mean_square - means.pow(2) + mean_noise_var
+    else:
+        mean_square = per_class[:, cells] / safe[:, 0]
+        variances = mean_square - means.pow(2).mean(1) + mean_noise_var[:, 0]
+    spreads = variances.clamp_min(0.0).sqrt()
     return ClassMoments(grid, means.float(), spreads.float(), counts.float(), usable)
 
 
@@ -154,30 +176,40 @@ def release_from_config(cfg: Any, images: np.ndarray, labels: np.ndarray, *, noi
                         groups: Optional[np.ndarray] = None, seed: Optional[int] = None) -> ClassMoments:
     """``release_class_moments`` with a run config's classes and grid (``train.class_moments_grid``)."""
     return release_class_moments(images, labels, num_classes=cfg.model.num_classes, grid=cfg.train.class_moments_grid,
-                                 noise_multiplier=noise_multiplier, groups=groups, seed=seed)
+                                 noise_multiplier=noise_multiplier, groups=groups, seed=seed,
+                                 spread=cfg.train.class_moments_spread)
 
 
 def moments_loss(fake: torch.Tensor, labels: torch.Tensor, moments: ClassMoments) -> torch.Tensor:
     """How far each class's fakes in the batch are from the release: the mean squared difference of
-    the mean coarse pictures plus the squared difference of the spreads, averaged over the classes
-    with at least two fakes here and a usable release (0 when there is none). Masks, not branches:
-    no host sync on a GPU."""
+    the mean coarse pictures plus the squared difference of the spreads (with one spread per cell:
+    their mean squared difference), averaged over the classes with at least two fakes here and a
+    usable release (0 when there is none). Masks, not branches: no host sync on a GPU."""
     u = coarse_pictures(fake, moments.grid)
     members = F.one_hot(labels.long(), moments.num_classes).to(u.dtype)            # [N, C]
     counts = members.sum(0)
     per = counts.clamp_min(1.0)
     mean = members.t() @ u / per[:, None]                                          # [C, cells]
-    mean_square = members.t() @ u.pow(2).mean(1) / per                            # [C]
-    spread = (mean_square - mean.pow(2).mean(1)).clamp_min(1e-8).sqrt()
-    terms = (mean - moments.means).pow(2).mean(1) + (spread - moments.spreads).pow(2)
+    if moments.per_cell:
+        mean_square = members.t() @ u.pow(2) / per[:, None]                        # [C, cells]
+        spread = (mean_square - mean.pow(2)).clamp_min(1e-8).sqrt()
+        spread_term = (spread - moments.spreads).pow(2).mean(1)
+    else:
+        mean_square = members.t() @ u.pow(2).mean(1) / per                        # [C]
+        spread = (mean_square - mean.pow(2).mean(1)).clamp_min(1e-8).sqrt()
+        spread_term = (spread - moments.spreads).pow(2)
+    terms = (mean - moments.means).pow(2).mean(1) + spread_term
     counted = ((counts >= 2) & moments.usable).to(u.dtype)
     return (terms * counted).sum() / counted.sum().clamp_min(1.0)
 
 
-def moments_digest(*, run: str, fingerprint: str, num_classes: int, grid: int, noise_multiplier: float) -> str:
-    """Names one run's release of one data set: a new run, data set, grid or noise makes a new one."""
-    return release_digest({"run": run, "fingerprint": fingerprint, "num_classes": num_classes, "grid": grid,
-                           "noise_multiplier": noise_multiplier})
+def moments_digest(*, run: str, fingerprint: str, num_classes: int, grid: int, noise_multiplier: float,
+                   spread: str = "class") -> str:
+    """Names one run's release of one data set: a new run, data set, grid, noise or kind of spread
+    makes a new one (one spread per class keeps the digests made before the choice existed)."""
+    settings = {"run": run, "fingerprint": fingerprint, "num_classes": num_classes, "grid": grid,
+                "noise_multiplier": noise_multiplier}
+    return release_digest(settings if spread == "class" else {**settings, "spread": spread})
 
 
 class MomentsStore(ReleaseStore):

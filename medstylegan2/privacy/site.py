@@ -207,7 +207,8 @@ class RoundPrivacy:
             raise UserError("train.class_moments_weight > 0 but the round's request has no moments_noise: the "
                             "server's and the site's run configs differ")
         digest = moments_digest(run=self.run, fingerprint=self.ledger.fingerprint, num_classes=cfg.model.num_classes,
-                                grid=cfg.train.class_moments_grid, noise_multiplier=s.moments_noise)
+                                grid=cfg.train.class_moments_grid, noise_multiplier=s.moments_noise,
+                                spread=cfg.train.class_moments_spread)
         store = MomentsStore(self.ledger.dir)
         found = store.load(digest, self.ledger.entries())
         if found is not None:
