@@ -111,7 +111,8 @@ def test_the_public_pretraining_ignores_the_arms_private_only_class_choices(tmp_
     doc["arms"]["dp-eps10"]["overrides"] = ["train.class_guide_weight=3.0", "train.class_loss_weight=0.0",
                                             "train.lambda_ds=4.0", "train.ds_decay_steps=1000000",
                                             "train.class_moments_weight=30.0", "train.class_moments_noise=10.0",
-                                            "train.g_steps_per_d=2", "train.g_batch_size=4"]
+                                            "train.class_moments_spread=cell", "train.g_steps_per_d=2",
+                                            "train.g_batch_size=4"]
     path.write_text(json.dumps(doc))
     study = load_study(path)
     private = load_config(study.base_config_path, arm_overrides(study, "quick", "dp-eps10", seed=0)).train
@@ -123,6 +124,7 @@ def test_the_public_pretraining_ignores_the_arms_private_only_class_choices(tmp_
     assert (public.lambda_ds, public.ds_decay_steps) == (recipe.lambda_ds, recipe.ds_decay_steps)
     assert (private.class_moments_weight, private.class_moments_noise) == (30.0, 10.0)
     assert (public.class_moments_weight, public.class_moments_noise) == (0.0, recipe.class_moments_noise)
+    assert (private.class_moments_spread, public.class_moments_spread) == ("cell", recipe.class_moments_spread)
     assert (private.g_steps_per_d, private.g_batch_size) == (2, 4)
     assert (public.g_steps_per_d, public.g_batch_size) == (recipe.g_steps_per_d, recipe.g_batch_size)
 

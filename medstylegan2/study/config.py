@@ -229,6 +229,7 @@ def public_overrides(study: StudyConfig, profile: str, arm: str) -> list[str]:
         f"train.lambda_ds={recipe.train.lambda_ds}", f"train.ds_decay_steps={recipe.train.ds_decay_steps}",
         "train.class_moments_weight=0.0", f"train.class_moments_grid={recipe.train.class_moments_grid}",
         f"train.class_moments_noise={recipe.train.class_moments_noise}",
+        f"train.class_moments_spread={recipe.train.class_moments_spread}",
         f"train.g_steps_per_d={recipe.train.g_steps_per_d}",
         f"train.g_batch_size={json.dumps(recipe.train.g_batch_size)}",
         # json.dumps: an unset weight must reach the override parser as YAML null, not "None"
