@@ -190,14 +190,11 @@ def moments_loss(fake: torch.Tensor, labels: torch.Tensor, moments: ClassMoments
     counts = members.sum(0)
     per = counts.clamp_min(1.0)
     mean = members.t() @ u / per[:, None]                                          # [C, cells]
-    if moments.per_cell:
-        mean_square = members.t() @ u.pow(2) / per[:, None]                        # [C, cells]
-        spread = (mean_square - mean.pow(2)).clamp_min(1e-8).sqrt()
-        spread_term = (spread - moments.spreads).pow(2).mean(1)
-    else:
-        mean_square = members.t() @ u.pow(2).mean(1) / per                        # [C]
-        spread = (mean_square - mean.pow(2).mean(1)).clamp_min(1e-8).sqrt()
-        spread_term = (spread - moments.spreads).pow(2)
+    variance = members.t() @ u.pow(2) / per[:, None] - mean.pow(2)                # [C, cells]
+    if not moments.per_cell:
+        variance = variance.mean(1, keepdim=True)                                  # one spread per class
+    spread = variance.clamp_min(1e-8).sqrt()
+    spread_term = (spread - moments.spreads.reshape(spread.shape)).pow(2).mean(1)
     terms = (mean - moments.means).pow(2).mean(1) + spread_term
     counted = ((counts >= 2) & moments.usable).to(u.dtype)
     return (terms * counted).sum() / counted.sum().clamp_min(1.0)
