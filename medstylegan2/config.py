@@ -98,6 +98,10 @@ class TrainConfig:
     # Under DP: clip each fake image's gradient of D's loss to privacy.max_grad_norm, as the real
     # ones are: both terms push D equally (fakes are not private; privacy/fake_term.py).
     dp_clip_fakes: bool = False
+    # Under DP: weight of D's real loss on a public set of normal chests (data.public_normals),
+    # added outside the clip and the noise: it reads no private record (privacy/public_term.py).
+    # Off without DP, where D reads the site's own images at full strength. 0: off.
+    public_real_weight: float = 0.0
     # D parameters that keep their warm-start values, by name prefix (e.g. [blocks, epilogue.fc]):
     # no optimizer holds them, so under DP no noise is spent on them (no gain: docs/recipe.md).
     d_frozen: list[str] = field(default_factory=list)
@@ -172,6 +176,10 @@ class DataConfig:
     # A folder's ``image,patient_id`` CSV (paths as under the data root): the held-out split then
     # holds out whole patients. A deployed site sets it from its privacy policy's patient_csv.
     patient_csv: Optional[str] = None
+    # The public set of train.public_real_weight: the Normal images of phantoms rendered with
+    # public_normals per class from public_seed, a seed the private data must not use.
+    public_normals: int = 2000
+    public_seed: int = 1_000_003
 
 
 @dataclass

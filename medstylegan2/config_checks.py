@@ -69,6 +69,10 @@ def check_semantics(cfg: Any) -> None:
     need(0 <= d.heldout_fraction < 1, "data.heldout_fraction", "must be in [0, 1)")
     need(d.source == "phantoms" or d.root is not None, "data.root", f"is required when data.source is '{d.source}'")
     need(d.phantoms_per_class > 0, "data.phantoms_per_class", "must be > 0")
+    need(t.public_real_weight >= 0, "train.public_real_weight", "must be >= 0 (0: off)")
+    need(d.public_normals > 0, "data.public_normals", "must be > 0")
+    need(t.public_real_weight == 0 or d.source != "phantoms" or d.public_seed != d.seed, "data.public_seed",
+         f"must differ from data.seed ({d.seed}): the public set would hold the private phantoms")
     check_label_map(d.label_map)
     need(min(f.sites, f.rounds, f.local_steps) > 0, "federation.sites/rounds/local_steps", "must all be > 0")
     need(0 < f.fraction_train <= 1, "federation.fraction_train", "must be in (0, 1]")

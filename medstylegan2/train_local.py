@@ -16,6 +16,7 @@ from tqdm import tqdm
 from medstylegan2.config import RunConfig, load_config
 from medstylegan2.errors import UserError
 from medstylegan2.privacy.accounting import gaussian_release
+from medstylegan2.privacy.public_term import public_images_of
 from medstylegan2.runfolder import (append_json_line, atomic_write_text, config_from_checkpoint, config_yaml,
                                    read_checkpoint)
 from medstylegan2.sampling import save_class_grid
@@ -97,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     guide = local_class_guide(cfg, train_set, privacy, state, device) if guide_steps else None
     moments = local_class_moments(cfg, train_set, privacy, state, moments_release) if moments_on else None
     trainer = SiteTrainer(cfg, train_set.images, train_set.labels, device=device, privacy=privacy, class_guide=guide,
-                          class_moments=moments)
+                          class_moments=moments,
+                          public_images=public_images_of(cfg) if privacy is not None else None)
     if state is None and cfg.train.init_checkpoint:
         load_init_weights(trainer, cfg.train.init_checkpoint)
     if state is not None:

@@ -30,6 +30,7 @@ from medstylegan2.networks import build_networks, freeze_parameters
 from medstylegan2.privacy.class_guide import STATE_KEY, guide_settings, guide_to_state
 from medstylegan2.privacy.class_moments import STATE_KEY as MOMENTS_KEY, ClassMoments
 from medstylegan2.privacy.fake_term import add_clipped_fake_gradient
+from medstylegan2.privacy.public_term import public_real_loss
 from medstylegan2.rng_state import rng_state, seed_everything, set_rng_state
 from medstylegan2.runfolder import write_checkpoint
 from medstylegan2.shuffle_sampler import ShuffleSampler
@@ -67,7 +68,7 @@ class SiteTrainer:
     def __init__(self, cfg: RunConfig, images: np.ndarray, labels: np.ndarray, *,
                  device: torch.device | str | None = None, seed: Optional[int] = None,
                  privacy: Optional["DPEngine"] = None, class_guide: Optional[nn.Module] = None,
-                 class_moments: Optional[ClassMoments] = None):
+                 class_moments: Optional[ClassMoments] = None, public_images: Optional[np.ndarray] = None):
         self.cfg = cfg
         self.device = torch.device(device) if device is not None else resolve_device(cfg.device)
         self.seed = cfg.seed if seed is None else seed
@@ -78,6 +79,10 @@ class SiteTrainer:
         self.real_images = (images_in_format(images_to_float(images, self.device), self.accel.channels_last)
                             if self.num_examples else None)
         self.real_labels = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=self.device)
+        # Public Normal images for D's public real term under DP (train.public_real_weight; privacy/public_term.py).
+        self.public_images = (None if public_images is None or len(public_images) == 0 else
+                              images_in_format(images_to_float(np.array(public_images), self.device),
+                                               self.accel.channels_last))
 
         self.G, self.D = build_networks(cfg.model)
         self.G.to(self.device).train()
@@ -263,6 +268,11 @@ class SiteTrainer:
                 loss_fake.backward()
             # The real loss stays local (engine.last_private_stats): it was computed without noise.
             stats = {"loss_d_fake": loss_fake.detach()}
+            if self.public_images is not None and self.cfg.train.public_real_weight > 0:
+                with self.accel.autocast():  # public images, not the Poisson sample: no clip, no noise
+                    loss_public = public_real_loss(self.loss, self.public_images, r1_weight, self.cfg.train.batch_size)
+                (loss_public * self.cfg.train.public_real_weight).backward()
+                stats["loss_d_public"] = loss_public.detach()
             # Count the expected number of real images, not the drawn one: the actual Poisson batch
             # size is not part of what the accountant releases.
             seen = int(round(self.privacy.expected_batch_size))

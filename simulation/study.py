@@ -111,10 +111,7 @@ def _public_pretrain(study: sc.StudyConfig, profile: str, out: Path, arm: str) -
     spec = study.profile(profile)
     cfg = load_config(study.base_config_path, sc.public_overrides(study, profile, arm))
     sc.check_public_differs(study, cfg.data.seed)
-    digest = sc.settings_digest([json.dumps(cfg.to_dict()["model"], sort_keys=True),
-                                 json.dumps(cfg.to_dict()["train"], sort_keys=True)],
-                                {"public": sc.dataclass_dict(study.spec.public), "steps": spec.public_steps})
-    folder = out / PUBLIC_DIR / digest
+    folder = out / PUBLIC_DIR / public_pretraining_digest(study, profile, arm)
     ckpt, done = folder / "checkpoint.pt", folder / "done.json"
     if done.is_file() and ckpt.is_file():
         log.info("public pretraining: reusing %s", ckpt)
@@ -131,6 +128,15 @@ def _public_pretrain(study: sc.StudyConfig, profile: str, out: Path, arm: str) -
     atomic_write_text(done, json.dumps({"minutes": (time.perf_counter() - started) / 60, "images": len(public),
                                            "data_seed": study.spec.public.data_seed, "steps": spec.public_steps}))
     return ckpt
+
+
+def public_pretraining_digest(study: sc.StudyConfig, profile: str, arm: str) -> str:
+    """What decides ``arm``'s public pretraining: its model, its public training settings, the public
+    set and the steps. Arms with the same digest share one pretraining folder."""
+    cfg = load_config(study.base_config_path, sc.public_overrides(study, profile, arm)).to_dict()
+    return sc.settings_digest([json.dumps(cfg["model"], sort_keys=True), json.dumps(cfg["train"], sort_keys=True)],
+                              {"public": sc.dataclass_dict(study.spec.public),
+                               "steps": study.profile(profile).public_steps})
 
 
 def _pretraining_progress(total: int, started: float) -> Callable[[int, dict], None]:

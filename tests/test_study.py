@@ -12,6 +12,7 @@ import pytest
 from medstylegan2.config import ConfigError, load_config
 from medstylegan2.study.config import arm_overrides, load_study, public_overrides, updates_of
 from medstylegan2.study.report import CONTRACT_KEYS, validate_study_json
+from simulation.study import public_pretraining_digest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,9 +113,11 @@ def test_the_public_pretraining_ignores_the_arms_private_only_class_choices(tmp_
                                             "train.lambda_ds=4.0", "train.ds_decay_steps=1000000",
                                             "train.class_moments_weight=30.0", "train.class_moments_noise=10.0",
                                             "train.class_moments_spread=cell", "train.g_steps_per_d=2",
-                                            "train.g_batch_size=4"]
+                                            "train.g_batch_size=4", "train.public_real_weight=2.0"]
     path.write_text(json.dumps(doc))
     study = load_study(path)
+    (tmp_path / "plain").mkdir()
+    plain = load_study(tiny_study(tmp_path / "plain"))
     private = load_config(study.base_config_path, arm_overrides(study, "quick", "dp-eps10", seed=0)).train
     public = load_config(study.base_config_path, public_overrides(study, "quick", "dp-eps10")).train
     recipe = load_config(study.base_config_path, doc["overrides"]).train
@@ -127,6 +130,14 @@ def test_the_public_pretraining_ignores_the_arms_private_only_class_choices(tmp_
     assert (private.class_moments_spread, public.class_moments_spread) == ("cell", recipe.class_moments_spread)
     assert (private.g_steps_per_d, private.g_batch_size) == (2, 4)
     assert (public.g_steps_per_d, public.g_batch_size) == (recipe.g_steps_per_d, recipe.g_batch_size)
+    assert (private.public_real_weight, public.public_real_weight) == (2.0, recipe.public_real_weight)
+    assert public_pretraining_digest(study, "quick", "dp-eps10") == public_pretraining_digest(plain, "quick", "dp-eps10")
+
+
+def test_a_warm_started_arm_trains_its_public_term_on_the_pretrainings_public_set(tmp_path):
+    study = load_study(tiny_study(tmp_path))
+    data = load_config(study.base_config_path, arm_overrides(study, "quick", "dp-eps10", seed=0)).data
+    assert (data.public_normals, data.public_seed) == (8, 777)  # the study's public: per_class, data_seed
 
 
 def test_an_arms_class_push_decays_to_zero_over_its_share_of_each_sites_steps(tmp_path):

@@ -29,6 +29,7 @@ from medstylegan2.shuffle_sampler import ShuffleSampler
 from medstylegan2.privacy.class_guide import (STATE_KEY, guide_from_state, guide_settings, guide_to_state,
                                               train_from_settings)
 from medstylegan2.privacy.class_moments import ClassMoments, release_from_config
+from medstylegan2.privacy.public_term import public_images_of
 from medstylegan2.trainer import SiteTrainer, resolve_device
 from medstylegan2.privacy.reply import reply_metrics
 
@@ -188,7 +189,7 @@ def run_site_round(cfg: RunConfig, images: np.ndarray, labels: np.ndarray, recei
     # The trainer is built from cfg.seed, as the server built the global model: the constants
     # (fixed noise buffers) are then identical and need not travel.
     trainer = SiteTrainer(cfg, images, labels, device=device, seed=cfg.seed, privacy=engine, class_guide=guide,
-                          class_moments=moments)
+                          class_moments=moments, public_images=public_images_of(cfg) if dp else None)
     full = flatten_weights(trainer.get_weights())
     # A packed int8 payload is unpacked with this site's own keys and shapes.
     start = decode_from_transfer(received, {k: tuple(v.shape) for k, v in transferred(full).items()})

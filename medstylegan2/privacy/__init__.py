@@ -11,6 +11,8 @@ DP-SGD on the real-data part of D's loss, one module per piece, as Opacus keeps 
 - ``accounting``: epsilon of a (sigma, q, steps) history, sigma for a target, with Opacus.
 - ``fake_term``: D's fake-image term clipped per sample like the real one (``train.dp_clip_fakes``;
   balance, not privacy: fakes are not private).
+- ``public_term``: the public Normal set of D's real term on public images (``train.public_real_weight``;
+  outside the clip and the noise: it reads no private record).
 
 The site's side of the trust boundary (issue 10, docs/privacy.md):
 

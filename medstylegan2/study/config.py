@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Sequence
 
+import numpy as np
 import yaml
 
 from medstylegan2.config import ConfigError, load_config
 from medstylegan2.config_types import build_dataclass
-
-PUBLIC_LABEL = 0  # the public stand-in set holds Normal chests only
+from medstylegan2.privacy.public_term import PUBLIC_LABEL, public_normal_images
 
 
 @dataclass
@@ -188,6 +188,9 @@ def arm_overrides(study: StudyConfig, profile: str, arm: str, *, seed: int,
         # Scientific notation with a dot: YAML reads "1e-05" as a string, "1.000000e-05" as a number.
         out += ["privacy.enabled=true", f"privacy.target_epsilon={a.epsilon:.6e}", f"privacy.delta={a.delta:.6e}",
                 f"privacy.budget_epsilon={a.epsilon:.6e}", "model.mbstd_group_size=0"]
+    if a.public_init:
+        # The same public set for the arm's D term under DP (train.public_real_weight) as for its pretraining.
+        out += [f"data.public_normals={study.spec.public.per_class}", f"data.public_seed={study.spec.public.data_seed}"]
     if a.public_init and public_checkpoint is not None:
         out.append(f"train.init_checkpoint={Path(public_checkpoint).resolve()}")
     out += list(a.overrides)
@@ -219,7 +222,8 @@ def public_overrides(study: StudyConfig, profile: str, arm: str) -> list[str]:
     clip, or let it decay), G's diversity term at the recipe's (an arm may add it against the
     narrowing under DP), G's updates per D update and their batch at the recipe's (an arm may give G
     more of them under DP, where they cost no privacy), and no class moments (a release of the
-    private sites' data)."""
+    private sites' data), and D's public real term at the recipe's (an arm may add it under DP:
+    the pretraining reads the public set in full anyway)."""
     recipe = load_config(study.base_config_path, list(study.spec.overrides) + list(study.profile(profile).overrides))
     out = arm_overrides(study, profile, arm, seed=0) + [
         "privacy.enabled=false", "train.init_checkpoint=null", "train.d_frozen=[]", "train.class_guide_weight=0.0",
@@ -232,6 +236,7 @@ def public_overrides(study: StudyConfig, profile: str, arm: str) -> list[str]:
         f"train.class_moments_spread={recipe.train.class_moments_spread}",
         f"train.g_steps_per_d={recipe.train.g_steps_per_d}",
         f"train.g_batch_size={json.dumps(recipe.train.g_batch_size)}",
+        f"train.public_real_weight={recipe.train.public_real_weight}",
         # json.dumps: an unset weight must reach the override parser as YAML null, not "None"
         f"train.d_class_loss_weight={json.dumps(recipe.train.d_class_loss_weight)}"]
     if study.spec.public.batch_size is not None:
@@ -257,10 +262,10 @@ def settings_digest(overrides: Sequence[str], extra: Mapping[str, Any]) -> str:
 
 def public_images(study: StudyConfig, resolution: int):
     """The public stand-in set: Normal-only phantoms from a seed range the private data never uses."""
-    from medstylegan2.phantoms import generate_phantoms
+    from medstylegan2.images import ImageSet
 
-    normals = generate_phantoms(study.spec.public.per_class, resolution, seed=study.spec.public.data_seed)
-    return normals.of_class(PUBLIC_LABEL)
+    images = public_normal_images(study.spec.public.per_class, resolution, study.spec.public.data_seed)
+    return ImageSet(images=images.copy(), labels=np.full(len(images), PUBLIC_LABEL, dtype=np.int64))
 
 
 def check_public_differs(study: StudyConfig, private_seed: int) -> None:
