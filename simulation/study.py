@@ -111,7 +111,7 @@ def _public_pretrain(study: sc.StudyConfig, profile: str, out: Path, arm: str) -
     spec = study.profile(profile)
     cfg = load_config(study.base_config_path, sc.public_overrides(study, profile, arm))
     sc.check_public_differs(study, cfg.data.seed)
-    folder = out / PUBLIC_DIR / public_pretraining_digest(study, profile, arm)
+    folder = out / PUBLIC_DIR / _pretraining_digest(study, profile, cfg)
     ckpt, done = folder / "checkpoint.pt", folder / "done.json"
     if done.is_file() and ckpt.is_file():
         log.info("public pretraining: reusing %s", ckpt)
@@ -133,8 +133,14 @@ def _public_pretrain(study: sc.StudyConfig, profile: str, out: Path, arm: str) -
 def public_pretraining_digest(study: sc.StudyConfig, profile: str, arm: str) -> str:
     """What decides ``arm``'s public pretraining: its model, its public training settings, the public
     set and the steps. Arms with the same digest share one pretraining folder."""
-    cfg = load_config(study.base_config_path, sc.public_overrides(study, profile, arm)).to_dict()
-    return sc.settings_digest([json.dumps(cfg["model"], sort_keys=True), json.dumps(cfg["train"], sort_keys=True)],
+    return _pretraining_digest(study, profile, load_config(study.base_config_path,
+                                                           sc.public_overrides(study, profile, arm)))
+
+
+def _pretraining_digest(study: sc.StudyConfig, profile: str, cfg: RunConfig) -> str:
+    """``public_pretraining_digest`` of the pretraining's run config ``cfg``."""
+    d = cfg.to_dict()
+    return sc.settings_digest([json.dumps(d["model"], sort_keys=True), json.dumps(d["train"], sort_keys=True)],
                               {"public": sc.dataclass_dict(study.spec.public),
                                "steps": study.profile(profile).public_steps})
 

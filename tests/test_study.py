@@ -131,7 +131,8 @@ def test_the_public_pretraining_ignores_the_arms_private_only_class_choices(tmp_
     assert (private.g_steps_per_d, private.g_batch_size) == (2, 4)
     assert (public.g_steps_per_d, public.g_batch_size) == (recipe.g_steps_per_d, recipe.g_batch_size)
     assert (private.public_real_weight, public.public_real_weight) == (2.0, recipe.public_real_weight)
-    assert public_pretraining_digest(study, "quick", "dp-eps10") == public_pretraining_digest(plain, "quick", "dp-eps10")
+    assert (public_pretraining_digest(study, "quick", "dp-eps10")
+            == public_pretraining_digest(plain, "quick", "dp-eps10"))
 
 
 def test_a_warm_started_arm_trains_its_public_term_on_the_pretrainings_public_set(tmp_path):
