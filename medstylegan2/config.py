@@ -98,6 +98,9 @@ class TrainConfig:
     # Under DP: clip each fake image's gradient of D's loss to privacy.max_grad_norm, as the real
     # ones are: both terms push D equally (fakes are not private; privacy/fake_term.py).
     dp_clip_fakes: bool = False
+    # Differentiable augmentation of every image D judges (augment.py: color, translation, cutout),
+    # drawn per image; G's gradient flows through it. Empty: off.
+    augment: list[str] = field(default_factory=list)
     # Under DP: weight of D's real loss on a public set of normal chests (data.public_normals),
     # added outside the clip and the noise: it reads no private record (privacy/public_term.py).
     # Off without DP, where D reads the site's own images at full strength. 0: off.

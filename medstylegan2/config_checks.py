@@ -15,6 +15,8 @@ from medstylegan2.metrics import check_metrics_config  # names only: no heavy im
 CLASS_NAMES: tuple[str, ...] = ("Normal", "COVID-19", "Non-COVID")
 # train.class_moments_spread: one spread per class, or one per cell of the coarse picture (privacy/class_moments.py).
 SPREAD_KINDS: tuple[str, ...] = ("class", "cell")
+# train.augment: the transforms of augment.AUGMENTATIONS (kept equal by a test; this module imports no torch).
+AUGMENTATION_NAMES: tuple[str, ...] = ("color", "translation", "cutout")
 
 
 def check_semantics(cfg: Any) -> None:
@@ -55,6 +57,8 @@ def check_semantics(cfg: Any) -> None:
     need(t.class_moments_weight >= 0, "train.class_moments_weight", "must be >= 0 (0: no class moments)")
     need(1 <= t.class_moments_grid <= m.resolution, "train.class_moments_grid", "must be in [1, model.resolution]")
     need(0 < t.class_moments_noise < math.inf, "train.class_moments_noise", "must be a finite noise multiplier > 0")
+    need(all(a in AUGMENTATION_NAMES for a in t.augment), "train.augment",
+         f"must list only {', '.join(AUGMENTATION_NAMES)} (empty: no augmentation), got {t.augment}")
     need(t.class_moments_spread in SPREAD_KINDS, "train.class_moments_spread", f"must be one of {', '.join(SPREAD_KINDS)}")
     for key in ("z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max", "cmap_dim"):
         need(getattr(m, key) > 0, f"model.{key}", "must be > 0")

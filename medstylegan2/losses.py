@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from medstylegan2.augment import make_augment
 from medstylegan2.config import TrainConfig
 from medstylegan2.privacy.class_moments import ClassMoments, moments_loss
 
@@ -121,6 +122,8 @@ class StyleGAN2Loss:
         self.class_guide: Optional[nn.Module] = None
         # The site's class-moments release (set by the trainer), matched with class_moments_weight.
         self.class_moments: Optional[ClassMoments] = None
+        # What D sees of any image (augment.py; the identity unless train.augment names transforms).
+        self.augment = make_augment(cfg.augment)
         self.schedule(0)
         # The same functions, possibly torch.compile'd by the trainer (acceleration.py): used only
         # where no double backward runs through them (not for R1 or path length).
@@ -159,10 +162,11 @@ class StyleGAN2Loss:
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss and its statistics (detached tensors: read them once, not every step)."""
         fake = self.generate(z, labels, fast=True)
+        seen = self.augment(fake)  # D judges the augmented fake; the guide and moments the fake itself
         if self.class_weight > 0:
-            logits, class_logits = self.D_fast(fake, labels, with_class_logits=True)
+            logits, class_logits = self.D_fast(seen, labels, with_class_logits=True)
         else:
-            logits = self.D_fast(fake, labels)
+            logits = self.D_fast(seen, labels)
         adversarial = F.softplus(-at_least_fp32(logits)).mean()
         loss = adversarial
         stats = {"loss_g": adversarial.detach()}
@@ -217,12 +221,12 @@ class StyleGAN2Loss:
 
     # -- discriminator phases --------------------------------------------------------------------
     def discriminator_fake(self, fake: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.softplus(at_least_fp32(self.D_fast(fake.detach(), labels))).mean()
+        return F.softplus(at_least_fp32(self.D_fast(self.augment(fake.detach()), labels))).mean()
 
     def discriminator_real(self, real: torch.Tensor, labels: torch.Tensor, r1_weight: float) -> torch.Tensor:
         # R1 is a double backward: the eager D then.
         D = self.D if r1_weight > 0 else self.D_fast
-        return discriminator_real_loss_per_sample(D, real, labels, r1_weight, self.d_class_weight).mean()
+        return discriminator_real_loss_per_sample(D, self.augment(real), labels, r1_weight, self.d_class_weight).mean()
 
     def r1_weight(self, lazy: bool) -> float:
         """gamma/2 scaled by the lazy interval on regularization steps, else 0."""

@@ -248,8 +248,8 @@ class SiteTrainer:
             idx = self.privacy.sample_batch()
             units = self.privacy.units_of(idx)  # with patient-level privacy: each row's patient
             idx = copy_indices_to(idx, self.device)
-            self.privacy.private_real_gradient(self.real_images[idx], self.real_labels[idx], r1_weight,
-                                               self.loss.d_class_weight, units=units)
+            self.privacy.private_real_gradient(self.loss.augment(self.real_images[idx]), self.real_labels[idx],
+                                               r1_weight, self.loss.d_class_weight, units=units)
             # Opacus' summed per-sample gradients are contiguous; give them each parameter's layout
             # (channels_last) so that the fake term's backward accumulates into them in place.
             match_grad_layouts(self.D)
@@ -260,7 +260,7 @@ class SiteTrainer:
             # the 1/(q*n) scaling Opacus applied to the real term, as in the non-private loss.
             # dp_clip_fakes clips it per sample too, for balance with the clipped real term.
             if self.cfg.train.dp_clip_fakes:
-                loss_fake = add_clipped_fake_gradient(self.D, fake, fake_labels,
+                loss_fake = add_clipped_fake_gradient(self.D, self.loss.augment(fake), fake_labels,
                                                       max_grad_norm=self.privacy.max_grad_norm).mean()
             else:
                 with self.accel.autocast():

@@ -139,7 +139,7 @@ def public_pretraining_digest(study: sc.StudyConfig, profile: str, arm: str) -> 
 
 def _pretraining_digest(study: sc.StudyConfig, profile: str, cfg: RunConfig) -> str:
     """``public_pretraining_digest`` of the pretraining's run config ``cfg``."""
-    d = cfg.to_dict()
+    d = sc.digest_view(cfg.to_dict())
     return sc.settings_digest([json.dumps(d["model"], sort_keys=True), json.dumps(d["train"], sort_keys=True)],
                               {"public": sc.dataclass_dict(study.spec.public),
                                "steps": study.profile(profile).public_steps})
@@ -159,7 +159,7 @@ def _pretraining_progress(total: int, started: float) -> Callable[[int, dict], N
 def _arm_digest(study: sc.StudyConfig, profile: str, overrides: list[str]) -> str:
     """The resolved run config and the evaluation settings: comments and key order do not count."""
     spec = study.profile(profile)
-    resolved = json.dumps(load_config(study.base_config_path, overrides).to_dict(), sort_keys=True)
+    resolved = json.dumps(sc.digest_view(load_config(study.base_config_path, overrides).to_dict()), sort_keys=True)
     return sc.settings_digest([resolved], {"n_per_class": spec.n_per_class,
                                            "classifier_steps": spec.classifier_steps})
 

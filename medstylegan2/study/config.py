@@ -222,8 +222,9 @@ def public_overrides(study: StudyConfig, profile: str, arm: str) -> list[str]:
     clip, or let it decay), G's diversity term at the recipe's (an arm may add it against the
     narrowing under DP), G's updates per D update and their batch at the recipe's (an arm may give G
     more of them under DP, where they cost no privacy), and no class moments (a release of the
-    private sites' data), and D's public real term at the recipe's (an arm may add it under DP:
-    the pretraining reads the public set in full anyway)."""
+    private sites' data), D's public real term at the recipe's (an arm may add it under DP:
+    the pretraining reads the public set in full anyway), and D's input augmentation at the
+    recipe's (an arm may add it for its private training, against D's lead under DP)."""
     recipe = load_config(study.base_config_path, list(study.spec.overrides) + list(study.profile(profile).overrides))
     out = arm_overrides(study, profile, arm, seed=0) + [
         "privacy.enabled=false", "train.init_checkpoint=null", "train.d_frozen=[]", "train.class_guide_weight=0.0",
@@ -237,6 +238,7 @@ def public_overrides(study: StudyConfig, profile: str, arm: str) -> list[str]:
         f"train.g_steps_per_d={recipe.train.g_steps_per_d}",
         f"train.g_batch_size={json.dumps(recipe.train.g_batch_size)}",
         f"train.public_real_weight={recipe.train.public_real_weight}",
+        f"train.augment={json.dumps(recipe.train.augment)}",
         # json.dumps: an unset weight must reach the override parser as YAML null, not "None"
         f"train.d_class_loss_weight={json.dumps(recipe.train.d_class_loss_weight)}"]
     if study.spec.public.batch_size is not None:
@@ -248,6 +250,20 @@ def updates_of(cfg) -> int:
     """G + D updates a run takes, summed over its sites (the study's unit of compute)."""
     f = cfg.federation
     return f.sites * f.rounds * f.local_steps * (cfg.train.g_steps_per_d + cfg.train.d_steps_per_g)
+
+
+# Run-config keys added after studies were run, with the default they were added at. At that default
+# they leave the digests below as they were, so upgrading the code does not orphan finished arms.
+KEYS_ADDED_LATER: dict[tuple[str, str], Any] = {("train", "augment"): []}
+
+
+def digest_view(config_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """``RunConfig.to_dict()`` as the digests read it: without ``KEYS_ADDED_LATER`` at their default."""
+    view = {section: dict(values) if isinstance(values, Mapping) else values for section, values in config_dict.items()}
+    for (section, key), default in KEYS_ADDED_LATER.items():
+        if section in view and view[section].get(key, default) == default:
+            view[section].pop(key, None)
+    return view
 
 
 def settings_digest(overrides: Sequence[str], extra: Mapping[str, Any]) -> str:
