@@ -82,7 +82,7 @@ def make_augment(names: Sequence[str]) -> Callable[[torch.Tensor], torch.Tensor]
     if unknown:
         raise ValueError(f"train.augment: unknown {', '.join(map(repr, unknown))}; "
                          f"choose from {', '.join(AUGMENTATIONS)}")
-    chosen = [fn for name, fn in AUGMENTATIONS.items() if name in set(names)]
+    chosen = [fn for name, fn in AUGMENTATIONS.items() if name in names]
     if not chosen:
         return identity
 
