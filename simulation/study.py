@@ -156,12 +156,47 @@ def _pretraining_progress(total: int, started: float) -> Callable[[int, dict], N
     return report
 
 
-def _arm_digest(study: sc.StudyConfig, profile: str, overrides: list[str]) -> str:
-    """The resolved run config and the evaluation settings: comments and key order do not count."""
+def _arm_digest(study: sc.StudyConfig, profile: str, overrides: list[str], out: Path) -> str:
+    """The resolved run config and the evaluation settings: comments and key order do not count, nor
+    where the study folder lies (a warm start inside it counts by its path within it), so a study
+    folder moved or copied elsewhere keeps its finished and unfinished arms."""
+    return _config_digest(study, profile, overrides, relative_to=out)
+
+
+def _config_digest(study: sc.StudyConfig, profile: str, overrides: list[str], *,
+                   relative_to: Optional[Path]) -> str:
     spec = study.profile(profile)
-    resolved = json.dumps(sc.digest_view(load_config(study.base_config_path, overrides).to_dict()), sort_keys=True)
-    return sc.settings_digest([resolved], {"n_per_class": spec.n_per_class,
-                                           "classifier_steps": spec.classifier_steps})
+    view = sc.digest_view(load_config(study.base_config_path, overrides).to_dict())
+    init = view["train"].get("init_checkpoint")
+    if init and relative_to is not None and Path(init).is_relative_to(relative_to.resolve()):
+        view["train"]["init_checkpoint"] = Path(init).relative_to(relative_to.resolve()).as_posix()
+    return sc.settings_digest([json.dumps(view, sort_keys=True)], {"n_per_class": spec.n_per_class,
+                                                                   "classifier_steps": spec.classifier_steps})
+
+
+def _init_path(overrides: Sequence[str]) -> Optional[str]:
+    found = [o.split("=", 1)[1] for o in overrides if o.startswith(sc.INIT_OVERRIDE)]
+    return found[-1] if found else None
+
+
+def _digests_of_earlier_code(study: sc.StudyConfig, profile: str, overrides: list[str], run_dir: Path) -> set[str]:
+    """The digests an arm warm-started from the public pretraining was recorded under before the
+    warm start counted by its path within the study folder: its absolute path here, or where the
+    folder lay when the arm ran (``study-settings.json`` keeps it) - the same pretraining only."""
+    current = _init_path(overrides)
+    if current is None:
+        return set()
+    paths = {current}
+    settings = run_dir / SETTINGS_FILE
+    if settings.is_file():
+        stored = _init_path(json.loads(settings.read_text()).get("overrides", []))
+        if stored is not None and Path(stored).parent.name == Path(current).parent.name:
+            paths.add(stored)
+    digests = set()
+    for path in paths:
+        at_path = [f"{sc.INIT_OVERRIDE}{path}" if o.startswith(sc.INIT_OVERRIDE) else o for o in overrides]
+        digests.add(_config_digest(study, profile, at_path, relative_to=None))
+    return digests
 
 
 def _run_arm_seed(study: sc.StudyConfig, profile: str, arm: str, seed: int, *, out: Path, classifier: Path,
@@ -169,19 +204,23 @@ def _run_arm_seed(study: sc.StudyConfig, profile: str, arm: str, seed: int, *, o
     spec = study.profile(profile)
     run_dir = out / arm / f"seed-{seed}"
     overrides = sc.arm_overrides(study, profile, arm, seed=seed, public_checkpoint=public_ckpt)
-    digest = _arm_digest(study, profile, overrides)
+    digest = _arm_digest(study, profile, overrides, out)
+    accepted = {digest} | _digests_of_earlier_code(study, profile, overrides, run_dir)
     marker = run_dir / sr.ARM_FILE
     if marker.is_file():
         result = json.loads(marker.read_text())
-        if result.get("digest") != digest:
+        if result.get("digest") not in accepted:
             raise UserError(f"{run_dir} holds a finished arm with other settings than this study's; remove it or "
                             "choose another --out")
+        if result["digest"] != digest:  # recorded by earlier code: from now on under the location-free digest
+            result["digest"] = digest
+            atomic_write_text(marker, json.dumps(result, indent=1))
         log.info("arm %s seed %d: finished before, skipped", arm, seed)
         return result
 
     settings = run_dir / SETTINGS_FILE
     resume = bool(round_numbers_in(run_dir))
-    if resume and (not settings.is_file() or json.loads(settings.read_text()).get("digest") != digest):
+    if resume and (not settings.is_file() or json.loads(settings.read_text()).get("digest") not in accepted):
         raise UserError(f"{run_dir} holds an unfinished run with other settings than this study's; remove it or "
                         "choose another --out")
     if not resume and run_dir.exists():

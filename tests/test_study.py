@@ -246,6 +246,49 @@ def test_tiny_study_runs_end_to_end_and_resumes_without_retraining(tmp_path, cap
     assert (out / "central" / "seed-0" / "arm.json").is_file()
 
 
+def test_a_moved_study_folder_keeps_its_finished_arms(tmp_path):
+    """A study folder copied elsewhere (e.g. to shared storage) and run there again retrains
+    nothing, though its DP arm's warm start now lies elsewhere; so does an arm recorded when the
+    warm start counted by its absolute path, but only with the same public pretraining."""
+    import shutil
+
+    import simulation.study as study_cmd
+    from medstylegan2.errors import UserError
+
+    config, first = tiny_study(tmp_path), tmp_path / "first"
+    doc = study_cmd.run_study(config, first, profile="quick", arms=["dp-eps10"])
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished arm was trained again")
+
+    moved = tmp_path / "moved"
+    shutil.move(first, moved)
+    assert study_cmd.run_study(config, moved, profile="quick", arms=["dp-eps10"], simulate_fn=must_not_train) == doc
+
+    # As earlier code recorded the arm: its digest over the warm start's absolute path where it ran.
+    marker = moved / "dp-eps10" / "seed-0" / "arm.json"
+    settings = json.loads((marker.parent / "study-settings.json").read_text())
+    assert any(o.startswith("train.init_checkpoint=" + str(first)) for o in settings["overrides"])
+    location_free = json.loads(marker.read_text())["digest"]
+    earlier = study_cmd._config_digest(load_study(config), "quick", settings["overrides"], relative_to=None)
+    assert earlier != location_free
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "digest": earlier}))
+    again = tmp_path / "again"
+    shutil.move(moved, again)
+    assert study_cmd.run_study(config, again, profile="quick", arms=["dp-eps10"], simulate_fn=must_not_train) == doc
+    marker = again / "dp-eps10" / "seed-0" / "arm.json"
+    assert json.loads(marker.read_text())["digest"] == location_free  # recorded afresh
+
+    # A warm start from another pretraining (another folder name) is other settings.
+    other = [o.replace(f"/{Path(o).parent.name}/", "/0000000000000000/") if o.startswith("train.init_checkpoint=")
+             else o for o in settings["overrides"]]
+    (marker.parent / "study-settings.json").write_text(json.dumps({**settings, "overrides": other}))
+    foreign = study_cmd._config_digest(load_study(config), "quick", other, relative_to=None)
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "digest": foreign}))
+    with pytest.raises(UserError, match="other settings"):
+        study_cmd.run_study(config, again, profile="quick", arms=["dp-eps10"], simulate_fn=must_not_train)
+
+
 def test_arm_killed_before_its_first_checkpoint_restarts_clean(tmp_path, monkeypatch):
     import simulation.study as study_cmd
 

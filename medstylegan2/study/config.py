@@ -173,6 +173,9 @@ def _validate(study: StudyConfig, where: str) -> None:
 # One arm's run config
 
 
+INIT_OVERRIDE = "train.init_checkpoint="  # the warm start an arm with public_init gets
+
+
 def arm_overrides(study: StudyConfig, profile: str, arm: str, *, seed: int,
                   public_checkpoint: Optional[str | Path] = None) -> list[str]:
     """Run-config overrides (on the study's base config) for one seed of one arm."""
@@ -192,7 +195,7 @@ def arm_overrides(study: StudyConfig, profile: str, arm: str, *, seed: int,
         # The same public set for the arm's D term under DP (train.public_real_weight) as for its pretraining.
         out += [f"data.public_normals={study.spec.public.per_class}", f"data.public_seed={study.spec.public.data_seed}"]
     if a.public_init and public_checkpoint is not None:
-        out.append(f"train.init_checkpoint={Path(public_checkpoint).resolve()}")
+        out.append(f"{INIT_OVERRIDE}{Path(public_checkpoint).resolve()}")
     out += list(a.overrides)
     train = load_config(study.base_config_path, out).train
     local_steps = max(1, arm_updates(p, a) // (a.sites * p.rounds * (train.g_steps_per_d + train.d_steps_per_g)))
